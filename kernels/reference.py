@@ -1,0 +1,597 @@
+"""Dense PyTorch reference of Pyramid Sparse Attention (PSA).
+
+This module *defines* what every fast path computes (``PSA_SEMANTICS.md``, sections 1-7). It
+favours clarity over speed: it materialises the logits of a chunk of query rows against every
+pooled key, so use it at small sizes or as the ground truth in tests.
+
+Vocabulary
+----------
+- ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``; query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+  K/V are never expanded to ``Hq`` heads: queries are viewed as ``[B, Hkv, G, Lq, D]`` instead.
+- Query blocks of ``block_q`` tokens, key blocks of ``block_k`` tokens (the last may be short).
+- A *level map* ``[B, Hm, nq, nk]`` (``Hm`` = Hq or Hkv) holds, per (query block, key block) pair,
+  the pooling factor ``p`` in {1, 2, 4, 8} used for that pair, or 0 to skip it.
+- The *KV pyramid* holds, for each ``p``, the means of the valid tokens of the groups
+  ``[t*p, (t+1)*p)`` and their counts ``c_t``; a pooled key enters the softmax with the bias
+  ``ln(c_t)`` because it stands for ``c_t`` tokens. Level 1 is the original K/V (bias 0).
+- Causal attention is bottom-right aligned: query ``i`` sits at absolute position ``Lk - Lq + i``.
+  A pooled group is visible only when its last valid token is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .validation import (
+    POOL_FACTORS,
+    check_attention_inputs,
+    check_block_sizes,
+    check_key_padding_mask,
+    check_qkv,
+    num_blocks,
+)
+
+# Bound on the fp32 logits one chunk of query rows materialises (elements, about 256 MB).
+_MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in fp32 at least (fp64 inputs stay fp64, which tests use as an oracle)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _valid_keys(key_padding_mask: torch.Tensor | None, batch: int, k_len: int, device) -> torch.Tensor:
+    if key_padding_mask is None:
+        return torch.ones(batch, k_len, dtype=torch.bool, device=device)
+    return key_padding_mask
+
+
+# --------------------------------------------------------------------------------------------
+# KV pyramid (section 3)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PyramidLevel:
+    """One level ``p`` of the KV pyramid; ``G = ceil(Lk / p)`` groups."""
+
+    factor: int
+    keys: torch.Tensor  # [B, Hkv, G, D] mean of the valid tokens of each group (0 if none)
+    values: torch.Tensor  # [B, Hkv, G, D]
+    counts: torch.Tensor  # [B, G] number of valid tokens in each group
+    last: torch.Tensor  # [B, G] position of the group's last valid token, -1 if it has none
+
+
+def build_pyramid(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    factors: Sequence[int] = POOL_FACTORS,
+) -> dict[int, PyramidLevel]:
+    """Mean-pool K and V over groups of ``p`` tokens for every ``p`` in ``factors``.
+
+    Means are taken over the valid tokens only (not padded, not beyond ``Lk``), so a group cut
+    short by the sequence end or by padding is the mean of what it really holds. Results are in
+    the accumulation dtype (fp32 for half inputs).
+    """
+    B, H, Lk, D = k.shape
+    acc = _acc_dtype(k.dtype)
+    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    pos = torch.arange(Lk, device=k.device)
+    out = {}
+    for p in factors:
+        groups = math.ceil(Lk / p)
+        pad = groups * p - Lk
+        w = F.pad(valid.to(acc), (0, pad))  # zero weight beyond Lk: no replicate padding
+        kp = F.pad(k.to(acc), (0, 0, 0, pad)).view(B, H, groups, p, D)
+        vp = F.pad(v.to(acc), (0, 0, 0, pad)).view(B, H, groups, p, D)
+        wg = w.view(B, 1, groups, p, 1)
+        counts = w.view(B, groups, p).sum(-1)
+        denom = counts.clamp(min=1).view(B, 1, groups, 1)
+        last_pos = torch.where(valid, pos, -1)
+        last = F.pad(last_pos, (0, pad), value=-1).view(B, groups, p).amax(-1)
+        out[p] = PyramidLevel(
+            factor=p,
+            keys=(kp * wg).sum(3) / denom,
+            values=(vp * wg).sum(3) / denom,
+            counts=counts.to(torch.int32),
+            last=last,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Attention (sections 1-5)
+# --------------------------------------------------------------------------------------------
+
+
+def _per_kv_head(level_map: torch.Tensor, q_heads: int, kv_heads: int) -> torch.Tensor:
+    """View a level map as ``[B, Hkv, G or 1, nq, nk]`` so it broadcasts against grouped queries."""
+    B, Hm, nq, nk = level_map.shape
+    if Hm == q_heads:
+        return level_map.view(B, kv_heads, q_heads // kv_heads, nq, nk)
+    return level_map.view(B, kv_heads, 1, nq, nk)
+
+
+def psa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    level_map: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pyramid sparse attention, computed densely. Returns ``[B, Hq, Lq, D]`` in ``q.dtype``.
+
+    Each query row takes a softmax over the union of the keys its blocks are assigned: original
+    keys of level-1 blocks, pooled keys (with bias ``ln(count)``) of level-2/4/8 blocks, nothing
+    from skipped blocks. A row with no visible key outputs exactly 0.
+    """
+    check_attention_inputs(q, k, v, level_map, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    acc = _acc_dtype(q.dtype)
+    offset = Lk - Lq  # bottom-right alignment of causal queries
+
+    pyramid = build_pyramid(k, v, key_padding_mask)
+    levels = _per_kv_head(level_map.long(), Hq, Hkv)
+    qg = q.to(acc).view(B, Hkv, G, Lq, D)
+    out = torch.zeros(B, Hkv, G, Lq, D, dtype=acc, device=q.device)
+    if Lq == 0 or Lk == 0:
+        return out.view(B, Hq, Lq, D).to(q.dtype)
+
+    keys_per_row = sum(lvl.keys.shape[2] for lvl in pyramid.values())
+    rows_per_chunk = max(block_q, (_MAX_CHUNK_ELEMENTS // max(1, B * Hq * keys_per_row)) // block_q * block_q)
+    for r0 in range(0, Lq, rows_per_chunk):
+        r1 = min(Lq, r0 + rows_per_chunk)
+        rows = torch.arange(r0, r1, device=q.device)
+        row_levels = levels[..., rows // block_q, :]  # [B, Hkv, G|1, R, nk]
+        logits, values = [], []
+        for p, lvl in pyramid.items():
+            groups = lvl.keys.shape[2]
+            block_of_group = (torch.arange(groups, device=q.device) * p) // block_k
+            assigned = row_levels[..., block_of_group] == p  # [B, Hkv, G|1, R, groups]
+            visible = (lvl.counts > 0)[:, None, None, None, :]
+            if causal:
+                visible = visible & (lvl.last[:, None, None, None, :] <= (offset + rows)[:, None])
+            s = torch.einsum("bhgrd,bhtd->bhgrt", qg[..., r0:r1, :], lvl.keys) * scale
+            s = s + torch.log(lvl.counts.clamp(min=1).to(acc))[:, None, None, None, :]
+            logits.append(s.masked_fill(~(assigned & visible), float("-inf")))
+            values.append(lvl.values)
+        logits = torch.cat(logits, dim=-1)
+        values = torch.cat(values, dim=2)
+        row_max = logits.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(logits - row_max)  # exp(-inf) = 0 for keys not assigned
+        denom = weights.sum(-1, keepdim=True)
+        chunk = torch.einsum("bhgrt,bhtd->bhgrd", weights, values)
+        out[..., r0:r1, :] = torch.where(denom > 0, chunk / denom.clamp(min=torch.finfo(acc).tiny), 0.0)
+    return out.view(B, Hq, Lq, D).to(q.dtype)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense attention with PSA's conventions, through torch SDPA (GQA without expanding K/V).
+
+    Causal masks are bottom-right aligned (decode with ``Lq = 1`` sees every key) and rows with
+    no visible key return 0 instead of NaN.
+    """
+    check_qkv(q, k, v)
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    check_key_padding_mask(key_padding_mask, B, Lk, k.device)
+    mask = None
+    if causal and Lq > 1:
+        rows = torch.arange(Lq, device=q.device) + (Lk - Lq)
+        mask = (torch.arange(Lk, device=q.device)[None, :] <= rows[:, None])[None, None]
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]
+        mask = pad if mask is None else mask & pad
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != k.shape[1])
+    # A row that sees nothing would be NaN in SDPA: let it see everything, then zero it.
+    empty = ~mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=Hq != k.shape[1])
+    return out.masked_fill(empty, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Visibility and cost (section 6)
+# --------------------------------------------------------------------------------------------
+
+
+def block_visibility(
+    *,
+    batch: int,
+    q_len: int,
+    k_len: int,
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """``[B, nq, nk]`` bool: the pairs that can hold a visible key.
+
+    Causal: key block ``j`` is visible to query block ``i`` iff ``j*block_k`` is at most the last
+    absolute position of block ``i``. Key blocks holding no valid (unpadded) token are invisible.
+    """
+    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
+    vis = torch.ones(batch, nq, nk, dtype=torch.bool, device=device)
+    if causal:
+        last_pos = (k_len - q_len) + torch.clamp(torch.arange(1, nq + 1, device=device) * block_q, max=q_len) - 1
+        vis = vis & ((torch.arange(nk, device=device) * block_k)[None, :] <= last_pos[:, None])[None]
+    if key_padding_mask is not None:
+        pad = F.pad(key_padding_mask, (0, nk * block_k - k_len)).view(batch, nk, block_k).any(-1)
+        vis = vis & pad[:, None, :]
+    return vis
+
+
+def density(
+    level_map: torch.Tensor,
+    *,
+    causal: bool,
+    q_len: int,
+    k_len: int,
+    block_q: int,
+    block_k: int,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Compute density ``rho`` per ``[B, Hm]``: the mean of ``1/p`` (0 when skipped) over visible pairs.
+
+    ``1 - rho`` is the sparsity of a binary block-sparse method with the same FLOPs (the paper's
+    definition of PSA's sparsity). A head with no visible pair has density 1 (nothing skipped).
+    """
+    B = level_map.shape[0]
+    vis = block_visibility(
+        batch=B, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, causal=causal,
+        key_padding_mask=key_padding_mask, device=level_map.device,
+    )[:, None]
+    lm = level_map.float()
+    cost = torch.where(lm > 0, 1.0 / lm.clamp(min=1), torch.zeros_like(lm))
+    n_vis = vis.sum((-1, -2)).float()
+    rho = (cost * vis).sum((-1, -2)) / n_vis.clamp(min=1)
+    return torch.where(n_vis > 0, rho, torch.ones_like(rho))
+
+
+def sparsity(level_map: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``1 - density(level_map, **kwargs)``, per ``[B, Hm]``."""
+    return 1.0 - density(level_map, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Mask generation (section 7)
+# --------------------------------------------------------------------------------------------
+
+
+def _strided_queries(q: torch.Tensor, stride: int) -> torch.Tensor:
+    """``[.., L, D] -> [.., ceil(L/s), s*D]``: row ``m`` holds ``q[m*s + s-1-i]`` for ``i = 0..s-1``."""
+    L = q.shape[-2]
+    q = F.pad(q, (0, 0, 0, math.ceil(L / stride) * stride - L))
+    return torch.cat([q[..., stride - 1 - i :: stride, :] for i in range(stride)], dim=-1)
+
+
+def _strided_keys(k: torch.Tensor, stride: int) -> torch.Tensor:
+    """``[.., L, D] -> [.., ceil(L/s), s*D]``: column ``n`` holds ``k[n*s + i]``, so that the product
+    of row ``m`` and column ``n`` sums the antidiagonal of the ``s x s`` tile ``(m, n)``."""
+    L = k.shape[-2]
+    k = F.pad(k, (0, 0, 0, math.ceil(L / stride) * stride - L))
+    return torch.cat([k[..., i::stride, :] for i in range(stride)], dim=-1)
+
+
+def _block_sum(x: torch.Tensor, rows_per_block: int, cols_per_block: int, nq: int, nk: int) -> torch.Tensor:
+    R, C = x.shape[-2:]
+    x = F.pad(x, (0, nk * cols_per_block - C, 0, nq * rows_per_block - R))
+    return x.view(*x.shape[:-2], nq, rows_per_block, nk, cols_per_block).sum((-3, -1))
+
+
+def antidiagonal_importance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    stride: int = 8,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block importance ``S [B, Hq, nq, nk] >= 0`` by antidiagonal scoring (XAttention).
+
+    The attention of strided antidiagonal samples (mean of the ``s`` antidiagonal logits of each
+    ``s x s`` tile, softmaxed per strided query row over the visible strided columns), summed
+    per block pair. A strided column is visible to a row when its first key is at or before the
+    row's last query position (bottom-right aligned) and it holds a valid key.
+    """
+    check_qkv(q, k, k)
+    if block_q % stride or block_k % stride:
+        raise ValueError(f"stride {stride} must divide block_q ({block_q}) and block_k ({block_k})")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    acc = _acc_dtype(q.dtype)
+    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    k = k.to(acc) * valid[:, None, :, None]  # padded keys contribute nothing to a column's sum
+    qs = _strided_queries(q.to(acc), stride).view(B, Hkv, G, -1, stride * D)
+    ks = _strided_keys(k, stride)
+    n_rows, n_cols = qs.shape[-2], ks.shape[-2]
+    col_first = torch.arange(n_cols, device=q.device) * stride
+    col_valid = F.pad(valid, (0, n_cols * stride - Lk)).view(B, n_cols, stride).any(-1)  # [B, C]
+
+    out = torch.zeros(B, Hkv, G, nq, nk, dtype=acc, device=q.device)
+    rows_per_block = block_q // stride
+    chunk_blocks = max(1, _MAX_CHUNK_ELEMENTS // max(1, B * Hq * n_cols * rows_per_block))
+    for i0 in range(0, nq, chunk_blocks):
+        i1 = min(nq, i0 + chunk_blocks)
+        m0, m1 = i0 * rows_per_block, min(n_rows, i1 * rows_per_block)
+        rows = torch.arange(m0, m1, device=q.device)
+        logits = torch.einsum("bhgmd,bhnd->bhgmn", qs[..., m0:m1, :], ks) * (scale / stride)
+        vis = col_valid[:, None, :].expand(B, m1 - m0, n_cols)
+        if causal:
+            row_last = (Lk - Lq) + torch.clamp(rows * stride + stride - 1, max=Lq - 1)
+            vis = vis & (col_first[None, :] <= row_last[:, None])[None]
+        logits = logits.masked_fill(~vis[:, None, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with nothing visible -> 0
+        out[..., i0:i1, :] = _block_sum(probs, rows_per_block, block_k // stride, i1 - i0, nk)
+    return out.view(B, Hq, nq, nk)
+
+
+def sampled_importance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    samples: int = 8,
+    key_padding_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Block importance ``S [B, Hq, nq, nk]`` by random token sampling (bidirectional use).
+
+    ``samples`` random queries per query block attend to ``samples`` random keys per key block;
+    the softmax over all sampled keys is taken per sampled query, and ``S[i, j]`` is the largest
+    probability any sampled query of block ``i`` gives a sampled key of block ``j``.
+    """
+    check_qkv(q, k, k)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    acc = _acc_dtype(q.dtype)
+    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+
+    def pick(n_blocks, block, length):
+        offs = torch.rand(n_blocks, samples, generator=generator, device="cpu")
+        sizes = torch.clamp(length - torch.arange(n_blocks) * block, max=block)
+        idx = torch.arange(n_blocks)[:, None] * block + (offs * sizes[:, None]).long()
+        return idx.to(q.device)  # [n_blocks, samples]
+
+    qi, ki = pick(nq, block_q, Lq), pick(nk, block_k, Lk)
+    qs = q.to(acc)[:, :, qi.flatten()].view(B, Hkv, G, nq * samples, D)
+    ks = k.to(acc)[:, :, ki.flatten()]
+    logits = torch.einsum("bhgmd,bhnd->bhgmn", qs, ks) * scale
+    kvalid = valid[:, ki.flatten()]
+    logits = logits.masked_fill(~kvalid[:, None, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    probs = probs.view(B, Hkv, G, nq, samples, nk, samples)
+    return probs.amax(dim=(4, 6)).view(B, Hq, nq, nk)
+
+
+def assign_levels(
+    scores: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    mode: str = "energy",
+    levels: Sequence[int] = (1, 2, 4, 8),
+    thresholds: Sequence[float] = (0.7, 0.8, 0.9, 0.9),
+) -> torch.Tensor:
+    """Assign a level per (query block, key block) from importance ``scores [..., nq, nk]``.
+
+    Per row, the visible blocks are ranked by score (descending, ties by index). ``energy``: a
+    block whose *preceding* normalised mass (the mass ranked above it) is ``< thresholds[0]``
+    gets ``levels[0]``, ``< thresholds[1]`` gets ``levels[1]`` ... else 0. ``quantile``: the same
+    with the block's rank fraction (rank / number of visible blocks) instead of the mass.
+    Invisible blocks get 0.
+    """
+    if len(levels) != len(thresholds):
+        raise ValueError(f"{len(levels)} levels need {len(levels)} thresholds, got {len(thresholds)}")
+    visible = visible.expand_as(scores)
+    s = torch.where(visible, scores.clamp(min=0).float(), torch.full_like(scores, -1.0, dtype=torch.float32))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    ranked = torch.gather(s, -1, order).clamp(min=0)
+    n_vis = visible.sum(-1, keepdim=True).float()
+    if mode == "energy":
+        total = ranked.sum(-1, keepdim=True)
+        # A row with no mass at all (every score 0) is treated as uniform over its visible blocks.
+        ranked = torch.where(total > 0, ranked, torch.ones_like(ranked))
+        total = torch.where(total > 0, total, n_vis)
+        preceding = (ranked.cumsum(-1) - ranked) / total.clamp(min=1e-30)
+    elif mode == "quantile":
+        preceding = torch.arange(s.shape[-1], device=s.device, dtype=torch.float32) / n_vis.clamp(min=1)
+        preceding = preceding.expand_as(ranked)
+    else:
+        raise ValueError(f"mode must be 'energy' or 'quantile', got {mode!r}")
+    ranked_levels = torch.zeros(s.shape, dtype=torch.int8, device=s.device)
+    for lvl, tau in reversed(list(zip(levels, thresholds))):  # the finest satisfied level wins
+        ranked_levels = torch.where(preceding < tau, torch.tensor(lvl, dtype=torch.int8, device=s.device), ranked_levels)
+    out = torch.empty_like(ranked_levels).scatter_(-1, order, ranked_levels)
+    return torch.where(visible, out, torch.zeros_like(out))
+
+
+def similarity_cap(
+    k: torch.Tensor,
+    *,
+    block_k: int = 128,
+    thresholds: Mapping[int, float] | Sequence[float] = (0.75, 0.70, 0.70),
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Largest pooling factor each key block allows, ``[B, Hkv, nk]`` (paper appendix B.1).
+
+    For block ``j`` and factor ``p``, ``sim_p`` is the mean cosine similarity of the token pairs
+    ``(t*p, t*p + p - 1)`` inside it (pairs with both tokens valid). ``p`` is allowed iff
+    ``sim_p > thresholds[p]``; the cap is the largest allowed ``p``, 1 if none.
+    ``thresholds`` maps p -> threshold, or lists them for p = 2, 4, 8.
+    """
+    if not isinstance(thresholds, Mapping):
+        thresholds = dict(zip((2, 4, 8), thresholds))
+    B, H, Lk, D = k.shape
+    nk = num_blocks(Lk, block_k)
+    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    kf = F.pad(k.to(_acc_dtype(k.dtype)), (0, 0, 0, nk * block_k - Lk))
+    vf = F.pad(valid, (0, nk * block_k - Lk))
+    cap = torch.ones(B, H, nk, dtype=torch.int8, device=k.device)
+    for p in sorted(thresholds):
+        first, last = kf[..., 0::p, :], kf[..., p - 1 :: p, :]
+        ok = (vf[:, 0::p] & vf[:, p - 1 :: p]).float()  # [B, groups]
+        sim = F.cosine_similarity(first, last, dim=-1)  # [B, H, groups]
+        per_block = block_k // p  # groups per key block (block_k is a multiple of 8)
+        num = (sim * ok[:, None]).view(B, H, nk, per_block).sum(-1)
+        cnt = ok.view(B, 1, nk, per_block).sum(-1)
+        allowed = (cnt > 0) & (num / cnt.clamp(min=1) > thresholds[p])
+        cap = torch.where(allowed, torch.tensor(p, dtype=torch.int8, device=k.device), cap)
+    return cap
+
+
+def forced_full_blocks(
+    *,
+    batch: int,
+    q_len: int,
+    k_len: int,
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    text_mask: torch.Tensor | None = None,
+    dense_tail_tokens: int = 512,
+    key_padding_mask: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """``[B, nq, nk]`` bool: the pairs that must stay at level 1 (section 7.4).
+
+    Key block 0 (the attention sink; with left padding also the block of the first real token),
+    the diagonal blocks when causal (every key block overlapping the query block's absolute
+    positions), and every row and column holding text. ``text_mask [B, Lk]`` marks text keys
+    (queries are the last ``Lq`` of them); without it the last ``dense_tail_tokens`` count as text.
+    """
+    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
+    offset = k_len - q_len
+    forced = torch.zeros(batch, nq, nk, dtype=torch.bool, device=device)
+    forced[..., 0] = True
+    if key_padding_mask is not None:
+        first_real = torch.argmax(key_padding_mask.int(), dim=-1) // block_k  # [B]
+        forced |= (torch.arange(nk, device=device)[None, :] == first_real[:, None])[:, None, :]
+    if causal:
+        starts = offset + torch.arange(nq, device=device) * block_q
+        ends = offset + torch.clamp(torch.arange(1, nq + 1, device=device) * block_q, max=q_len) - 1
+        j = torch.arange(nk, device=device)
+        forced |= ((j[None, :] >= (starts // block_k)[:, None]) & (j[None, :] <= (ends // block_k)[:, None]))[None]
+    if text_mask is None:
+        text_mask = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
+        text_mask[:, max(0, k_len - dense_tail_tokens) :] = dense_tail_tokens > 0
+    elif tuple(text_mask.shape) != (batch, k_len):
+        raise ValueError(f"text_mask must have shape [B, Lk] = {(batch, k_len)}, got {tuple(text_mask.shape)}")
+    text_cols = F.pad(text_mask, (0, nk * block_k - k_len)).view(batch, nk, block_k).any(-1)
+    text_q = text_mask[:, offset:]
+    text_rows = F.pad(text_q, (0, nq * block_q - q_len)).view(batch, nq, block_q).any(-1)
+    forced |= text_cols[:, None, :] | text_rows[:, :, None]
+    return forced
+
+
+def build_level_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    mode: str = "energy",
+    levels: Sequence[int] = (1, 2, 4, 8),
+    thresholds: Sequence[float] = (0.7, 0.8, 0.9, 0.9),
+    similarity: Mapping[int, float] | Sequence[float] | None = (0.75, 0.70, 0.70),
+    estimator: str = "antidiagonal",
+    stride: int = 8,
+    text_mask: torch.Tensor | None = None,
+    dense_tail_tokens: int = 512,
+    min_full_fraction: float = 0.06,
+    share_kv_group: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The full mask generator of section 7: an ``int8`` level map ``[B, Hm, nq, nk]``.
+
+    Steps: block importance (``antidiagonal`` or ``sampled``), level assignment (``energy`` or
+    ``quantile``) over the visible blocks, the similarity cap (``similarity=None`` turns it off),
+    forced level-1 blocks (sink, diagonal, text), and at least ``ceil(min_full_fraction * n)``
+    level-1 blocks per row of ``n`` visible blocks. ``Hm`` is Hkv when ``share_kv_group`` (the
+    importance of a GQA group is summed), else Hq. ``mode='dense'`` gives every visible pair level 1.
+    """
+    check_qkv(q, k, k)
+    check_block_sizes(block_q, block_k)
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    check_key_padding_mask(key_padding_mask, B, Lk, k.device)
+    visible = block_visibility(
+        batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k, causal=causal,
+        key_padding_mask=key_padding_mask, device=q.device,
+    )[:, None]
+    Hm = Hkv if share_kv_group else Hq
+    if mode == "dense":
+        return visible.expand(B, Hm, -1, -1).to(torch.int8)
+
+    if estimator == "antidiagonal":
+        scores = antidiagonal_importance(
+            q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k, stride=stride,
+            key_padding_mask=key_padding_mask,
+        )
+    elif estimator == "sampled":
+        scores = sampled_importance(
+            q, k, scale=scale, block_q=block_q, block_k=block_k, samples=stride,
+            key_padding_mask=key_padding_mask, generator=generator,
+        )
+    else:
+        raise ValueError(f"estimator must be 'antidiagonal' or 'sampled', got {estimator!r}")
+    if share_kv_group:
+        scores = scores.view(B, Hkv, Hq // Hkv, *scores.shape[-2:]).sum(2)
+
+    level_map = assign_levels(scores, visible, mode=mode, levels=levels, thresholds=thresholds)
+    if similarity is not None:
+        cap = similarity_cap(k, block_k=block_k, thresholds=similarity, key_padding_mask=key_padding_mask)
+        cap = cap.repeat_interleave(Hm // Hkv, dim=1)[:, :, None, :]  # per level-map head
+        level_map = torch.where(level_map > 0, torch.minimum(level_map, cap), level_map)
+
+    forced = forced_full_blocks(
+        batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k, causal=causal, text_mask=text_mask,
+        dense_tail_tokens=dense_tail_tokens, key_padding_mask=key_padding_mask, device=q.device,
+    )[:, None]
+    level_map = torch.where(forced & visible, torch.ones_like(level_map), level_map)
+
+    # Keep at least ceil(min_full_fraction * n_visible) level-1 blocks per row: the blocks
+    # already at level 1 rank first, then the highest scores.
+    need = torch.ceil(min_full_fraction * visible.sum(-1, keepdim=True).float()).long()
+    priority = torch.where(visible, scores.float(), torch.full_like(scores, -1.0, dtype=torch.float32))
+    priority = torch.where(level_map == 1, torch.full_like(priority, float("inf")), priority)
+    rank = torch.argsort(torch.argsort(priority, dim=-1, descending=True, stable=True), dim=-1)
+    promote = visible & (rank < need)
+    return torch.where(promote, torch.ones_like(level_map), level_map)
