@@ -1,0 +1,133 @@
+"""The ``"psa"`` attention implementation for transformers.
+
+``register()`` (run by ``import psa_vlm``) adds :func:`psa_attention_forward` to
+``AttentionInterface`` and :func:`psa_mask` to ``AttentionMaskInterface``, so
+``from_pretrained(..., attn_implementation="psa")`` and ``set_attn_implementation("psa")`` work.
+
+The mask function hands the attention a compact ``[B, Lk]`` padding mask (or ``None``) rather
+than a ``[B, 1, Lq, Lk]`` one: PSA reads only key padding plus the layer's causality, and a dense
+mask would cost ``Lq * Lk`` bytes at exactly the lengths PSA is for. Patterns PSA does not read
+(sliding windows, packed sequences, custom masks) get transformers' SDPA mask, and such calls run
+dense.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import psa_kernels
+
+from .runtime import layer_state, log_once
+
+ATTN_NAME = "psa"  # free of "flash", "sdpa", "flex_attention", "paged|" and "org/repo": transformers reads those
+_PSA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def psa_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+             **kwargs):
+    """Mask for the ``"psa"`` implementation: ``None`` or a bool ``[B, L]`` key padding mask.
+
+    ``L < kv_length`` happens with a static cache: the keys beyond ``L`` are unfilled slots.
+    """
+    from transformers import masking_utils as mu
+
+    plain = (mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None))
+    if mask_function is not None and mask_function not in plain or kv_offset:
+        return mu.sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+        )
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -kv_length:].bool()
+        if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+            return None
+        return attention_mask
+    filled = int(q_offset) + q_length  # a static cache without a user mask: only mark the filled slots
+    if filled < kv_length:
+        device = kwargs.get("device")
+        return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
+    return None
+
+
+def psa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``query [B,Hq,Lq,D]``, ``key/value [B,Hkv,Lk,D]`` ->
+    ``([B, Lq, Hq, D], None)``. PSA where it pays, dense attention (logged once) where it cannot."""
+    state = layer_state(module)
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    padding = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        padding = attention_mask
+        if padding.shape[1] < key.shape[2]:  # static cache: drop the unfilled slots
+            key, value = key[:, :, : padding.shape[1]], value[:, :, : padding.shape[1]]
+        if bool(padding.all()):
+            padding = None
+
+    config = state.config
+    reason = _dense_reason(state, config, query, key, attention_mask, dropout)
+    if reason is not None:
+        state.record_dense(reason)
+        log_once(f"{state.tower}:{reason}", f"PSA -> dense attention ({state.tower} tower): {reason}",
+                 logging.INFO)
+        if attention_mask is not None and attention_mask.dim() == 4 or dropout > 0:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
+        return out.transpose(1, 2).contiguous(), None
+
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    text = state.text.for_keys(B, Lk) if state.text is not None else None
+    if state.tower == "text" and text is None:
+        log_once("text-unknown", f"text positions unknown: the last {config.dense_tail_tokens} tokens count as text")
+    elif state.tower == "vision":
+        text = torch.zeros(B, Lk, dtype=torch.bool, device=query.device)  # a frame group holds no text
+    level_map = psa_kernels.build_level_map(
+        query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, **config.mask_kwargs()
+    )
+    out = psa_kernels.psa_attention(
+        query, key, value, level_map, causal=causal, scale=scaling, block_q=config.block_q, block_k=config.block_k,
+        key_padding_mask=padding,
+    )
+    state.record_psa(level_map, causal=causal, q_len=Lq, k_len=Lk, block_q=config.block_q, block_k=config.block_k,
+                     key_padding_mask=padding)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_reason(state, config, query, key, attention_mask, dropout) -> str | None:
+    """Why this call runs dense attention, or None when PSA serves it."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return "a 4-D attention mask (a pattern PSA does not read: sliding window, packing or custom)"
+    if dropout > 0:
+        return "attention dropout (training)"
+    if not config.runs_on(state.tower):
+        return f"preset {config.name!r} does not run PSA on the {state.tower} tower"
+    if query.shape[2] < config.block_q:
+        return f"decode or short query (Lq < block_q = {config.block_q})"
+    if key.shape[2] < config.min_seq_len:
+        return f"sequence shorter than min_seq_len = {config.min_seq_len}"
+    if query.dtype not in _PSA_DTYPES:
+        return f"unsupported dtype {query.dtype}"
+    return None
+
+
+def register() -> None:
+    """Register ``"psa"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, psa_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, psa_mask)

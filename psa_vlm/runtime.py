@@ -1,0 +1,261 @@
+"""Per-layer PSA state: which settings a layer uses, where the text is, and what PSA did.
+
+The attention hook (:mod:`psa_vlm.attention`) stays one small function; everything it needs to
+know about a layer lives in the :class:`LayerState` attached to the attention module, created
+by :func:`configure` (or lazily with the default preset on the first call).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import psa_kernels
+
+from .config import PSAConfig, load_preset
+
+logger = logging.getLogger("psa_vlm")
+
+_STATE_ATTR = "_psa_state"
+_HOOK_ATTR = "_psa_text_hook"
+_logged: set[str] = set()
+_log_lock = threading.Lock()
+
+
+def log_once(key: str, message: str, level: int = logging.INFO) -> None:
+    """Log ``message`` the first time ``key`` is seen in this process."""
+    with _log_lock:
+        if key in _logged:
+            return
+        _logged.add(key)
+    logger.log(level, message)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the text is
+# --------------------------------------------------------------------------------------------
+
+
+class TextPositions:
+    """Text-token mask ``[B, L]`` of the sequence a model is processing, kept across cached steps.
+
+    A forward pre-hook on the model reads ``mm_token_type_ids`` (0 = text) or, without it, the
+    input ids (anything but image/video pads is text) and appends each step's tokens to what the
+    cache already holds. Unknown (e.g. ``inputs_embeds`` only) clears it, so stale positions are
+    never used.
+    """
+
+    def __init__(self, media_token_ids: tuple[int, ...]):
+        self.media_token_ids = media_token_ids
+        self.mask: torch.Tensor | None = None
+
+    def update(self, input_ids, mm_token_type_ids, past_len: int) -> None:
+        current = input_ids.shape[1] if input_ids is not None else None
+        text = None
+        if mm_token_type_ids is not None and current is not None and mm_token_type_ids.shape[1] in (
+            current,
+            past_len + current,
+        ):
+            text = mm_token_type_ids == 0
+        elif input_ids is not None and self.media_token_ids:
+            media = torch.tensor(self.media_token_ids, device=input_ids.device)
+            text = ~torch.isin(input_ids, media)
+        if text is None:
+            self.mask = None
+        elif past_len == 0 or text.shape[1] == past_len + current:
+            self.mask = text
+        elif self.mask is not None and self.mask.shape == (text.shape[0], past_len):
+            self.mask = torch.cat([self.mask, text], dim=1)
+        else:
+            self.mask = None
+
+    def for_keys(self, batch: int, k_len: int) -> torch.Tensor | None:
+        if self.mask is None or tuple(self.mask.shape) != (batch, k_len):
+            return None
+        return self.mask
+
+
+def _capture_text_hook(positions: TextPositions):
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        past_len = 0
+        if past is not None and hasattr(past, "get_seq_length"):
+            past_len = int(past.get_seq_length())
+        positions.update(input_ids, kwargs.get("mm_token_type_ids"), past_len)
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------------
+# Layer state and statistics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerState:
+    """What one attention module needs to run PSA, and the record of what it did."""
+
+    preset: PSAConfig
+    tower: str
+    layer: int | None
+    text: TextPositions | None = None
+    record_level_maps: bool = False
+    psa_calls: int = 0
+    dense_calls: Counter = field(default_factory=Counter)
+    sparsity_sum: torch.Tensor | None = None  # per level-map head, summed over PSA calls
+    last: dict[str, Any] | None = None  # the last PSA call's level map and geometry, if recorded
+
+    @property
+    def config(self) -> PSAConfig:
+        return self.preset.for_layer(self.tower, self.layer)
+
+    def record_dense(self, reason: str) -> None:
+        self.dense_calls[reason] += 1
+
+    def record_psa(self, level_map: torch.Tensor, **geometry) -> torch.Tensor:
+        """Account one PSA call; returns its per-head sparsity ``[Hm]`` (mean over the batch)."""
+        per_head = psa_kernels.sparsity(level_map, **geometry).mean(0)
+        self.sparsity_sum = per_head if self.sparsity_sum is None else self.sparsity_sum + per_head
+        self.psa_calls += 1
+        if self.record_level_maps:
+            self.last = {"level_map": level_map.detach().cpu(), **_to_cpu(geometry)}
+        return per_head
+
+    def reset(self) -> None:
+        self.psa_calls, self.dense_calls, self.sparsity_sum, self.last = 0, Counter(), None, None
+
+
+def _to_cpu(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+
+
+@dataclass
+class LayerStats:
+    """PSA statistics of one attention layer since the last reset."""
+
+    tower: str
+    layer: int | None
+    psa_calls: int
+    dense_calls: dict[str, int]
+    sparsity: float | None  # mean over PSA calls and heads; None if PSA never ran
+    head_sparsity: list[float] | None  # per level-map head (query or kv heads, see the preset)
+
+
+def _tower_of(module) -> str:
+    return "text" if getattr(module, "is_causal", True) else "vision"
+
+
+def _attention_modules(model: torch.nn.Module):
+    """Attention modules whose call reaches the registered attention function."""
+    for name, module in model.named_modules():
+        if hasattr(module, "is_causal") and hasattr(module, "config") and (
+            hasattr(module, "q_proj") or hasattr(module, "qkv")
+        ):
+            yield name, module
+
+
+def layer_state(module) -> LayerState:
+    """The module's state; a module nobody configured gets the default preset (once)."""
+    state = getattr(module, _STATE_ATTR, None)
+    if state is None:
+        preset = load_preset(None)
+        log_once(
+            "unconfigured",
+            f"PSA runs with the default preset {preset.name!r}; text positions are unknown, so the last "
+            f"{preset.dense_tail_tokens} tokens count as text. Call psa_vlm.configure(model, preset) to "
+            "choose the preset and let PSA see where the text is.",
+        )
+        state = LayerState(preset=preset, tower=_tower_of(module), layer=getattr(module, "layer_idx", None))
+        setattr(module, _STATE_ATTR, state)
+    return state
+
+
+def configure(model: torch.nn.Module, preset=None, *, record_level_maps: bool = False, **overrides):
+    """Choose the PSA preset of ``model`` and let PSA see the text positions of its inputs.
+
+    ``preset`` is a name from ``configs/``, a YAML path, a mapping or a :class:`PSAConfig`
+    (default: ``$PSA_VLM_PRESET`` or ``video_mme``); keyword ``overrides`` replace preset fields
+    (e.g. ``min_seq_len=0``). ``record_level_maps`` keeps each layer's last level map for
+    inspection (:func:`level_maps`). Statistics start from zero. Returns the model.
+    """
+    config = load_preset(preset)
+    if overrides:
+        config = config.replace(**overrides)
+    root_config = getattr(model, "config", None)
+    media = tuple(
+        int(i) for i in (getattr(root_config, "image_token_id", None), getattr(root_config, "video_token_id", None))
+        if i is not None
+    )
+    positions = TextPositions(media)
+    old = getattr(model, _HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_capture_text_hook(positions), with_kwargs=True))
+
+    counters: Counter = Counter()
+    found = 0
+    for _, module in _attention_modules(model):
+        tower = _tower_of(module)
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            layer = counters[tower]
+        counters[tower] += 1
+        setattr(
+            module,
+            _STATE_ATTR,
+            LayerState(config, tower, layer, text=positions if tower == "text" else None,
+                       record_level_maps=record_level_maps),
+        )
+        found += 1
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention module PSA can serve (no q_proj/qkv projections)")
+    logger.info("PSA preset %r on %d attention layers (%s)", config.name, found, dict(counters))
+    return model
+
+
+def _states(model: torch.nn.Module):
+    for _, module in _attention_modules(model):
+        state = getattr(module, _STATE_ATTR, None)
+        if state is not None:
+            yield state
+
+
+def stats(model: torch.nn.Module) -> list[LayerStats]:
+    """Per-layer, per-head PSA statistics since :func:`configure` or :func:`reset_stats`."""
+    out = []
+    for s in _states(model):
+        head = None if s.sparsity_sum is None else (s.sparsity_sum / s.psa_calls).float().cpu().tolist()
+        out.append(
+            LayerStats(
+                tower=s.tower,
+                layer=s.layer,
+                psa_calls=s.psa_calls,
+                dense_calls=dict(s.dense_calls),
+                sparsity=None if head is None else sum(head) / len(head),
+                head_sparsity=head,
+            )
+        )
+    return out
+
+
+def mean_sparsity(model: torch.nn.Module, tower: str | None = "text") -> float | None:
+    """Mean sparsity over the layers (of ``tower``, or all) where PSA ran; None if it never did."""
+    values = [s.sparsity for s in stats(model) if s.sparsity is not None and tower in (None, s.tower)]
+    return sum(values) / len(values) if values else None
+
+
+def level_maps(model: torch.nn.Module) -> dict[tuple[str, int | None], dict[str, Any]]:
+    """The last recorded level map of each layer (``configure(..., record_level_maps=True)``),
+    with the geometry needed to interpret it (``q_len``, ``k_len``, blocks, ``causal``)."""
+    return {(s.tower, s.layer): s.last for s in _states(model) if s.last is not None}
+
+
+def reset_stats(model: torch.nn.Module) -> None:
+    for s in _states(model):
+        s.reset()

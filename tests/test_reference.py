@@ -1,0 +1,373 @@
+"""The dense reference against independent, explicit computations of PSA_SEMANTICS.md.
+
+The oracle here is written differently from the reference on purpose: K/V are expanded per
+query head, pooled keys are built group by group in Python, and the softmax runs row by row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import psa_kernels
+from psa_kernels import reference as R
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def naive_psa(q, k, v, level_map, *, causal, scale, block_q, block_k, key_padding_mask):
+    """Row-by-row PSA in float64 with explicitly pooled keys (the oracle)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    valid = torch.ones(B, Lk, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // group
+            hm = h if level_map.shape[1] == Hq else hk
+            keys, vals, bias, last, blocks, factors = [], [], [], [], [], []
+            for p in (1, 2, 4, 8):
+                for t in range(math.ceil(Lk / p)):
+                    idx = [s for s in range(t * p, min(Lk, (t + 1) * p)) if valid[b, s]]
+                    if not idx:
+                        continue
+                    keys.append(k[b, hk, idx].double().mean(0))
+                    vals.append(v[b, hk, idx].double().mean(0))
+                    bias.append(math.log(len(idx)))
+                    last.append(max(idx))
+                    blocks.append((t * p) // block_k)
+                    factors.append(p)
+            if not keys:
+                continue
+            K, V = torch.stack(keys), torch.stack(vals)
+            bias, last = torch.tensor(bias, dtype=torch.float64), torch.tensor(last)
+            blocks, factors = torch.tensor(blocks), torch.tensor(factors)
+            for i in range(Lq):
+                lvl = level_map[b, hm, i // block_q].long()[blocks]
+                use = lvl == factors
+                if causal:
+                    use &= last <= (Lk - Lq + i)
+                if not use.any():
+                    continue
+                logits = q[b, h, i].double() @ K[use].T * scale + bias[use]
+                out[b, h, i] = torch.softmax(logits, -1) @ V[use]
+    return out
+
+
+@st.composite
+def attention_case(draw, max_len=150):
+    ratio = draw(st.sampled_from([1, 2, 7]))
+    hkv = draw(st.integers(1, 2))
+    D = draw(st.sampled_from([64, 80, 128]))
+    block_q = draw(st.sampled_from([16, 32, 64]))
+    block_k = draw(st.sampled_from([16, 32, 64, 128]))
+    causal = draw(st.booleans())
+    Lk = draw(st.integers(1, max_len))
+    Lq = draw(st.integers(1, Lk)) if causal else draw(st.integers(1, max_len))
+    B = draw(st.integers(1, 2))
+    padded = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(B=B, Hq=hkv * ratio, Hkv=hkv, Lq=Lq, Lk=Lk, D=D, block_q=block_q, block_k=block_k, causal=causal,
+                padded=padded, seed=seed)
+
+
+def make_inputs(c, dtype=torch.float64):
+    g = torch.Generator().manual_seed(c["seed"])
+    q = torch.randn(c["B"], c["Hq"], c["Lq"], c["D"], generator=g, dtype=dtype)
+    k = torch.randn(c["B"], c["Hkv"], c["Lk"], c["D"], generator=g, dtype=dtype)
+    v = torch.randn(c["B"], c["Hkv"], c["Lk"], c["D"], generator=g, dtype=dtype)
+    pad = None
+    if c["padded"]:  # left padding of a random length per sequence (possibly all of it)
+        starts = torch.randint(0, c["Lk"] + 1, (c["B"],), generator=g)
+        pad = torch.arange(c["Lk"])[None, :] >= starts[:, None]
+    return q, k, v, pad
+
+
+def shape_of_map(c, heads):
+    return (c["B"], heads, math.ceil(c["Lq"] / c["block_q"]), math.ceil(c["Lk"] / c["block_k"]))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+@SETTINGS
+@given(attention_case())
+def test_all_level_one_equals_dense_sdpa(c):
+    q, k, v, pad = make_inputs(c)
+    lm = torch.ones(shape_of_map(c, c["Hkv"]), dtype=torch.int8)
+    out = psa_kernels.psa_attention(q, k, v, lm, causal=c["causal"], block_q=c["block_q"], block_k=c["block_k"],
+                                    key_padding_mask=pad)
+    # Oracle: torch SDPA on expanded K/V with an explicit bottom-right causal + padding mask.
+    group = c["Hq"] // c["Hkv"]
+    ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    mask = torch.ones(c["Lq"], c["Lk"], dtype=torch.bool)
+    if c["causal"]:
+        mask = torch.arange(c["Lk"])[None, :] <= (torch.arange(c["Lq"]) + c["Lk"] - c["Lq"])[:, None]
+    mask = mask[None, None].expand(c["B"], 1, -1, -1)
+    if pad is not None:
+        mask = mask & pad[:, None, None, :]
+    empty = ~mask.any(-1, keepdim=True)
+    ref = F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask | empty).masked_fill(empty, 0.0)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-10
+    assert torch.all(out.masked_select(empty) == 0)
+
+
+@SETTINGS
+@given(attention_case(max_len=100), st.data())
+def test_random_level_maps_match_explicit_pooling(c, data):
+    q, k, v, pad = make_inputs(c)
+    heads = data.draw(st.sampled_from([c["Hq"], c["Hkv"]]))
+    g = torch.Generator().manual_seed(c["seed"] + 1)
+    choices = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
+    lm = choices[torch.randint(0, 5, shape_of_map(c, heads), generator=g)]
+    kw = dict(causal=c["causal"], block_q=c["block_q"], block_k=c["block_k"], key_padding_mask=pad)
+    out = psa_kernels.psa_attention(q, k, v, lm, **kw)
+    ref = naive_psa(q, k, v, lm, scale=c["D"] ** -0.5, **kw)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-10 or ref.norm() == out.norm() == 0
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_whole_sequence_at_one_level_equals_attention_over_pooled_keys(p):
+    torch.manual_seed(p)
+    Lk, D = 77, 64  # 77 is not a multiple of p: the last group is short and carries ln(count)
+    q, k, v = torch.randn(1, 2, 40, D, dtype=torch.float64), torch.randn(2, 1, Lk, D).double()[:1], None
+    k = torch.randn(1, 1, Lk, D, dtype=torch.float64)
+    v = torch.randn(1, 1, Lk, D, dtype=torch.float64)
+    lm = torch.full((1, 2, 3, 3), p, dtype=torch.int8)
+    out = psa_kernels.psa_attention(q, k, v, lm, block_q=16, block_k=32)
+    groups = [range(t, min(Lk, t + p)) for t in range(0, Lk, p)]
+    kp = torch.stack([k[0, 0, list(g)].mean(0) for g in groups])
+    vp = torch.stack([v[0, 0, list(g)].mean(0) for g in groups])
+    bias = torch.tensor([math.log(len(g)) for g in groups], dtype=torch.float64)
+    ref = torch.softmax(q[0] @ kp.T * D**-0.5 + bias, -1) @ vp
+    assert rel_err(out[0], ref) < 1e-12
+
+
+def test_partly_visible_pooled_group_is_dropped():
+    torch.manual_seed(0)
+    Lq = Lk = 64
+    q, k, v = (torch.randn(1, 1, Lq, 32, dtype=torch.float64) for _ in range(3))
+    lm = torch.full((1, 1, 1, 1), 8, dtype=torch.int8)
+    out = psa_kernels.psa_attention(q, k, v, lm, causal=True, block_q=64, block_k=64)
+    # Query 11 sees group [0, 8) whole and group [8, 16) only in part: that group is dropped, so
+    # changing the values of tokens 8..15 does not move row 11, but does move row 15.
+    v2 = v.clone()
+    v2[..., 8:16, :] += 10.0
+    out2 = psa_kernels.psa_attention(q, k, v2, lm, causal=True, block_q=64, block_k=64)
+    assert torch.allclose(out[..., 11, :], out2[..., 11, :])
+    assert not torch.allclose(out[..., 15, :], out2[..., 15, :])
+    # Rows 0..6 see no whole group: output exactly 0.
+    assert torch.all(out[..., :7, :] == 0)
+    assert torch.allclose(out[..., 7, :], v[..., :8, :].mean(-2))
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 48, 64, dtype=torch.float16)
+    k, v = torch.randn(2, 2, 48, 64, dtype=torch.float16), torch.randn(2, 2, 48, 64, dtype=torch.float16)
+    pad = torch.ones(2, 48, dtype=torch.bool)
+    pad[1, :20] = False  # left padding: causal rows 0..19 of sequence 1 see nothing
+    lm = torch.ones(2, 4, 3, 3, dtype=torch.int8)
+    lm[0, 1, 1] = 0  # an empty row of blocks
+    out = psa_kernels.psa_attention(q, k, v, lm, causal=True, block_q=16, block_k=16, key_padding_mask=pad)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.all(out[1, :, :20] == 0)
+    assert torch.all(out[0, 1, 16:32] == 0)
+    assert out[1, :, 20:].abs().sum() > 0
+    dense = psa_kernels.dense_attention(q, k, v, causal=True, key_padding_mask=pad)
+    assert torch.isfinite(dense).all() and torch.all(dense[1, :, :20] == 0)
+
+
+def test_decode_sees_every_key_and_chunked_prefill_is_bottom_right():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 50, 64), torch.randn(1, 2, 50, 64)
+    out = psa_kernels.dense_attention(q, k, v, causal=True)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert rel_err(out, ref) < 1e-6
+    q = torch.randn(1, 4, 10, 64)
+    lm = torch.ones(1, 2, 1, 4, dtype=torch.int8)
+    psa = psa_kernels.psa_attention(q, k, v, lm, causal=True, block_q=16, block_k=16)
+    full = psa_kernels.dense_attention(torch.cat([torch.randn(1, 4, 40, 64), q], 2), k, v, causal=True)
+    assert rel_err(psa, full[:, :, 40:]) < 1e-5
+
+
+def test_level_map_per_kv_head_equals_expanded_per_query_head():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 14, 40, 80), torch.randn(1, 2, 70, 80), torch.randn(1, 2, 70, 80)
+    choices = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
+    lm = choices[torch.randint(0, 5, (1, 2, 3, 3))]
+    a = psa_kernels.psa_attention(q, k, v, lm, block_q=16, block_k=32)
+    b = psa_kernels.psa_attention(q, k, v, lm.repeat_interleave(7, 1), block_q=16, block_k=32)
+    assert torch.equal(a, b)
+
+
+def test_pyramid_means_count_only_valid_tokens():
+    k = torch.arange(20, dtype=torch.float32).view(1, 1, 20, 1).expand(1, 1, 20, 2).contiguous()
+    pad = torch.ones(1, 20, dtype=torch.bool)
+    pad[0, :3] = False
+    pyr = psa_kernels.build_pyramid(k, k, pad)
+    assert pyr[8].counts.tolist() == [[5, 8, 4]]
+    assert pyr[8].keys[0, 0, :, 0].tolist() == [5.0, 11.5, 17.5]  # mean(3..7), mean(8..15), mean(16..19)
+    assert pyr[8].last.tolist() == [[7, 15, 19]]
+    assert pyr[2].counts[0, :3].tolist() == [0, 1, 2]
+
+
+def test_density_and_sparsity_formula():
+    lm = torch.tensor([[[[1, 0], [2, 8]]]], dtype=torch.int8)
+    rho = psa_kernels.density(lm, causal=False, q_len=64, k_len=64, block_q=32, block_k=32)
+    assert rho.item() == pytest.approx((1 + 0 + 0.5 + 0.125) / 4)
+    # Causal: pair (0, 1) is invisible and does not count.
+    rho = psa_kernels.density(lm, causal=True, q_len=64, k_len=64, block_q=32, block_k=32)
+    assert rho.item() == pytest.approx((1 + 0.5 + 0.125) / 3)
+    assert psa_kernels.sparsity(lm, causal=True, q_len=64, k_len=64, block_q=32, block_k=32).item() == \
+        pytest.approx(1 - (1 + 0.5 + 0.125) / 3)
+
+
+def test_assign_levels_energy_and_quantile():
+    scores = torch.tensor([[0.06, 0.5, 0.15, 0.25, 0.04]])
+    vis = torch.ones_like(scores, dtype=torch.bool)
+    # Ranked: 0.5 (prec 0), 0.25 (0.5), 0.15 (0.75), 0.06 (0.9), 0.04 (0.96).
+    lv = psa_kernels.assign_levels(scores, vis, mode="energy", thresholds=(0.7, 0.8, 0.9, 0.9))
+    assert lv.tolist() == [[0, 1, 2, 1, 0]]
+    lv = psa_kernels.assign_levels(scores, vis, mode="quantile", thresholds=(0.3, 0.5, 0.7, 0.9))
+    assert lv.tolist() == [[4, 1, 2, 1, 8]]
+    vis[0, 1] = False  # an invisible block gets 0 and does not count in the ranking
+    lv = psa_kernels.assign_levels(scores, vis, mode="quantile", thresholds=(0.3, 0.5, 0.7, 0.9))
+    assert lv.tolist() == [[4, 0, 1, 1, 8]]  # ranks 0.25, 0.15, 0.06, 0.04 -> 0, 1/4, 2/4, 3/4
+
+
+def test_similarity_cap_on_constructed_keys():
+    D, bk = 16, 32
+    base = torch.randn(D)
+    smooth = base.repeat(bk, 1) + 0.01 * torch.randn(bk, D)  # block 0: near-identical tokens
+    rough = torch.randn(bk, D)  # block 1: unrelated tokens
+    k = torch.cat([smooth, rough])[None, None]
+    cap = psa_kernels.similarity_cap(k, block_k=bk, thresholds=(0.75, 0.7, 0.7))
+    assert cap.tolist() == [[[8, 1]]]
+    cap = psa_kernels.similarity_cap(k, block_k=bk, thresholds={2: 0.75})
+    assert cap.tolist() == [[[2, 1]]]
+
+
+def smooth_tokens(B, H, L, D, seed):
+    """Video-like keys/queries: a slowly varying field plus noise, so pooling is allowed."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 6, L)
+    basis = torch.randn(H, 4, D, generator=g)
+    field = torch.stack([torch.sin(t * (i + 1)) for i in range(4)], -1)  # [L, 4]
+    x = torch.einsum("lf,hfd->hld", field, basis)[None].expand(B, H, L, D)
+    return x + 0.05 * torch.randn(B, H, L, D, generator=g)
+
+
+@SETTINGS
+@given(
+    causal=st.booleans(),
+    Lk=st.integers(100, 400),
+    ratio=st.sampled_from([1, 2, 7]),
+    share=st.booleans(),
+    mode=st.sampled_from(["energy", "quantile"]),
+    seed=st.integers(0, 10_000),
+    text_len=st.integers(0, 40),
+)
+def test_mask_generator_invariants(causal, Lk, ratio, share, mode, seed, text_len):
+    B, Hkv, D, bq, bk = 2, 2, 32, 32, 32
+    Lq = Lk - seed % 50 if causal else Lk
+    q = smooth_tokens(B, Hkv * ratio, Lq, D, seed)
+    k = smooth_tokens(B, Hkv, Lk, D, seed + 1)
+    pad = torch.ones(B, Lk, dtype=torch.bool)
+    pad[1, : seed % 70] = False
+    text = torch.zeros(B, Lk, dtype=torch.bool)
+    text[:, Lk - text_len :] = text_len > 0
+    sim = (0.75, 0.7, 0.7)
+    lm = psa_kernels.build_level_map(
+        q, k, causal=causal, block_q=bq, block_k=bk, mode=mode, thresholds=(0.3, 0.5, 0.7, 0.9), similarity=sim,
+        text_mask=text, share_kv_group=share, key_padding_mask=pad, min_full_fraction=0.06,
+    )
+    nq, nk = math.ceil(Lq / bq), math.ceil(Lk / bk)
+    assert lm.dtype == torch.int8 and lm.shape == (B, Hkv if share else Hkv * ratio, nq, nk)
+    assert set(lm.unique().tolist()) <= {0, 1, 2, 4, 8}
+    vis = psa_kernels.block_visibility(batch=B, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk, causal=causal,
+                                       key_padding_mask=pad)[:, None].expand_as(lm)
+    assert torch.all(lm[~vis] == 0)
+    forced = psa_kernels.forced_full_blocks(batch=B, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk, causal=causal,
+                                            text_mask=text, key_padding_mask=pad)[:, None].expand_as(lm)
+    assert torch.all(lm[forced & vis] == 1)
+    # Sink and (causal) diagonal blocks at level 1.
+    assert torch.all(lm[:, :, :, 0][vis[:, :, :, 0]] == 1)
+    if causal:
+        for i in range(nq):
+            last_abs = Lk - Lq + min((i + 1) * bq, Lq) - 1
+            j = last_abs // bk
+            assert torch.all(lm[:, :, i, j][vis[:, :, i, j]] == 1)
+    # Text rows and columns at level 1.
+    if text_len:
+        j0 = (Lk - text_len) // bk
+        assert torch.all(lm[..., j0:][vis[..., j0:]] == 1)
+    # The similarity cap holds for every pair that is not forced.
+    cap = psa_kernels.similarity_cap(k, block_k=bk, thresholds=sim, key_padding_mask=pad)
+    cap = cap.repeat_interleave(lm.shape[1] // Hkv, 1)[:, :, None, :].expand_as(lm)
+    free = (lm > 1) & ~forced
+    assert torch.all(lm[free] <= cap[free])
+    # Every row with visible blocks keeps at least 6% of them at level 1.
+    need = torch.ceil(0.06 * vis.sum(-1).float())
+    assert torch.all((lm == 1).sum(-1) >= need)
+
+
+def test_mask_generator_uses_pooling_on_smooth_inputs_and_dense_mode():
+    q, k = smooth_tokens(1, 4, 512, 32, 0), smooth_tokens(1, 2, 512, 32, 1)
+    lm = psa_kernels.build_level_map(q, k, causal=True, block_q=32, block_k=32, dense_tail_tokens=0,
+                                     thresholds=(0.3, 0.5, 0.7, 0.9))
+    levels = set(lm.unique().tolist())
+    assert {2, 4, 8} & levels, levels  # pooled levels are used where keys are smooth
+    assert 0 < psa_kernels.sparsity(lm, causal=True, q_len=512, k_len=512, block_q=32, block_k=32).mean() < 1
+    dense = psa_kernels.build_level_map(q, k, causal=True, block_q=32, block_k=32, mode="dense")
+    assert psa_kernels.sparsity(dense, causal=True, q_len=512, k_len=512, block_q=32, block_k=32).max() == 0
+
+
+def test_antidiagonal_importance_is_a_distribution_per_strided_row():
+    q, k = torch.randn(1, 2, 96, 32), torch.randn(1, 1, 96, 32)
+    s = R.antidiagonal_importance(q, k, causal=False, block_q=32, block_k=32, stride=8)
+    # Each query block holds 4 strided rows whose softmaxes each sum to 1.
+    assert torch.allclose(s.sum(-1), torch.full((1, 2, 3), 4.0), atol=1e-5)
+    s = R.antidiagonal_importance(q, k, causal=True, block_q=32, block_k=32, stride=8)
+    assert torch.all(s[..., 0, 1:] == 0)
+
+
+def test_sampled_importance_shape_and_range():
+    g = torch.Generator().manual_seed(0)
+    s = R.sampled_importance(torch.randn(1, 4, 100, 32), torch.randn(1, 2, 90, 32), block_q=32, block_k=32,
+                             samples=4, generator=g)
+    assert s.shape == (1, 4, 4, 3) and torch.all((s >= 0) & (s <= 1))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(level_map=torch.full((1, 2, 2, 2), 3, dtype=torch.int8)), "outside"),
+        (lambda a: a.update(level_map=torch.ones(1, 3, 2, 2, dtype=torch.int8)), "heads"),
+        (lambda a: a.update(level_map=torch.ones(1, 2, 3, 2, dtype=torch.int8)), "ceil"),
+        (lambda a: a.update(level_map=torch.ones(1, 2, 2, 2)), "integer"),
+        (lambda a: a.update(k=torch.randn(1, 3, 64, 32)), "multiple"),
+        (lambda a: a.update(block_k=12), "multiple of 8"),
+        (lambda a: a.update(key_padding_mask=torch.ones(1, 64)), "bool"),
+        (lambda a: a.update(key_padding_mask=torch.ones(1, 60, dtype=torch.bool)), "shape"),
+    ],
+)
+def test_bad_inputs_name_the_problem(mutate, message):
+    args = dict(q=torch.randn(1, 4, 64, 32), k=torch.randn(1, 2, 64, 32), v=torch.randn(1, 2, 64, 32),
+                level_map=torch.ones(1, 2, 2, 2, dtype=torch.int8), block_k=32, key_padding_mask=None)
+    mutate(args)
+    if args["k"].shape[1] == 3:
+        args["v"] = torch.randn(1, 3, 64, 32)
+    with pytest.raises(ValueError, match=message):
+        psa_kernels.psa_attention(args["q"], args["k"], args["v"], args["level_map"], block_q=32,
+                                  block_k=args["block_k"], key_padding_mask=args["key_padding_mask"])
