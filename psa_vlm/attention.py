@@ -13,8 +13,6 @@ dense.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 import psa_kernels
@@ -78,8 +76,7 @@ def psa_attention_forward(
     reason = _dense_reason(state, config, query, key, attention_mask, dropout)
     if reason is not None:
         state.record_dense(reason)
-        log_once(f"{state.tower}:{reason}", f"PSA -> dense attention ({state.tower} tower): {reason}",
-                 logging.INFO)
+        log_once(f"{state.tower}:{reason}", f"PSA -> dense attention ({state.tower} tower): {reason}")
         if attention_mask is not None and attention_mask.dim() == 4 or dropout > 0:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -116,7 +113,7 @@ def _dense_reason(state, config, query, key, attention_mask, dropout) -> str | N
     if not config.runs_on(state.tower):
         return f"preset {config.name!r} does not run PSA on the {state.tower} tower"
     if query.shape[2] < config.block_q:
-        return f"decode or short query (Lq < block_q = {config.block_q})"
+        return f"query shorter than one block (decode step or short frame group; Lq < block_q = {config.block_q})"
     if key.shape[2] < config.min_seq_len:
         return f"sequence shorter than min_seq_len = {config.min_seq_len}"
     if query.dtype not in _PSA_DTYPES:

@@ -270,7 +270,10 @@ def _validate(c: PSAConfig) -> None:
 
 
 def _preset_dir():
-    return resources.files("psa_vlm.presets")
+    try:
+        return resources.files("psa_vlm.presets")
+    except ModuleNotFoundError:  # psa_vlm imported from a source tree that was not installed
+        return Path(__file__).resolve().parent.parent / "configs"
 
 
 def available_presets() -> list[str]:

@@ -1,0 +1,107 @@
+"""The ``psa-vlm`` command line and the package as a built wheel."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from psa_vlm import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("demo", "tiny-model", "presets"):
+        assert command in text
+
+
+def test_presets_command_lists_every_preset(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("video_mme", "fast", "block_sparse", "dense"):
+        assert re.search(rf"^{name}\s", out, re.M)
+
+
+def test_tiny_model_command_writes_a_loadable_model(tmp_path, capsys):
+    target = tmp_path / "tiny"
+    assert cli.main(["tiny-model", str(target)]) == 0
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(target, local_files_only=True,
+                                                               attn_implementation="psa")
+    processor = AutoProcessor.from_pretrained(target, local_files_only=True)
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+    assert processor.tokenizer.convert_tokens_to_ids("<|video_pad|>") == model.config.video_token_id
+
+
+def test_demo_prints_the_side_by_side_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["demo", "--frames", "16", "--max-new-tokens", "4", "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("sdpa ", "psa "))}
+    assert set(rows) == {"sdpa", "psa"}
+    assert rows["sdpa"][2] == rows["psa"][2] and int(rows["psa"][2]) > 200  # same prompt, in tokens
+    assert float(rows["psa"][6]) > 0  # PSA really ran sparse
+    assert re.search(r"generated tokens identical: \d/4", out)
+    assert (tmp_path / "out" / "demo.mp4").stat().st_size > 0
+
+
+def test_demo_rejects_a_bad_preset_with_one_clear_line(capsys):
+    assert cli.main(["demo", "--preset", "no_such_preset"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'no_such_preset'" in err and "video_mme" in err
+
+
+def test_wheel_contains_both_packages_and_the_presets(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(REPO)], capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    wheel = next(tmp_path.glob("psa_vlm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "psa_kernels/__init__.py" in names and "psa_kernels/reference.py" in names
+    assert "psa_vlm/presets/video_mme.yaml" in names
+    assert not any(n.startswith("kernels/") for n in names), "the import name must not be `kernels`"
+    entry = [n for n in names if n.endswith("entry_points.txt")]
+    assert entry and "psa-vlm = psa_vlm.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
+
+    # Installed from the wheel alone (not the checkout), the presets load and the op runs.
+    site = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                          str(wheel)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    code = (
+        "import psa_vlm, psa_kernels, torch\n"
+        f"assert psa_vlm.__file__.startswith({str(site)!r}), psa_vlm.__file__\n"
+        f"assert psa_kernels.__file__.startswith({str(site)!r}), psa_kernels.__file__\n"
+        "print(psa_vlm.load_preset('video_mme').name)\n"
+        "q = torch.randn(1, 2, 40, 32); k = torch.randn(1, 1, 40, 32)\n"
+        "lm = torch.ones(1, 1, 1, 2, dtype=torch.int8)\n"
+        "print(psa_kernels.psa_attention(q, k, k, lm, block_q=64, block_k=32).shape)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "video_mme" in res.stdout and "torch.Size([1, 2, 40, 32])" in res.stdout
+
+
+def test_reference_accepts_fp32_cpu_and_half_inputs():
+    import psa_kernels
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q, k = torch.randn(1, 2, 40, 32, dtype=dtype), torch.randn(1, 1, 40, 32, dtype=dtype)
+        lm = psa_kernels.build_level_map(q, k, causal=True, block_q=64, block_k=32)
+        out = psa_kernels.psa_attention(q, k, k, lm, causal=True, block_q=64, block_k=32)
+        assert out.dtype == dtype and torch.isfinite(out).all()
