@@ -65,8 +65,8 @@ def _cmd_demo(args) -> int:
     preset = load_preset(args.preset)  # fail early on a bad preset name
     out_dir = Path(args.output or tempfile.mkdtemp(prefix="psa_demo_"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] tiny Qwen2.5-VL (random weights, offline): {tiny_model_dir()}", flush=True)
     model_dir = tiny_model_dir()
+    print(f"[1/4] tiny Qwen2.5-VL (random weights, offline): {model_dir}", flush=True)
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     video = make_video(out_dir / "demo.mp4", frames=args.frames, width=args.size, height=args.size, seed=args.seed)
     print(f"[2/4] generated video: {video} ({args.frames} frames, {args.size}x{args.size})", flush=True)
