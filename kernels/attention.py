@@ -1,0 +1,159 @@
+"""PSA forward in Triton: one kernel body for bidirectional and causal attention.
+
+A program owns ``BLOCK_M`` (= ``block_q``) query rows of one query head. For each level
+``p = 1, 2, 4, 8`` it walks that row's level-``p`` key block list (:class:`LevelMap`) in
+execution tiles of ``BLOCK_N`` keys *of that level*: a logical key block holds ``block_k / p``
+pooled keys, so at ``p = 8`` several small blocks are gathered into one full tile and at ``p = 1``
+a large block is split over several tiles; the tensor cores always see ``BLOCK_N``-wide tiles.
+Softmax is online (flash-attention style, base 2), accumulation fp32.
+
+- GQA: query head ``h`` reads kv head ``h // GROUP`` straight from K/V; nothing is expanded.
+- A pooled key adds ``log2(count)`` to its (base-2) logit; level-1 keys add 0.
+- Causal: a key (or pooled group) is visible iff its last valid token is ``<=`` the query's
+  absolute position ``Lk - Lq + i`` (bottom-right alignment), the same test at every level.
+- Rows with no visible key end with ``l = 0`` and are written as 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .level_map import LevelMap
+from .pyramid import build_device_pyramid
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _psa_fwd_kernel(
+    Q, K, V, KP, VP, CNT, LAST, PAD, IDX, NUM, OUT,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_ph, stride_pn,
+    stride_cb,
+    stride_ib, stride_ih, stride_im,
+    stride_nb, stride_nh, stride_nm,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, GROUP, HM_DIV, Lq, Lk, BASE2, BASE4, BASE8,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    hm = h // HM_DIV
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
+    q_pos = offs_m + (Lk - Lq)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    idx_row = IDX + b * stride_ib + hm * stride_ih + pid_m * stride_im
+    num_row = NUM + b * stride_nb + hm * stride_nh + pid_m * stride_nm
+    list_start = 0
+    for level in tl.static_range(4):
+        P: tl.constexpr = 1 << level
+        KEYS_PER_BLOCK: tl.constexpr = BLOCK_K // P
+        n_blocks = tl.load(num_row + level)
+        n_keys = n_blocks * KEYS_PER_BLOCK
+        for t0 in range(0, n_keys, BLOCK_N):
+            cols = t0 + tl.arange(0, BLOCK_N)
+            in_list = cols < n_keys
+            block = tl.load(idx_row + list_start + cols // KEYS_PER_BLOCK, mask=in_list, other=0)
+            row = block * KEYS_PER_BLOCK + cols % KEYS_PER_BLOCK  # key (p = 1) or group (p > 1) index
+            if level == 0:
+                ok = in_list & (row < Lk)
+                if HAS_PAD:
+                    ok = ok & (tl.load(PAD + b * Lk + row, mask=ok, other=0) != 0)
+                last = row
+                k_ptrs = K + b * stride_kb + hk * stride_kh + row[:, None] * stride_kn + offs_d[None, :] * stride_kd
+                v_ptrs = V + b * stride_vb + hk * stride_vh + row[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            else:
+                if level == 1:
+                    base = BASE2
+                elif level == 2:
+                    base = BASE4
+                else:
+                    base = BASE8
+                ok = in_list & (row < (Lk + P - 1) // P)
+                cnt = tl.load(CNT + b * stride_cb + base + row, mask=ok, other=0)
+                last = tl.load(LAST + b * stride_cb + base + row, mask=ok, other=0)
+                ok = ok & (cnt > 0)
+                pooled = (base + row)[:, None] * stride_pn + offs_d[None, :]
+                k_ptrs = KP + b * stride_pb + hk * stride_ph + pooled
+                v_ptrs = VP + b * stride_pb + hk * stride_ph + pooled
+            kv_mask = ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if level > 0:
+                s += tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+            visible = ok[None, :]
+            if CAUSAL:
+                visible = visible & (last[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        list_start += n_blocks
+
+    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=(offs_m < Lq)[:, None] & d_ok[None, :])
+
+
+def psa_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    level_map: torch.Tensor | LevelMap,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    key_padding_mask: torch.Tensor | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Run the PSA forward kernel (inputs already validated by the caller)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if not isinstance(level_map, LevelMap):
+        level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k)
+    Hm = level_map.indices.shape[1]
+    scale = D**-0.5 if scale is None else float(scale)
+    pyr = build_device_pyramid(k, v, key_padding_mask)
+    out = torch.empty_like(q)
+    pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else pyr.counts
+    idx, num = level_map.indices, level_map.counts
+    grid = (triton.cdiv(Lq, block_q), B * Hq)
+    _psa_fwd_kernel[grid](
+        q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, idx, num, out,
+        scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(),
+        pyr.keys.stride(0), pyr.keys.stride(1), pyr.keys.stride(2),
+        pyr.counts.stride(0),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        num.stride(0), num.stride(1), num.stride(2),
+        *out.stride(),
+        Hq, Hq // Hkv, Hq // Hm, Lq, Lk, pyr.base[2], pyr.base[4], pyr.base[8],
+        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=block_q, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
