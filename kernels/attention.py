@@ -1,6 +1,7 @@
 """PSA forward in Triton: one kernel body for bidirectional and causal attention.
 
-A program owns ``BLOCK_M`` (= ``block_q``) query rows of one query head. For each level
+A program owns ``BLOCK_M`` query rows (``block_q`` or a power-of-two part of it, smaller for
+large head dims to keep the accumulator in registers) of one query head. For each level
 ``p = 1, 2, 4, 8`` it walks that row's level-``p`` key block list (:class:`LevelMap`) in
 execution tiles of ``BLOCK_N`` keys *of that level*: a logical key block holds ``block_k / p``
 pooled keys, so at ``p = 8`` several small blocks are gathered into one full tile and at ``p = 1``
@@ -40,7 +41,8 @@ def _psa_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, GROUP, HM_DIV, Lq, Lk, BASE2, BASE4, BASE8,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -54,14 +56,17 @@ def _psa_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
     q_pos = offs_m + (Lk - Lq)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    idx_row = IDX + b * stride_ib + hm * stride_ih + pid_m * stride_im
-    num_row = NUM + b * stride_nb + hm * stride_nh + pid_m * stride_nm
+    q_block = (pid_m * BLOCK_M) // BLOCK_Q  # BLOCK_M divides block_q: a tile never spans two query blocks
+    idx_row = IDX + b * stride_ib + hm * stride_ih + q_block * stride_im
+    num_row = NUM + b * stride_nb + hm * stride_nh + q_block * stride_nm
     list_start = 0
     for level in tl.static_range(4):
         P: tl.constexpr = 1 << level
@@ -96,6 +101,8 @@ def _psa_fwd_kernel(
                 v_ptrs = VP + b * stride_pb + hk * stride_ph + pooled
             kv_mask = ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             if level > 0:
                 s += tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
@@ -109,6 +116,8 @@ def _psa_fwd_kernel(
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            if DOT_FP32:
+                v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         list_start += n_blocks
@@ -142,7 +151,9 @@ def psa_attention_triton(
     out = torch.empty_like(q)
     pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else pyr.counts
     idx, num = level_map.indices, level_map.counts
-    grid = (triton.cdiv(Lq, block_q), B * Hq)
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m = block_q if block_d <= 128 else min(block_q, 64)
+    grid = (triton.cdiv(Lq, block_m), B * Hq)
     _psa_fwd_kernel[grid](
         q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, idx, num, out,
         scale * _LOG2E,
@@ -153,7 +164,10 @@ def psa_attention_triton(
         num.stride(0), num.stride(1), num.stride(2),
         *out.stride(),
         Hq, Hq // Hkv, Hq // Hm, Lq, Lk, pyr.base[2], pyr.base[4], pyr.base[8],
-        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=block_q, BLOCK_N=block_n, BLOCK_K=block_k,
+        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_K=block_k,
+        # Triton's CPU interpreter (3.8) computes bf16 dots wrongly: it gets fp32 operands instead.
+        DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        num_warps=8 if block_m * block_d >= 128 * 128 else 4,
     )
     return out

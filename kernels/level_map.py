@@ -41,7 +41,7 @@ class LevelMap:
     def from_dense(cls, level_map: torch.Tensor, *, block_q: int, block_k: int) -> "LevelMap":
         nk = level_map.shape[-1]
         table = torch.tensor(_RANK_OF_LEVEL, dtype=torch.int64, device=level_map.device)
-        rank = table[level_map.long()]
+        rank = table[level_map.long().clamp(0, 8)]  # out-of-range values read as skip (rank 4)
         key = rank * nk + torch.arange(nk, device=level_map.device)
         indices = torch.argsort(key, dim=-1).to(torch.int32)
         counts = torch.stack([(rank == r).sum(-1) for r in range(len(POOL_FACTORS))], dim=-1).to(torch.int32)

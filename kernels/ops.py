@@ -1,22 +1,39 @@
-"""Public entry points of psa_kernels (re-exported by the package)."""
+"""Public entry points of psa_kernels (re-exported by the package), one per op.
 
+Each dispatches between the Triton kernels and the dense reference:
+
+- Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
+  interpreter; how CI checks kernel logic without a GPU), for fp16/bf16/fp32 inputs with
+  ``head_dim <= 256``, a power-of-two ``block_q`` in 16..256 and ``block_k`` a multiple of 8.
+- :mod:`psa_kernels.reference` for everything else (fp64, other devices, Triton missing).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import reference
+from .level_map import LevelMap
 from .reference import (
+    PyramidLevel,
     assign_levels,
     block_visibility,
     build_level_map,
-    build_pyramid,
     dense_attention,
     density,
     forced_full_blocks,
     similarity_cap,
     sparsity,
 )
-from .reference import psa_attention as _reference_psa_attention
-from .validation import LEVEL_VALUES, POOL_FACTORS, num_blocks
+from .validation import LEVEL_VALUES, POOL_FACTORS, check_attention_inputs, check_key_padding_mask, check_qkv, num_blocks
 
 __all__ = [
     "LEVEL_VALUES",
     "POOL_FACTORS",
+    "LevelMap",
     "assign_levels",
     "block_visibility",
     "build_level_map",
@@ -24,34 +41,103 @@ __all__ = [
     "dense_attention",
     "density",
     "forced_full_blocks",
+    "kernels_available",
     "num_blocks",
     "psa_attention",
     "similarity_cap",
     "sparsity",
 ]
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: no kernels here
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels serve tensors on ``device`` in this process."""
+    device = torch.device(device)
+    return _triton_importable() and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+
+
+def _use_triton(q: torch.Tensor, block_q: int, block_k: int) -> bool:
+    return (
+        kernels_available(q.device)
+        and q.dtype in _TRITON_DTYPES
+        and q.shape[-1] <= 256
+        and 16 <= block_q <= 256
+        and block_q & (block_q - 1) == 0
+        and block_k % 8 == 0
+    )
+
 
 def psa_attention(
-    q,
-    k,
-    v,
-    level_map,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    level_map: torch.Tensor | LevelMap,
     *,
     causal: bool = False,
     scale: float | None = None,
     block_q: int = 128,
     block_k: int = 128,
-    key_padding_mask=None,
-):
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Pyramid sparse attention: ``q [B,Hq,Lq,D]``, ``k, v [B,Hkv,Lk,D]`` -> ``[B,Hq,Lq,D]``.
 
     ``level_map`` is an integer tensor ``[B, Hm, ceil(Lq/block_q), ceil(Lk/block_k)]`` with
-    values in {0, 1, 2, 4, 8} and ``Hm`` in {Hq, Hkv}; ``key_padding_mask`` a bool ``[B, Lk]``
-    (True = real token); ``causal`` aligns queries to the end of the keys. The output has q's
-    dtype; accumulation is fp32. See :func:`psa_kernels.reference.psa_attention` for the
-    semantics; this entry point dispatches to the fastest implementation for the inputs.
+    values in {0, 1, 2, 4, 8} and ``Hm`` in {Hq, Hkv} (or a :class:`LevelMap` built from one);
+    ``key_padding_mask`` a bool ``[B, Lk]`` (True = real token); ``causal`` aligns queries to the
+    end of the keys. The output has q's dtype; accumulation is fp32. Semantics:
+    :func:`psa_kernels.reference.psa_attention`.
     """
-    return _reference_psa_attention(
-        q, k, v, level_map, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-        key_padding_mask=key_padding_mask,
-    )
+    dense_map = level_map.to_dense() if isinstance(level_map, LevelMap) else level_map
+    # Checking the map's values costs a device synchronisation: done off the GPU only (on CUDA
+    # an out-of-range value reads as "skip").
+    check_attention_inputs(q, k, v, dense_map, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask,
+                           check_values=not q.is_cuda)
+    if _use_triton(q, block_q, block_k):
+        from .attention import psa_attention_triton
+
+        return psa_attention_triton(q, k, v, level_map, causal=causal, scale=scale, block_q=block_q,
+                                    block_k=block_k, key_padding_mask=key_padding_mask)
+    return reference.psa_attention(q, k, v, dense_map, causal=causal, scale=scale, block_q=block_q,
+                                   block_k=block_k, key_padding_mask=key_padding_mask)
+
+
+def build_pyramid(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+) -> dict[int, PyramidLevel]:
+    """The KV pyramid: for p in 1, 2, 4, 8, the valid-token means of K/V over groups of p tokens,
+    their counts and last valid positions (see :func:`psa_kernels.reference.build_pyramid`).
+
+    The Triton path pools 2/4/8 in one fused pass and keeps K/V's dtype; level 1 is K/V itself.
+    """
+    check_qkv(k, k, v)
+    check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[2], k.device)
+    if not (kernels_available(k.device) and k.dtype in _TRITON_DTYPES and k.shape[-1] <= 256):
+        return reference.build_pyramid(k, v, key_padding_mask)
+    from .pyramid import build_device_pyramid
+
+    pyr = build_device_pyramid(k, v, key_padding_mask)
+    Lk = k.shape[2]
+    valid = key_padding_mask if key_padding_mask is not None else torch.ones_like(k[:, 0, :, 0], dtype=torch.bool)
+    positions = torch.arange(Lk, device=k.device).expand_as(valid)
+    levels = {1: PyramidLevel(1, k, v, valid.to(torch.int32), torch.where(valid, positions, -1))}
+    for p, base in pyr.base.items():
+        rows = slice(base, base + pyr.groups[p])
+        levels[p] = PyramidLevel(p, pyr.keys[:, :, rows], pyr.values[:, :, rows], pyr.counts[:, rows],
+                                 pyr.last[:, rows].long())
+    return levels

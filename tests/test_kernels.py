@@ -1,0 +1,194 @@
+"""Triton kernels against the dense reference (CPU: Triton's interpreter; GPU: compiled).
+
+Inputs are drawn fresh for every run (the seed is in each assertion message); the matrix covers
+direction x GQA ratio x head_dim x block_k with lengths that are not block multiples, causal
+queries shorter than the keys, left padding, and empty/full/mixed level-map rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import psa_kernels
+from psa_kernels import LevelMap, reference
+
+pytest.importorskip("triton")
+from psa_kernels.attention import psa_attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not psa_kernels.kernels_available(DEVICE),
+                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+TOL = 2e-3  # ||out - ref|| / ||ref|| in fp32
+LEVELS = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30)).item()
+
+
+def make_case(seed, *, B, Hq, Hkv, Lq, Lk, D, block_q, block_k, padded, rows="mixed", heads=None,
+              dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(DEVICE, dtype)
+    pad = None
+    if padded:  # left padding; the last sequence keeps every token
+        starts = torch.randint(0, Lk // 2 + 1, (B,), generator=g)
+        starts[-1] = 0
+        pad = (torch.arange(Lk)[None, :] >= starts[:, None]).to(DEVICE)
+    shape = (B, heads or Hq, math.ceil(Lq / block_q), math.ceil(Lk / block_k))
+    if rows == "full":
+        lm = torch.ones(shape, dtype=torch.int8)
+    elif rows == "pooled":  # no pair at level 1
+        lm = LEVELS[torch.randint(2, 5, shape, generator=g)]
+    elif rows == "empty":
+        lm = torch.zeros(shape, dtype=torch.int8)
+    else:  # random levels, plus one empty row and one full row per map
+        lm = LEVELS[torch.randint(0, 5, shape, generator=g)]
+        lm[:, 0, 0] = 0
+        lm[:, -1, -1] = 1
+    return q, k, v, lm.to(DEVICE), pad
+
+
+def check(seed, causal, block_q, block_k, **shape):
+    q, k, v, lm, pad = make_case(seed, block_q=block_q, block_k=block_k, **shape)
+    kw = dict(causal=causal, block_q=block_q, block_k=block_k, key_padding_mask=pad)
+    out = psa_attention_triton(q, k, v, lm, **kw)
+    ref = reference.psa_attention(q.double(), k.double(), v.double(), lm, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), f"seed {seed}"
+    err = rel_err(out, ref)
+    if ref.norm() == 0:
+        assert out.abs().max() == 0, f"seed {seed}"
+    else:
+        assert err < TOL, f"seed {seed}: relative error {err:.2e}"
+    return out, ref
+
+
+@pytest.mark.parametrize("block_k", [32, 64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("ratio", [1, 2, 7])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_matrix_against_reference(causal, ratio, D, block_k):
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    block_q = rnd.choice([64, 128])
+    Lk = rnd.randrange(2 * block_k + 1, 4 * block_k) | 1  # odd: never a block multiple
+    Lq = rnd.randrange(block_q // 2, Lk) if causal else rnd.randrange(block_q + 1, 2 * block_q + 40) | 1
+    heads = rnd.choice([ratio, 1])  # level map per query head or per kv head
+    check(seed, causal, block_q, block_k, B=2, Hq=ratio, Hkv=1, Lq=Lq, Lk=Lk, D=D, padded=True, heads=heads)
+
+
+@pytest.mark.parametrize("rows", ["full", "pooled", "empty"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_full_pooled_and_empty_maps(causal, rows):
+    seed = fresh_seed()
+    out, ref = check(seed, causal, 64, 32, B=2, Hq=4, Hkv=2, Lq=90, Lk=131, D=64, padded=True, rows=rows)
+    if rows == "empty":
+        assert torch.all(out == 0)
+    if rows == "full":  # all pairs at level 1 is dense attention
+        q, k, v, _, pad = make_case(seed, B=2, Hq=4, Hkv=2, Lq=90, Lk=131, D=64, block_q=64, block_k=32,
+                                    padded=True)
+        dense = psa_kernels.dense_attention(q, k, v, causal=causal, key_padding_mask=pad)
+        assert rel_err(out, dense) < TOL
+
+
+def test_rows_with_no_visible_key_are_zero():
+    seed = fresh_seed()
+    q, k, v, _, _ = make_case(seed, B=2, Hq=2, Hkv=1, Lq=64, Lk=64, D=32, block_q=64, block_k=32, padded=False)
+    pad = torch.ones(2, 64, dtype=torch.bool, device=DEVICE)
+    pad[0, :40] = False  # causal rows 0..39 of sequence 0 see only padding
+    lm = torch.ones(2, 2, 1, 2, dtype=torch.int8, device=DEVICE)
+    out = psa_attention_triton(q, k, v, lm, causal=True, block_q=64, block_k=32, key_padding_mask=pad)
+    assert torch.isfinite(out).all() and torch.all(out[0, :, :40] == 0) and out[0, :, 40:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    seed = fresh_seed()
+    q, k, v, lm, pad = make_case(seed, B=1, Hq=4, Hkv=2, Lq=100, Lk=150, D=80, block_q=64, block_k=32,
+                                 padded=True, dtype=dtype)
+    kw = dict(causal=True, block_q=64, block_k=32, key_padding_mask=pad)
+    out = psa_kernels.psa_attention(q, k, v, lm, **kw)
+    ref = reference.psa_attention(q.double(), k.double(), v.double(), lm, **kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2, f"seed {seed}"
+
+
+def test_public_entry_point_dispatches_to_the_kernel(monkeypatch):
+    import psa_kernels.attention as attention
+
+    calls = []
+    real = attention.psa_attention_triton
+    monkeypatch.setattr(attention, "psa_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, lm, _ = make_case(fresh_seed(), B=1, Hq=2, Hkv=1, Lq=40, Lk=40, D=32, block_q=64, block_k=32,
+                               padded=False)
+    psa_kernels.psa_attention(q, k, v, lm, block_q=64, block_k=32)
+    assert calls == [1]
+    psa_kernels.psa_attention(q.double(), k.double(), v.double(), lm, block_q=64, block_k=32)  # fp64: reference
+    assert calls == [1]
+    # A LevelMap is accepted as well as the dense map.
+    compact = LevelMap.from_dense(lm, block_q=64, block_k=32)
+    assert torch.equal(psa_kernels.psa_attention(q, k, v, compact, block_q=64, block_k=32),
+                       psa_kernels.psa_attention(q, k, v, lm, block_q=64, block_k=32))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    causal=st.booleans(),
+    hkv=st.integers(1, 2),
+    ratio=st.sampled_from([1, 2, 7]),
+    D=st.sampled_from([32, 48, 64, 80, 96, 128]),
+    block_q=st.sampled_from([16, 32, 64]),
+    block_k=st.sampled_from([8, 16, 32, 64, 128]),
+    Lk=st.integers(1, 260),
+    frac=st.floats(0.05, 1.0),
+    padded=st.booleans(),
+    per_kv=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random_shapes_and_maps(causal, hkv, ratio, D, block_q, block_k, Lk, frac, padded, per_kv, seed):
+    Lq = max(1, int(Lk * frac)) if causal else max(1, int(260 * frac))
+    check(seed, causal, block_q, block_k, B=2, Hq=hkv * ratio, Hkv=hkv, Lq=Lq, Lk=Lk, D=D, padded=padded,
+          heads=hkv if per_kv else hkv * ratio)
+
+
+def test_pyramid_kernel_matches_reference():
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(2, 3, 203, 80, generator=g).to(DEVICE)
+    v = torch.randn(2, 3, 203, 80, generator=g).to(DEVICE)
+    pad = torch.ones(2, 203, dtype=torch.bool, device=DEVICE)
+    pad[1, :45] = False
+    got = psa_kernels.build_pyramid(k, v, pad)
+    want = reference.build_pyramid(k, v, pad)
+    for p in (1, 2, 4, 8):
+        assert torch.equal(got[p].counts.long(), want[p].counts.long()), (p, seed)
+        assert torch.equal(got[p].last.long(), want[p].last.long()), (p, seed)
+        used = (want[p].counts > 0)[:, None, :, None]  # groups with no valid token are never read
+        assert rel_err(got[p].keys * used, want[p].keys * used) < 1e-6, (p, seed)
+        assert rel_err(got[p].values * used, want[p].values * used) < 1e-6, (p, seed)
+
+
+def test_level_map_layout_round_trips_and_groups_by_level():
+    g = torch.Generator().manual_seed(fresh_seed())
+    lm = LEVELS[torch.randint(0, 5, (2, 3, 4, 9), generator=g)]
+    layout = LevelMap.from_dense(lm, block_q=64, block_k=32)
+    assert torch.equal(layout.to_dense(), lm)
+    for r, p in enumerate((1, 2, 4, 8)):
+        assert torch.equal(layout.counts[..., r].long(), (lm == p).sum(-1))
+    # Row (0, 0, 0): level lists in order 1, 2, 4, 8, ascending inside each.
+    row = lm[0, 0, 0]
+    expected = [j for p in (1, 2, 4, 8) for j in range(9) if row[j] == p]
+    assert layout.indices[0, 0, 0, : len(expected)].tolist() == expected
