@@ -59,28 +59,39 @@ def _pyramid_kernel(
     w = valid.to(tl.float32)
     pos = tl.where(valid, offs_t, -1)
 
-    base = 0
-    for level in tl.static_range(1, 4):
-        P: tl.constexpr = 1 << level
-        GT: tl.constexpr = BLOCK_T // P
-        n_groups = (Lk + P - 1) // P
-        cnt = tl.sum(tl.reshape(w, (GT, P)), axis=1)
-        last = tl.max(tl.reshape(pos, (GT, P)), axis=1)
-        denom = tl.maximum(cnt, 1.0)[:, None]
-        kp = tl.sum(tl.reshape(k, (GT, P, BLOCK_D)), axis=1) / denom
-        vp = tl.sum(tl.reshape(v, (GT, P, BLOCK_D)), axis=1) / denom
-        g = pid_t * GT + tl.arange(0, GT)
-        gmask = g < n_groups
-        rows = base + g
-        out_mask = gmask[:, None] & (offs_d < HEAD_DIM)[None, :]
-        dst = b * stride_pb + h * stride_ph + rows[:, None] * stride_pn + offs_d[None, :]
-        tl.store(KP + dst, kp.to(KP.dtype.element_ty), mask=out_mask)
-        tl.store(VP + dst, vp.to(VP.dtype.element_ty), mask=out_mask)
-        # Counts depend on the batch row only: the first head writes them.
-        head0 = gmask & (h == 0)
-        tl.store(CNT + b * stride_cb + rows, cnt.to(tl.int32), mask=head0)
-        tl.store(LAST + b * stride_cb + rows, last.to(tl.int32), mask=head0)
-        base += n_groups
+    n2 = (Lk + 1) // 2
+    n4 = (Lk + 3) // 4
+    _pool_level(k, v, w, pos, KP, VP, CNT, LAST, b, h, pid_t, 0, n2, stride_pb, stride_ph, stride_pn, stride_cb,
+                2, HEAD_DIM, BLOCK_D, BLOCK_T)
+    _pool_level(k, v, w, pos, KP, VP, CNT, LAST, b, h, pid_t, n2, n4, stride_pb, stride_ph, stride_pn, stride_cb,
+                4, HEAD_DIM, BLOCK_D, BLOCK_T)
+    _pool_level(k, v, w, pos, KP, VP, CNT, LAST, b, h, pid_t, n2 + n4, (Lk + 7) // 8, stride_pb, stride_ph,
+                stride_pn, stride_cb, 8, HEAD_DIM, BLOCK_D, BLOCK_T)
+
+
+@triton.jit
+def _pool_level(k, v, w, pos, KP, VP, CNT, LAST, b, h, pid_t, base, n_groups,
+                stride_pb, stride_ph, stride_pn, stride_cb,
+                P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Means over groups of P tokens of one tile, written at rows ``base + group`` of the level."""
+    GT: tl.constexpr = BLOCK_T // P
+    offs_d = tl.arange(0, BLOCK_D)
+    cnt = tl.sum(tl.reshape(w, (GT, P)), axis=1)
+    last = tl.max(tl.reshape(pos, (GT, P)), axis=1)
+    denom = tl.maximum(cnt, 1.0)[:, None]
+    kp = tl.sum(tl.reshape(k, (GT, P, BLOCK_D)), axis=1) / denom
+    vp = tl.sum(tl.reshape(v, (GT, P, BLOCK_D)), axis=1) / denom
+    g = pid_t * GT + tl.arange(0, GT)
+    gmask = g < n_groups
+    rows = base + g
+    out_mask = gmask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    dst = b * stride_pb + h * stride_ph + rows[:, None] * stride_pn + offs_d[None, :]
+    tl.store(KP + dst, kp.to(KP.dtype.element_ty), mask=out_mask)
+    tl.store(VP + dst, vp.to(VP.dtype.element_ty), mask=out_mask)
+    # Counts depend on the batch row only: the first head writes them.
+    head0 = gmask & (h == 0)
+    tl.store(CNT + b * stride_cb + rows, cnt.to(tl.int32), mask=head0)
+    tl.store(LAST + b * stride_cb + rows, last.to(tl.int32), mask=head0)
 
 
 def pyramid_layout(k_len: int) -> tuple[dict, dict, int]:

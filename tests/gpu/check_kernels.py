@@ -1,0 +1,256 @@
+"""GPU check of the Triton PSA kernels at real sizes (run on a CUDA machine, not collected by pytest).
+
+    python tests/gpu/check_kernels.py [--out DIR] [--quick]
+
+1. Kernels vs the fp32 reference (``psa_kernels.reference``) on fresh random inputs: causal
+   prefill with the Qwen2.5-VL-7B text shape (28/4 heads, D=128, bf16) up to 32k tokens, with
+   level maps from the mask generator on video-like inputs and random ones; chunked prefill
+   (Lq < Lk); a left-padded batch; the vision-tower shape (16/16 heads, D=80, bidirectional);
+   other head dims. Pass: relative error < 1e-2, no NaN/Inf.
+2. Memory: peak GPU memory of one PSA call at 32k tokens vs the dense SDPA call (< 1.3x).
+3. Kernel times vs dense SDPA (informative; benchmarks/ holds the real benchmark).
+4. The tiny Qwen2.5-VL end to end on the GPU: "psa" with the dense preset vs "sdpa".
+
+Prints a table and writes ``check_kernels.json`` to ``--out`` (default: $OUT or the cwd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import psa_kernels
+from psa_kernels import reference
+
+LEVELS = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+
+
+def video_like(B, H, L, D, seed, device):
+    """Smooth spatio-temporal token field + noise (what makes pooling and sparsity realistic)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = torch.arange(L, dtype=torch.float32)
+    freqs = torch.rand(8, generator=g) * 0.02 + 0.001
+    phases = torch.rand(8, generator=g) * 6.28
+    field = torch.sin(t[:, None] * freqs[None, :] + phases[None, :])  # [L, 8]
+    basis = torch.randn(H, 8, D, generator=g)
+    x = torch.einsum("lf,hfd->hld", field, basis)[None].expand(B, H, L, D).clone()
+    x += 0.3 * torch.randn(B, H, L, D, generator=g)
+    return x.to(device)
+
+
+def random_map(B, H, nq, nk, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    lm = LEVELS[torch.randint(0, 5, (B, H, nq, nk), generator=g)]
+    lm[..., 0] = 1
+    return lm.to(device)
+
+
+def accuracy_case(name, *, B, Hq, Hkv, Lq, Lk, D, causal, block_q=128, block_k=128, padded=False,
+                  mask="generated", seed=0, dtype=torch.bfloat16, device="cuda"):
+    torch.manual_seed(seed)
+    if mask == "generated":
+        q = video_like(B, Hq, Lq, D, seed, device)
+        k = video_like(B, Hkv, Lk, D, seed + 1, device)
+        v = torch.randn(B, Hkv, Lk, D, device=device)
+    else:
+        q, k, v = (torch.randn(B, h, L, D, device=device) for h, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    pad = None
+    if padded:
+        pad = torch.ones(B, Lk, dtype=torch.bool, device=device)
+        pad[0, : Lk // 3] = False
+    nq, nk = math.ceil(Lq / block_q), math.ceil(Lk / block_k)
+    if mask == "generated":
+        lm = reference.build_level_map(q, k, causal=causal, block_q=block_q, block_k=block_k, key_padding_mask=pad,
+                                       thresholds=(0.5, 0.7, 0.85, 0.95), similarity=(0.6, 0.5, 0.5))
+    else:
+        lm = random_map(B, Hq, nq, nk, seed, device)
+    kw = dict(causal=causal, block_q=block_q, block_k=block_k, key_padding_mask=pad)
+    out = psa_kernels.psa_attention(q, k, v, lm, **kw)
+    torch.cuda.synchronize()
+    ref = reference.psa_attention(q.float(), k.float(), v.float(), lm, **kw)
+    finite = bool(torch.isfinite(out).all())
+    err = rel_err(out, ref)
+    sp = psa_kernels.sparsity(lm, q_len=Lq, k_len=Lk, **{k_: kw[k_] for k_ in ("causal", "block_q", "block_k",
+                                                                               "key_padding_mask")}).mean().item()
+    levels = {int(p): round((lm == p).float().mean().item(), 3) for p in (0, 1, 2, 4, 8)}
+    ok = finite and err < 1e-2
+    return dict(case=name, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, causal=causal, block_q=block_q, block_k=block_k,
+                padded=padded, mask=mask, dtype=str(dtype), rel_err=err, finite=finite, sparsity=sp,
+                level_shares=levels, ok=ok)
+
+
+def dense_map_vs_sdpa(L=8192, device="cuda"):
+    """All pairs at level 1 must be dense attention: compare with torch SDPA directly."""
+    q = torch.randn(1, 28, L, 128, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, 4, L, 128, device=device, dtype=torch.bfloat16)
+    v = torch.randn(1, 4, L, 128, device=device, dtype=torch.bfloat16)
+    lm = torch.ones(1, 4, L // 128, L // 128, dtype=torch.int8, device=device)
+    out = psa_kernels.psa_attention(q, k, v, lm, causal=True)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    err = rel_err(out, ref)
+    return dict(case="all level 1 vs SDPA (fp32)", L=L, rel_err=err, ok=err < 1e-2 and bool(torch.isfinite(out).all()))
+
+
+def peak_memory(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(), base
+
+
+def memory_check(L=32768, device="cuda"):
+    Hq, Hkv, D, bq, bk = 28, 4, 128, 128, 128
+    q = torch.randn(1, Hq, L, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, Hkv, L, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(1, Hkv, L, D, device=device, dtype=torch.bfloat16)
+    lm = random_map(1, Hq, L // bq, L // bk, 0, device)
+    dense_peak, base = peak_memory(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    psa_peak, _ = peak_memory(lambda: psa_kernels.psa_attention(q, k, v, lm, causal=True, block_q=bq, block_k=bk))
+    ratio = psa_peak / dense_peak
+    return dict(L=L, inputs_mb=base / 2**20, dense_peak_mb=dense_peak / 2**20, psa_peak_mb=psa_peak / 2**20,
+                ratio=ratio, ok=ratio < 1.3)
+
+
+def timing(L, density_levels, device="cuda"):
+    from triton.testing import do_bench
+
+    Hq, Hkv, D, bq, bk = 28, 4, 128, 128, 128
+    q = torch.randn(1, Hq, L, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, Hkv, L, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(1, Hkv, L, D, device=device, dtype=torch.bfloat16)
+    dense_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                        warmup=25, rep=100, return_mode="median")
+    nq = nk = L // bq
+    rows = []
+    for name, lm in density_levels(nq, nk):
+        lm = lm.to(device)
+        ms = do_bench(lambda: psa_kernels.psa_attention(q, k, v, lm, causal=True, block_q=bq, block_k=bk),
+                      warmup=25, rep=100, return_mode="median")
+        sp = psa_kernels.sparsity(lm, causal=True, q_len=L, k_len=L, block_q=bq, block_k=bk).mean().item()
+        rows.append(dict(L=L, map=name, sparsity=sp, psa_ms=ms, dense_ms=dense_ms, ratio=ms / dense_ms))
+    return rows
+
+
+def maps_for_timing(nq, nk):
+    full = torch.ones(1, 28, nq, nk, dtype=torch.int8)
+    yield "all level 1", full
+    g = torch.Generator().manual_seed(0)
+    # Paper-like mix: ~10% level 1, 10% level 2, 10% level 4, 20% level 8, rest skipped (+ sink/diagonal).
+    u = torch.rand(1, 28, nq, nk, generator=g)
+    mix = torch.where(u < 0.1, 1, torch.where(u < 0.2, 2, torch.where(u < 0.3, 4, torch.where(u < 0.5, 8, 0))))
+    mix = mix.to(torch.int8)
+    mix[..., 0] = 1
+    idx = torch.arange(nq)
+    mix[..., idx, idx] = 1
+    yield "mixed pyramid", mix
+    binary = (u < 0.2).to(torch.int8)
+    binary[..., 0] = 1
+    binary[..., idx, idx] = 1
+    yield "binary 20%", binary
+
+
+def tiny_model_check(device="cuda"):
+    import psa_vlm
+    from psa_vlm import testing
+
+    processor = testing.build_tiny_processor()
+    frames = testing.make_video_frames(16, 224, 224, seed=0)
+    inputs = testing.video_inputs(processor, [frames, frames], ["What colour is the square?",
+                                                               "Where does the disc go at the end?"],
+                                  max_pixels=224 * 224).to(device)
+    results = {}
+    for attn in ("sdpa", "psa"):
+        model = testing.build_tiny_model(seed=0, attn_implementation=attn).to(device)
+        if attn == "psa":
+            psa_vlm.configure(model, "dense", block_q=64, block_k=32, min_seq_len=0)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        results[attn] = (logits, tokens, model)
+    mask = inputs["attention_mask"].bool()
+    diff = (results["psa"][0][mask] - results["sdpa"][0][mask]).abs().max().item()
+    same = bool(torch.equal(results["psa"][1], results["sdpa"][1]))
+    psa_calls = sum(s.psa_calls for s in psa_vlm.stats(results["psa"][2]))
+    return dict(max_logit_diff=diff, tokens_identical=same, psa_calls=psa_calls, ok=diff < 1e-3 and same
+                and psa_calls > 0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for check_kernels.json")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("check_kernels.py needs a CUDA GPU")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    t0 = time.time()
+    big = 8192 if args.quick else 32768
+    cases = [
+        ("causal 28/4 D128 generated", dict(B=1, Hq=28, Hkv=4, Lq=8192, Lk=8192, D=128, causal=True)),
+        ("causal 28/4 D128 random", dict(B=1, Hq=28, Hkv=4, Lq=big, Lk=big, D=128, causal=True, mask="random")),
+        ("causal 28/4 D128 generated 32k", dict(B=1, Hq=28, Hkv=4, Lq=big, Lk=big, D=128, causal=True)),
+        ("chunked prefill Lq<Lk", dict(B=1, Hq=28, Hkv=4, Lq=4000, Lk=big - 77, D=128, causal=True)),
+        ("left-padded batch 2", dict(B=2, Hq=28, Hkv=4, Lq=8000, Lk=8000, D=128, causal=True, padded=True)),
+        ("vision 16/16 D80 bidir", dict(B=1, Hq=16, Hkv=16, Lq=16384, Lk=16384, D=80, causal=False)),
+        ("vision D80 block_k 32", dict(B=1, Hq=16, Hkv=16, Lq=4100, Lk=4100, D=80, causal=False, block_k=32,
+                                       block_q=64, mask="random")),
+        ("D64 block_k 64 fp16", dict(B=1, Hq=14, Hkv=2, Lq=5000, Lk=5000, D=64, causal=True, block_k=64,
+                                     dtype=torch.float16, mask="random")),
+        ("D256 GQA 7", dict(B=1, Hq=14, Hkv=2, Lq=3000, Lk=3000, D=256, causal=True, mask="random")),
+        ("fp32 causal D128 16-multiple", dict(B=1, Hq=8, Hkv=2, Lq=4096, Lk=4096, D=128, causal=True,
+                                              dtype=torch.float32, mask="random")),
+    ]
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "accuracy": [], "memory": None,
+              "timing": [], "tiny_model": None}
+    print(f"\n{'case':34s} {'Lq':>6s} {'Lk':>6s} {'sparsity':>8s} {'rel_err':>9s}  ok")
+    for i, (name, kw) in enumerate(cases):
+        r = accuracy_case(name, seed=i, **kw)
+        report["accuracy"].append(r)
+        print(f"{name:34s} {r['Lq']:6d} {r['Lk']:6d} {r['sparsity']:8.3f} {r['rel_err']:9.2e}  {r['ok']}",
+              flush=True)
+        torch.cuda.empty_cache()
+    dense = dense_map_vs_sdpa()
+    report["dense_vs_sdpa"] = dense
+    print(f"{dense['case']:34s} {dense['L']:6d} {dense['L']:6d} {0.0:8.3f} {dense['rel_err']:9.2e}  {dense['ok']}")
+    mem = memory_check(big)
+    report["memory"] = mem
+    print(f"\nmemory at {mem['L']} tokens: inputs {mem['inputs_mb']:.0f} MB, dense SDPA peak {mem['dense_peak_mb']:.0f} "
+          f"MB, PSA peak {mem['psa_peak_mb']:.0f} MB, ratio {mem['ratio']:.3f} (< 1.3: {mem['ok']})", flush=True)
+    print(f"\n{'L':>6s} {'map':16s} {'sparsity':>8s} {'psa ms':>8s} {'sdpa ms':>8s} {'ratio':>6s}")
+    for L in ([8192] if args.quick else [16384, 32768]):
+        for r in timing(L, maps_for_timing):
+            report["timing"].append(r)
+            print(f"{r['L']:6d} {r['map']:16s} {r['sparsity']:8.3f} {r['psa_ms']:8.2f} {r['dense_ms']:8.2f} "
+                  f"{r['ratio']:6.2f}", flush=True)
+        torch.cuda.empty_cache()
+    try:
+        report["tiny_model"] = tiny_model_check()
+    except ImportError as err:  # qwen-vl-utils missing on the machine
+        report["tiny_model"] = {"ok": False, "error": str(err)}
+    print(f"\ntiny model on GPU, dense preset vs sdpa: {report['tiny_model']}")
+    ok = all(r["ok"] for r in report["accuracy"]) and dense["ok"] and mem["ok"] and report["tiny_model"]["ok"]
+    report["all_ok"] = ok
+    report["seconds"] = time.time() - t0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "check_kernels.json").write_text(json.dumps(report, indent=1))
+    print(f"\nALL OK: {ok}  ({report['seconds']:.0f} s)")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
