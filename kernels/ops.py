@@ -4,7 +4,8 @@ Each dispatches between the Triton kernels and the dense reference:
 
 - Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
   interpreter; how CI checks kernel logic without a GPU), for fp16/bf16/fp32 inputs with
-  ``head_dim <= 256``, a power-of-two ``block_q`` in 16..256 and ``block_k`` a multiple of 8.
+  ``head_dim <= 256`` and a multiple of 8 (of 4 in fp32), a power-of-two ``block_q`` in
+  16..256 and ``block_k`` a multiple of 8.
 - :mod:`psa_kernels.reference` for everything else (fp64, other devices, Triton missing).
 """
 
@@ -75,6 +76,7 @@ def _use_triton(q: torch.Tensor, block_q: int, block_k: int) -> bool:
         kernels_available(q.device)
         and q.dtype in _TRITON_DTYPES
         and q.shape[-1] <= 256
+        and q.shape[-1] * q.element_size() % 16 == 0  # rows of whole 16-byte units (TMA tiles)
         and 16 <= block_q <= 256
         and block_q & (block_q - 1) == 0
         and block_k % 8 == 0
