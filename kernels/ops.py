@@ -12,6 +12,7 @@ Each dispatches between the Triton kernels and the dense reference:
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -22,7 +23,6 @@ from .reference import (
     PyramidLevel,
     assign_levels,
     block_visibility,
-    build_level_map,
     dense_attention,
     density,
     forced_full_blocks,
@@ -35,6 +35,7 @@ __all__ = [
     "LEVEL_VALUES",
     "POOL_FACTORS",
     "LevelMap",
+    "antidiagonal_importance",
     "assign_levels",
     "block_visibility",
     "build_level_map",
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+logger = logging.getLogger("psa_kernels")
+_warned: set[str] = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,6 +118,50 @@ def psa_attention(
                                     block_k=block_k, key_padding_mask=key_padding_mask)
     return reference.psa_attention(q, k, v, dense_map, causal=causal, scale=scale, block_q=block_q,
                                    block_k=block_k, key_padding_mask=key_padding_mask)
+
+
+def antidiagonal_importance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    stride: int = 8,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block importance ``[B, Hq, nq, nk]`` by antidiagonal scoring (XAttention), streamed in a
+    Triton kernel where kernels serve (never materialising the ``(L/s)^2`` scores); semantics:
+    :func:`psa_kernels.reference.antidiagonal_importance`."""
+    check_qkv(q, k, k)
+    if block_q % stride or block_k % stride:
+        raise ValueError(f"stride {stride} must divide block_q ({block_q}) and block_k ({block_k})")
+    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], k.device)
+    if _use_triton(q, block_q, block_k) and stride & (stride - 1) == 0 and block_k // stride <= 64:
+        from triton.runtime.errors import OutOfResources
+
+        from .importance import antidiagonal_importance_triton
+
+        try:
+            return antidiagonal_importance_triton(q, k, causal=causal, scale=scale, block_q=block_q,
+                                                  block_k=block_k, stride=stride, key_padding_mask=key_padding_mask)
+        except OutOfResources as err:  # a GPU with less shared memory than the launch asks for
+            if "importance" not in _warned:
+                _warned.add("importance")
+                logger.warning("antidiagonal importance kernel does not fit this GPU (%s); using the reference", err)
+    return reference.antidiagonal_importance(q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
+                                             stride=stride, key_padding_mask=key_padding_mask)
+
+
+def build_level_map(q: torch.Tensor, k: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The mask generator (PSA_SEMANTICS.md section 7): an ``int8`` level map ``[B, Hm, nq, nk]``.
+
+    Keyword arguments as :func:`psa_kernels.reference.build_level_map`. The importance step runs
+    in Triton where kernels serve; level assignment, the similarity cap and the forced blocks are
+    batched tensor ops on the inputs' device, with no host synchronisation.
+    """
+    return reference.build_level_map(q, k, antidiagonal=antidiagonal_importance, **kwargs)
 
 
 def build_pyramid(

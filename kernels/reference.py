@@ -538,6 +538,7 @@ def build_level_map(
     share_kv_group: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    antidiagonal=None,
 ) -> torch.Tensor:
     """The full mask generator of section 7: an ``int8`` level map ``[B, Hm, nq, nk]``.
 
@@ -546,6 +547,7 @@ def build_level_map(
     forced level-1 blocks (sink, diagonal, text), and at least ``ceil(min_full_fraction * n)``
     level-1 blocks per row of ``n`` visible blocks. ``Hm`` is Hkv when ``share_kv_group`` (the
     importance of a GQA group is summed), else Hq. ``mode='dense'`` gives every visible pair level 1.
+    ``antidiagonal`` replaces the importance function (same signature), e.g. by a kernel.
     """
     check_qkv(q, k, k)
     check_block_sizes(block_q, block_k)
@@ -561,7 +563,8 @@ def build_level_map(
         return visible.expand(B, Hm, -1, -1).to(torch.int8)
 
     if estimator == "antidiagonal":
-        scores = antidiagonal_importance(
+        # ``antidiagonal``: another implementation of antidiagonal_importance (the Triton one).
+        scores = (antidiagonal or antidiagonal_importance)(
             q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k, stride=stride,
             key_padding_mask=key_padding_mask,
         )

@@ -7,7 +7,8 @@
    level maps from the mask generator on video-like inputs and random ones; chunked prefill
    (Lq < Lk); a left-padded batch; the vision-tower shape (16/16 heads, D=80, bidirectional);
    other head dims. Pass: relative error < 1e-2, no NaN/Inf.
-2. Memory: peak GPU memory of one PSA call at 32k tokens vs the dense SDPA call (< 1.3x).
+2. The streamed antidiagonal importance kernel vs the reference (and its time vs dense SDPA).
+   Memory: peak GPU memory of one PSA call at 32k tokens vs the dense SDPA call (< 1.3x).
 3. Kernel times vs dense SDPA (informative; benchmarks/ holds the real benchmark).
 4. The tiny Qwen2.5-VL end to end on the GPU: "psa" with the dense preset vs "sdpa".
 
@@ -102,6 +103,30 @@ def dense_map_vs_sdpa(L=8192, device="cuda"):
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
     err = rel_err(out, ref)
     return dict(case="all level 1 vs SDPA (fp32)", L=L, rel_err=err, ok=err < 1e-2 and bool(torch.isfinite(out).all()))
+
+
+def importance_check(L, device="cuda"):
+    """The streamed antidiagonal kernel vs the reference, and its time vs dense SDPA."""
+    from triton.testing import do_bench
+
+    from psa_kernels.importance import antidiagonal_importance_triton
+
+    q = video_like(1, 28, L, 128, 7, device).to(torch.bfloat16)
+    k = video_like(1, 4, L, 128, 8, device).to(torch.bfloat16)
+    v = torch.randn_like(k)
+    dense_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                        warmup=25, rep=100, return_mode="median")
+    rows = []
+    for stride in (8, 16):
+        got = antidiagonal_importance_triton(q, k, causal=True, stride=stride)
+        want = reference.antidiagonal_importance(q.float(), k.float(), causal=True, stride=stride) if L <= 16384 \
+            else None
+        err = rel_err(got, want) if want is not None else float("nan")
+        ms = do_bench(lambda: antidiagonal_importance_triton(q, k, causal=True, stride=stride), warmup=10, rep=50,
+                      return_mode="median")
+        rows.append(dict(L=L, stride=stride, rel_err=err, ms=ms, dense_ms=dense_ms, ratio=ms / dense_ms,
+                         ok=(want is None or err < 1e-2) and bool(torch.isfinite(got).all())))
+    return rows
 
 
 def peak_memory(fn):
@@ -202,7 +227,8 @@ def main():
     big = 8192 if args.quick else 32768
     cases = [
         ("causal 28/4 D128 generated", dict(B=1, Hq=28, Hkv=4, Lq=8192, Lk=8192, D=128, causal=True)),
-        ("causal 28/4 D128 random", dict(B=1, Hq=28, Hkv=4, Lq=big, Lk=big, D=128, causal=True, mask="random")),
+        ("causal 28/4 D128 random 16k", dict(B=1, Hq=28, Hkv=4, Lq=16384, Lk=16384, D=128, causal=True,
+                                             mask="random")),
         ("causal 28/4 D128 generated 32k", dict(B=1, Hq=28, Hkv=4, Lq=big, Lk=big, D=128, causal=True)),
         ("chunked prefill Lq<Lk", dict(B=1, Hq=28, Hkv=4, Lq=4000, Lk=big - 77, D=128, causal=True)),
         ("left-padded batch 2", dict(B=2, Hq=28, Hkv=4, Lq=8000, Lk=8000, D=128, causal=True, padded=True)),
@@ -227,6 +253,13 @@ def main():
     dense = dense_map_vs_sdpa()
     report["dense_vs_sdpa"] = dense
     print(f"{dense['case']:34s} {dense['L']:6d} {dense['L']:6d} {0.0:8.3f} {dense['rel_err']:9.2e}  {dense['ok']}")
+    report["importance"] = []
+    print(f"\n{'antidiagonal importance':24s} {'L':>6s} {'stride':>6s} {'rel_err':>9s} {'ms':>7s} {'x sdpa':>7s}")
+    for L in ([8192] if args.quick else [16384, 32768]):
+        for r in importance_check(L):
+            report["importance"].append(r)
+            print(f"{'':24s} {r['L']:6d} {r['stride']:6d} {r['rel_err']:9.2e} {r['ms']:7.2f} {r['ratio']:7.2f}"
+                  f"  {r['ok']}", flush=True)
     mem = memory_check(big)
     report["memory"] = mem
     print(f"\nmemory at {mem['L']} tokens: inputs {mem['inputs_mb']:.0f} MB, dense SDPA peak {mem['dense_peak_mb']:.0f} "
@@ -243,7 +276,8 @@ def main():
     except ImportError as err:  # qwen-vl-utils missing on the machine
         report["tiny_model"] = {"ok": False, "error": str(err)}
     print(f"\ntiny model on GPU, dense preset vs sdpa: {report['tiny_model']}")
-    ok = all(r["ok"] for r in report["accuracy"]) and dense["ok"] and mem["ok"] and report["tiny_model"]["ok"]
+    ok = (all(r["ok"] for r in report["accuracy"] + report["importance"]) and dense["ok"] and mem["ok"]
+          and report["tiny_model"]["ok"])
     report["all_ok"] = ok
     report["seconds"] = time.time() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)
