@@ -212,7 +212,7 @@ def test_antidiagonal_importance_kernel_matches_reference(causal, stride):
     rnd = random.Random(seed)
     block_q, block_k = rnd.choice([64, 128]), rnd.choice([32, 64, 128])
     Lk = rnd.randrange(block_k + 1, 3 * block_k + 50)
-    Lq = rnd.randrange(block_q // 2, Lk + 1) if causal else rnd.randrange(20, 300)
+    Lq = rnd.randrange(min(block_q // 2, Lk), Lk + 1) if causal else rnd.randrange(20, 300)
     ratio = rnd.choice([1, 2, 7])
     q, k, _, _, pad = make_case(seed, B=2, Hq=ratio, Hkv=1, Lq=Lq, Lk=Lk, D=rnd.choice([64, 80]), block_q=block_q,
                                 block_k=block_k, padded=rnd.random() < 0.5)
