@@ -42,27 +42,28 @@ def _plain_flash(Q, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, L,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start in range(0, pid_m * BLOCK_M, BLOCK_N):  # off-diagonal tiles: no mask
-        k = K_DESC.load([b, hk, start, 0]).reshape(BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = V_DESC.load([b, hk, start, 0]).reshape(BLOCK_N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _plain_step(q, K_DESC, V_DESC, b, hk, start, offs_m, acc, m_i, l_i, qk_scale,
+                                    False, BLOCK_N, D)
     for start in range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, BLOCK_N):  # diagonal tiles
-        k = K_DESC.load([b, hk, start, 0]).reshape(BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(offs_m[:, None] >= (start + tl.arange(0, BLOCK_N))[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = V_DESC.load([b, hk, start, 0]).reshape(BLOCK_N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _plain_step(q, K_DESC, V_DESC, b, hk, start, offs_m, acc, m_i, l_i, qk_scale,
+                                    True, BLOCK_N, D)
     tl.store(OUT + bh * L * D + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(tl.bfloat16))
+
+
+@triton.jit
+def _plain_step(q, K_DESC, V_DESC, b, hk, start, offs_m, acc, m_i, l_i, qk_scale,
+                CAUSAL_MASK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    k = K_DESC.load([b, hk, start, 0]).reshape(BLOCK_N, D)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if CAUSAL_MASK:
+        s = tl.where(offs_m[:, None] >= (start + tl.arange(0, BLOCK_N))[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = V_DESC.load([b, hk, start, 0]).reshape(BLOCK_N, D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
 
 
 def plain_flash(q, k, v, block_n=64, num_warps=8, num_stages=3):
