@@ -539,6 +539,7 @@ def build_level_map(
     key_padding_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     antidiagonal=None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full mask generator of section 7: an ``int8`` level map ``[B, Hm, nq, nk]``.
 
@@ -547,7 +548,8 @@ def build_level_map(
     forced level-1 blocks (sink, diagonal, text), and at least ``ceil(min_full_fraction * n)``
     level-1 blocks per row of ``n`` visible blocks. ``Hm`` is Hkv when ``share_kv_group`` (the
     importance of a GQA group is summed), else Hq. ``mode='dense'`` gives every visible pair level 1.
-    ``antidiagonal`` replaces the importance function (same signature), e.g. by a kernel.
+    ``antidiagonal`` replaces the importance function (same signature), e.g. by a kernel;
+    ``scores [B, Hq, nq, nk]`` skips the estimate altogether (already computed importance).
     """
     check_qkv(q, k, k)
     check_block_sizes(block_q, block_k)
@@ -562,7 +564,11 @@ def build_level_map(
     if mode == "dense":
         return visible.expand(B, Hm, -1, -1).to(torch.int8)
 
-    if estimator == "antidiagonal":
+    if scores is not None:
+        if tuple(scores.shape) != (B, Hq, *visible.shape[-2:]):
+            raise ValueError(f"scores must have shape [B, Hq, nq, nk] = {(B, Hq, *visible.shape[-2:])}, "
+                             f"got {tuple(scores.shape)}")
+    elif estimator == "antidiagonal":
         # ``antidiagonal``: another implementation of antidiagonal_importance (the Triton one).
         scores = (antidiagonal or antidiagonal_importance)(
             q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k, stride=stride,

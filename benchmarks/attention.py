@@ -1,0 +1,331 @@
+"""Attention benchmark: dense SDPA vs FlexAttention block-sparse vs PSA (estimate / assign / attend).
+
+    python benchmarks/attention.py [--lengths 4096,8192,...] [--out DIR] [--smoke]
+
+For each length and shape (causal 28/4 heads D=128, the Qwen2.5-VL-7B text tower; bidirectional
+16/16 D=80, its vision tower), on random and on video-like inputs:
+
+- dense: ``F.scaled_dot_product_attention`` (GQA through ``enable_gqa``);
+- PSA at each preset (``video_mme``, ``fast``) and at fixed sparsities 0.5 / 0.65 / 0.8 / 0.9 /
+  0.95 (quantile mode, level fractions 1:1:1:2 for p = 1, 2, 4, 8 while they fit): time of the
+  importance estimate, the level assignment (with the compact layout), the attention, and the
+  total; relative error vs dense on the same inputs; achieved sparsity; peak memory;
+- binary block-sparse at the same FLOPs as each PSA run: the top blocks per query row by the
+  same importance, through FlexAttention with a ``BlockMask`` (compiled; the tool a user would
+  pick instead), attend-only time and relative error.
+
+Video-like inputs (``video_like``): queries and keys are a smooth spatio-temporal field (frames
+of ``grid x grid`` tokens whose features vary slowly in time and space) plus noise, with
+``text_tokens`` random tokens appended at the end (the question), so masks look like real ones:
+neighbouring tokens are similar (pooling is allowed) and attention concentrates.
+
+Timing: ``triton.testing.do_bench`` medians (CUDA events, warm-up excluded). Prints a table,
+writes ``attention.json`` and ``attention.png`` (time vs length, time vs sparsity) to ``--out``.
+``--smoke`` runs tiny sizes on whatever device is there (CPU: the reference and Triton's
+interpreter), to check the script itself; its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import psa_kernels
+from psa_kernels import LevelMap
+from psa_vlm.config import load_preset
+
+FIXED_SPARSITIES = (0.5, 0.65, 0.8, 0.9, 0.95)
+SHAPES = {
+    "text-causal": dict(Hq=28, Hkv=4, D=128, causal=True),
+    "vision-bidir": dict(Hq=16, Hkv=16, D=80, causal=False),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------
+
+
+def video_like(L, H, D, *, seed, device, dtype, text_tokens=256, grid=16):
+    """[1, H, L, D]: a smooth field over (frame, row, column) + noise, then random text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    n_video = max(0, L - text_tokens)
+    idx = torch.arange(n_video)
+    t, y, x = idx // (grid * grid), (idx // grid) % grid, idx % grid
+    coords = torch.stack([t / 8.0, y / 4.0, x / 4.0], -1)  # slow in time, smooth in space
+    freqs = torch.randn(3, 16, generator=g)
+    phases = torch.rand(16, generator=g) * 6.28
+    field = torch.sin(coords @ freqs + phases)  # [n_video, 16]
+    basis = torch.randn(H, 16, D, generator=g) / 2
+    video = torch.einsum("lf,hfd->hld", field, basis) + 0.3 * torch.randn(H, n_video, D, generator=g)
+    text = torch.randn(H, L - n_video, D, generator=g)
+    return torch.cat([video, text], 1)[None].to(device, dtype)
+
+
+def make_inputs(kind, L, shape, *, seed, device, dtype):
+    Hq, Hkv, D = shape["Hq"], shape["Hkv"], shape["D"]
+    if kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(1, h, L, D, generator=g).to(device, dtype) for h in (Hq, Hkv, Hkv))
+    q = video_like(L, Hq, D, seed=seed, device=device, dtype=dtype)
+    k = video_like(L, Hkv, D, seed=seed + 1, device=device, dtype=dtype)
+    v = torch.randn(1, Hkv, L, D, generator=torch.Generator().manual_seed(seed + 2)).to(device, dtype)
+    return q, k, v
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+
+
+def bench(fn, device):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # CPU (smoke runs): one call, wall clock
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def peak_mb(fn, device):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+# ------------------------------------------------------------------------------------------
+# Level maps
+# ------------------------------------------------------------------------------------------
+
+
+def quantile_thresholds(sparsity):
+    """Quantile thresholds that put level fractions 1:1:1:2 (p = 1, 2, 4, 8) at density 1 - s,
+    or, when those do not fit in the row, c:c:c:rest (ignoring forced blocks)."""
+    rho = 1.0 - sparsity
+    c = rho / 2  # density of c*(1, 1, 1, 2) = c * (1 + 1/2 + 1/4 + 2/8) = 2c
+    if 5 * c <= 1:
+        return (c, 2 * c, 3 * c, 5 * c)
+    c = (rho - 0.125) / 1.375  # c + c/2 + c/4 + (1 - 3c)/8
+    return (c, 2 * c, 3 * c, 1.0)
+
+
+def psa_variants(presets):
+    for name in presets:
+        cfg = load_preset(name)
+        yield name, cfg.mask_kwargs()
+    base = load_preset("video_mme").mask_kwargs()
+    for s in FIXED_SPARSITIES:
+        yield f"sparsity {s}", {**base, "mode": "quantile", "thresholds": quantile_thresholds(s), "similarity": None}
+
+
+def mask_kwargs_without_importance(kw):
+    return {k: v for k, v in kw.items() if k not in ("estimator", "stride")}
+
+
+def binary_map_like(scores, visible, density, forced):
+    """Per row, the top blocks by importance at the given density (forced blocks first)."""
+    n_vis = visible.sum(-1, keepdim=True)
+    keep = torch.clamp(torch.round(density * n_vis.float()).long(), min=1)
+    priority = torch.where(visible, scores.float(), torch.full_like(scores, -1.0, dtype=torch.float32))
+    priority = torch.where(forced & visible, torch.full_like(priority, float("inf")), priority)
+    rank = torch.argsort(torch.argsort(priority, dim=-1, descending=True, stable=True), dim=-1)
+    return (visible & (rank < keep)).to(torch.int8)
+
+
+# ------------------------------------------------------------------------------------------
+# FlexAttention
+# ------------------------------------------------------------------------------------------
+
+
+def flex_runner(q, k, v, binary_map, *, causal, block, compile_):
+    """FlexAttention over the selected blocks: whole visible blocks as full blocks, diagonal
+    ones as partial blocks (causal mask). The mask function also reads the map, so the eager
+    path (which evaluates it everywhere) computes the same thing."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    Lq, Lk = q.shape[2], k.shape[2]
+    nq, nk = binary_map.shape[-2:]
+    offset = Lk - Lq
+    selected = binary_map > 0
+    j = torch.arange(nk, device=q.device)
+    if causal:
+        first_q = torch.arange(nq, device=q.device) * block + offset
+        whole = ((j[None, :] + 1) * block - 1 <= first_q[:, None]) & ((j + 1) * block <= Lk)[None, :]
+    else:
+        whole = ((j + 1) * block <= Lk)[None, :].expand(nq, nk)
+    full, partial = selected & whole, selected & ~whole
+
+    def layout(m):
+        order = torch.argsort(torch.where(m, 0, 1) * nk + j, dim=-1)
+        return m.sum(-1).to(torch.int32), order.to(torch.int32).contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = binary_map[b, h, q_idx // block, kv_idx // block] > 0
+        return keep & (kv_idx <= q_idx + offset) if causal else keep
+
+    block_mask = BlockMask.from_kv_blocks(*layout(partial), *layout(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                          seq_lengths=(Lq, Lk))
+    attend = torch.compile(flex_attention, dynamic=False) if compile_ else flex_attention
+    gqa = q.shape[1] != k.shape[1]
+    return lambda: attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+# ------------------------------------------------------------------------------------------
+# One configuration
+# ------------------------------------------------------------------------------------------
+
+
+def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=0):
+    shape = SHAPES[shape_name]
+    causal = shape["causal"]
+    q, k, v = make_inputs(kind, L, shape, seed=seed, device=device, dtype=dtype)
+    dense_fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,  # noqa: E731
+                                                      enable_gqa=shape["Hq"] != shape["Hkv"])
+    dense = dense_fn()
+    row = dict(kind=kind, shape=shape_name, L=L, dense_ms=bench(dense_fn, device), dense_peak_mb=peak_mb(dense_fn, device),
+               variants=[])
+    bq = bk = 128
+    text = torch.zeros(1, L, dtype=torch.bool, device=device)
+    text[:, L - 256:] = kind == "video-like" and causal
+    for name, kw in psa_variants(presets):
+        stride = kw["stride"]
+        estimate = lambda: psa_kernels.antidiagonal_importance(q, k, causal=causal, block_q=bq,  # noqa: E731
+                                                               block_k=bk, stride=stride)
+        scores = estimate()
+        if kw["share_kv_group"]:
+            scores_h = scores.view(1, shape["Hkv"], -1, *scores.shape[-2:]).sum(2)
+        else:
+            scores_h = scores
+
+        def assign():
+            return psa_kernels.build_level_map(
+                q, k, causal=causal, text_mask=text, scores=scores, **kw)
+
+        level_map = assign()
+        layout = LevelMap.from_dense(level_map, block_q=bq, block_k=bk)
+        attend = lambda: psa_kernels.psa_attention(q, k, v, layout, causal=causal, block_q=bq,  # noqa: E731
+                                                   block_k=bk)
+        out = attend()
+        t_est, t_assign, t_attend = bench(estimate, device), bench(assign, device), bench(attend, device)
+        sp = psa_kernels.sparsity(level_map, causal=causal, q_len=L, k_len=L, block_q=bq, block_k=bk).mean().item()
+        variant = dict(name=name, sparsity=sp, estimate_ms=t_est, assign_ms=t_assign, attend_ms=t_attend,
+                       total_ms=t_est + t_assign + t_attend, rel_err=rel_err(out, dense),
+                       peak_mb=peak_mb(lambda: (estimate(), assign(), attend()), device))
+        # Binary block-sparse at the same FLOPs, from the same importance.
+        visible = psa_kernels.block_visibility(batch=1, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
+                                               device=device)[:, None]
+        forced = psa_kernels.forced_full_blocks(batch=1, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
+                                                text_mask=text, device=device)[:, None]
+        binary = binary_map_like(scores_h, visible.expand_as(scores_h), 1.0 - sp, forced.expand_as(scores_h))
+        try:
+            per_q_head = binary.repeat_interleave(shape["Hq"] // binary.shape[1], dim=1).contiguous()
+            flex = flex_runner(q, k, v, per_q_head, causal=causal, block=bk, compile_=compile_flex)
+            flex_out = flex()
+            variant.update(flex_ms=bench(flex, device), flex_rel_err=rel_err(flex_out, dense),
+                           flex_sparsity=psa_kernels.sparsity(binary, causal=causal, q_len=L, k_len=L, block_q=bq,
+                                                              block_k=bk).mean().item())
+        except Exception as err:  # noqa: BLE001 - report, keep benchmarking the rest
+            variant.update(flex_error=f"{type(err).__name__}: {err}"[:200])
+        row["variants"].append(variant)
+        print(f"{kind:10s} {shape_name:12s} {L:7d} {name:16s} {sp:6.3f} {t_est:8.2f} {t_assign:8.2f} "
+              f"{t_attend:8.2f} {variant['total_ms']:8.2f} {row['dense_ms']:8.2f} "
+              f"{variant.get('flex_ms', float('nan')):8.2f} {variant['rel_err']:9.2e} "
+              f"{variant.get('flex_rel_err', float('nan')):9.2e}", flush=True)
+    return row
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for shape in SHAPES:
+        sel = [r for r in rows if r["shape"] == shape and r["kind"] == "video-like"]
+        if not sel:
+            continue
+        Ls = [r["L"] for r in sel]
+        a.plot(Ls, [r["dense_ms"] for r in sel], "k-o", label=f"dense SDPA ({shape})")
+        for name in ("video_mme", "sparsity 0.9"):
+            ys = [next((v["total_ms"] for v in r["variants"] if v["name"] == name), float("nan")) for r in sel]
+            a.plot(Ls, ys, "-o", label=f"PSA {name} total ({shape})")
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("sequence length (tokens)")
+    a.set_ylabel("time (ms)")
+    a.set_title("Attention time vs length (video-like inputs)")
+    a.legend(fontsize=7)
+    longest = max((r for r in rows if r["kind"] == "video-like"), key=lambda r: r["L"], default=None)
+    if longest:
+        fixed = [v for v in longest["variants"] if v["name"].startswith("sparsity")]
+        b.plot([v["sparsity"] for v in fixed], [v["total_ms"] for v in fixed], "-o", label="PSA total")
+        b.plot([v["sparsity"] for v in fixed], [v["attend_ms"] for v in fixed], "--o", label="PSA attend")
+        b.plot([v["sparsity"] for v in fixed], [v.get("flex_ms", float("nan")) for v in fixed], "-s",
+               label="FlexAttention block-sparse (same FLOPs)")
+        b.axhline(longest["dense_ms"], color="k", label="dense SDPA")
+        b.set_xlabel("sparsity (1 - density)")
+        b.set_ylabel("time (ms)")
+        b.set_title(f"Time vs sparsity at {longest['L']} tokens ({longest['shape']})")
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--kinds", default="random,video-like")
+    parser.add_argument("--presets", default="video_mme,fast")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (checks the script)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.smoke:
+        lengths = [384]
+        for s in SHAPES.values():
+            s.update(Hq=2 * (s["Hq"] // s["Hkv"] if s["Hq"] != s["Hkv"] else 1), Hkv=2)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print(f"{'inputs':10s} {'shape':12s} {'L':>7s} {'variant':16s} {'sparse':>6s} {'est ms':>8s} {'assign':>8s} "
+          f"{'attend':>8s} {'total':>8s} {'dense':>8s} {'flex':>8s} {'psa err':>9s} {'flex err':>9s}")
+    rows = []
+    for shape in args.shapes.split(","):
+        for L in lengths:
+            for kind in args.kinds.split(","):
+                try:
+                    rows.append(run_case(kind, shape, L, args.presets.split(","), device=device, dtype=dtype,
+                                         compile_flex=device.type == "cuda"))
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{kind} {shape} {L}: out of memory, skipped")
+                    torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(device=str(device), torch=torch.__version__, rows=rows,
+                  gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)
+    (out / "attention.json").write_text(json.dumps(report, indent=1))
+    plot(rows, out / "attention.png")
+    print(f"wrote {out / 'attention.json'} and {out / 'attention.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

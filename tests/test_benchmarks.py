@@ -1,0 +1,43 @@
+"""The GPU benchmark script still runs end to end (tiny sizes, CPU: reference and interpreter).
+
+Timings here mean nothing; the test checks the script's plumbing and its outputs.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import attention as bench
+    finally:
+        sys.path.pop(0)
+    bench.main(["--smoke", "--shapes", "vision-bidir", "--kinds", "video-like", "--presets", "fast",
+                "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "attention.json").read_text())
+    variants = report["rows"][0]["variants"]
+    assert [v["name"] for v in variants] == ["fast"] + [f"sparsity {s}" for s in bench.FIXED_SPARSITIES]
+    for v in variants:
+        assert v["total_ms"] >= v["attend_ms"] > 0 and 0 <= v["sparsity"] < 1
+        assert "flex_error" not in v, v.get("flex_error")
+        if v["sparsity"] > 0:  # skipping blocks changes the output, for PSA and for block-sparse alike
+            assert v["rel_err"] > 0 and v["flex_rel_err"] > 0
+    assert (tmp_path / "attention.png").stat().st_size > 10_000
+
+
+def test_quantile_thresholds_hit_the_target_density():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import attention as bench
+    finally:
+        sys.path.pop(0)
+    for s in bench.FIXED_SPARSITIES:
+        t = bench.quantile_thresholds(s)
+        assert list(t) == sorted(t) and 0 < t[0] and t[-1] <= 1
+        fractions = [t[0], t[1] - t[0], t[2] - t[1], t[3] - t[2]]
+        density = sum(f / p for f, p in zip(fractions, (1, 2, 4, 8)))
+        assert abs(density - (1 - s)) < 1e-9
