@@ -13,6 +13,9 @@ dense.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 import psa_kernels
@@ -20,6 +23,8 @@ import psa_kernels
 from .runtime import layer_state, log_once
 
 ATTN_NAME = "psa"  # free of "flash", "sdpa", "flex_attention", "paged|" and "org/repo": transformers reads those
+#: Set to 1 to raise instead of falling back to dense attention when PSA fails (tests do).
+STRICT_ENV = "PSA_VLM_STRICT"
 _PSA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -92,13 +97,23 @@ def psa_attention_forward(
         log_once("text-unknown", f"text positions unknown: the last {config.dense_tail_tokens} tokens count as text")
     elif state.tower == "vision":
         text = torch.zeros(B, Lk, dtype=torch.bool, device=query.device)  # a frame group holds no text
-    level_map = psa_kernels.build_level_map(
-        query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, **config.mask_kwargs()
-    )
-    out = psa_kernels.psa_attention(
-        query, key, value, level_map, causal=causal, scale=scaling, block_q=config.block_q, block_k=config.block_k,
-        key_padding_mask=padding,
-    )
+    try:
+        level_map = psa_kernels.build_level_map(
+            query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, **config.mask_kwargs()
+        )
+        out = psa_kernels.psa_attention(
+            query, key, value, level_map, causal=causal, scale=scaling, block_q=config.block_q,
+            block_k=config.block_k, key_padding_mask=padding,
+        )
+    except Exception as err:  # noqa: BLE001 - a model must keep running; PSA_VLM_STRICT=1 makes it loud
+        if os.environ.get(STRICT_ENV) == "1":
+            raise
+        reason = f"PSA failed ({type(err).__name__}: {err})"[:300]
+        state.record_dense(reason)
+        log_once(f"failed:{type(err).__name__}", f"PSA -> dense attention: {reason}; set {STRICT_ENV}=1 to raise",
+                 logging.WARNING)
+        out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
+        return out.transpose(1, 2).contiguous(), None
     state.record_psa(level_map, causal=causal, q_len=Lq, k_len=Lk, block_q=config.block_q, block_k=config.block_k,
                      key_padding_mask=padding)
     return out.transpose(1, 2).contiguous(), None

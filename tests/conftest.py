@@ -8,5 +8,8 @@ import os
 
 import torch
 
+# A failing PSA call must fail the test, not fall back to dense attention quietly.
+os.environ.setdefault("PSA_VLM_STRICT", "1")
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -212,3 +212,20 @@ def test_psa_kernels_imports_from_anywhere(tmp_path):
         res = subprocess.run([sys.executable, "-c", "import psa_kernels, psa_vlm; print(psa_kernels.psa_attention)"],
                              cwd=cwd, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0 and "psa_attention" in res.stdout, res.stderr
+
+
+def test_a_failing_psa_call_falls_back_to_dense_and_says_why(model_dir, sdpa_model, single, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(psa_kernels, "psa_attention", broken)
+    monkeypatch.setenv("PSA_VLM_STRICT", "0")
+    psa = load(model_dir, "psa", "dense", **SMALL_BLOCKS)
+    with caplog.at_level(logging.WARNING, logger="psa_vlm"):
+        out = logits(psa, single)
+    assert (out - logits(sdpa_model, single)).abs().max().item() < 1e-4
+    assert any("kernel exploded" in r.getMessage() for r in caplog.records)
+    assert any("kernel exploded" in reason for s in psa_vlm.stats(psa) for reason in s.dense_calls)
+    monkeypatch.setenv("PSA_VLM_STRICT", "1")
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        logits(load(model_dir, "psa", "dense", **SMALL_BLOCKS), single)
