@@ -260,11 +260,12 @@ def psa_attention_triton(
     block_m: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
+    dense_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the PSA forward kernel (inputs already validated by the caller)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    dense_map = None
+    # ``dense_map``: the dense form of a LevelMap argument, when the caller already has it.
     if not isinstance(level_map, LevelMap):
         dense_map = level_map
         level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k)

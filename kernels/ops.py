@@ -115,7 +115,7 @@ def psa_attention(
         from .attention import psa_attention_triton
 
         return psa_attention_triton(q, k, v, level_map, causal=causal, scale=scale, block_q=block_q,
-                                    block_k=block_k, key_padding_mask=key_padding_mask)
+                                    block_k=block_k, key_padding_mask=key_padding_mask, dense_map=dense_map)
     return reference.psa_attention(q, k, v, dense_map, causal=causal, scale=scale, block_q=block_q,
                                    block_k=block_k, key_padding_mask=key_padding_mask)
 
