@@ -34,7 +34,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _psa_fwd_kernel(
-    Q, K, V, KP, VP, CNT, LAST, PAD, IDX, NUM, FULL, OUT, K_DESC, V_DESC, KP_DESC, VP_DESC,
+    Q, K, V, KP, VP, CNT, LAST, PAD, IDX, PLAN, OUT, K_DESC, V_DESC, KP_DESC, VP_DESC,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -72,28 +72,23 @@ def _psa_fwd_kernel(
 
     q_block = (pid_m * BLOCK_M) // BLOCK_Q  # BLOCK_M divides block_q: a tile never spans two query blocks
     idx_row = IDX + b * stride_ib + hm * stride_ih + q_block * stride_im
-    num_row = NUM + b * stride_nb + hm * stride_nh + q_block * stride_nm
-    # The four levels in turn; each call walks that level's block list of this query block.
-    n1 = tl.load(num_row)
-    n2 = tl.load(num_row + 1)
-    n4 = tl.load(num_row + 2)
-    n8 = tl.load(num_row + 3)
-    full_row = FULL + b * stride_nb + hm * stride_nh + q_block * stride_nm  # same layout as NUM
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, n1, tl.load(full_row),
+    # PLAN row: per level, where its list starts in idx_row, how many blocks to read, how many
+    # of those run unmasked (see _block_plan).
+    plan_row = PLAN + b * stride_nb + hm * stride_nh + q_block * stride_nm
+    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 0,
                                   K, V, K_DESC, V_DESC, CNT, LAST, PAD, b, hk, Lk, 0,
                                   stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                                   stride_vd, stride_cb,
                                   1, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row + n1, n2, tl.load(full_row + 1),
+    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 1,
                                   KP, VP, KP_DESC, VP_DESC, CNT, LAST, PAD, b, hk, Lk, BASE2,
                                   stride_pb, stride_ph, stride_pn, 1, stride_pb, stride_ph, stride_pn, 1, stride_cb,
                                   2, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row + n1 + n2, n4, tl.load(full_row + 2),
+    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 2,
                                   KP, VP, KP_DESC, VP_DESC, CNT, LAST, PAD, b, hk, Lk, BASE4,
                                   stride_pb, stride_ph, stride_pn, 1, stride_pb, stride_ph, stride_pn, 1, stride_cb,
                                   4, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row + n1 + n2 + n4, n8,
-                                  tl.load(full_row + 3),
+    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 3,
                                   KP, VP, KP_DESC, VP_DESC, CNT, LAST, PAD, b, hk, Lk, BASE8,
                                   stride_pb, stride_ph, stride_pn, 1, stride_pb, stride_ph, stride_pn, 1, stride_cb,
                                   8, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
@@ -104,20 +99,23 @@ def _psa_fwd_kernel(
 
 
 @triton.jit
-def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, n_blocks, n_full, K, V, K_DESC, V_DESC, CNT, LAST,
+def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, level, K, V, K_DESC, V_DESC, CNT, LAST,
                   PAD, b, hk, Lk, base,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_cb,
                   P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with the ``n_blocks`` key blocks of ``idx_list`` read at level P.
+    """Online-softmax update with the key blocks of this row's level-P list (``level`` = 0..3).
 
     K/V are the original keys (P = 1) or the pooled level (rows ``base + group``); a logical block
     holds ``BLOCK_K // P`` of them, read ``BLOCK_N`` at a time. The list's first ``n_full``
     blocks are whole, unpadded and (causal) before every query of the program: their tiles run
     without any mask; the rest run masked.
     """
+    idx_list = idx_row + tl.load(plan_row + level)
+    n_blocks = tl.load(plan_row + 4 + level)
+    n_full = tl.load(plan_row + 8 + level)
     n_keys = n_blocks * (BLOCK_K // P)
     full_end = n_full * (BLOCK_K // P) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, 0, full_end, K, V, K_DESC, V_DESC,
@@ -213,28 +211,41 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
     return acc, m_i, l_i
 
 
-def _full_block_counts(level_map: LevelMap, *, causal: bool, q_len: int, k_len: int, padded: bool,
-                       dense_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Per query block and level, how many of the (ascending) listed key blocks are whole and,
-    when causal, end at or before the block's first query: ``[B, Hm, nq, 4]`` int32.
+def _block_plan(level_map: LevelMap, *, causal: bool, q_len: int, k_len: int, padded: bool,
+                dense_map: torch.Tensor | None = None) -> torch.Tensor:
+    """What the kernel reads per query block: ``[B, Hm, nq, 12]`` int32, per level ``p = 1, 2, 4, 8``
+    (columns 0..3 of each group of four) where its list starts in the row of ``indices``, how many
+    of its ascending key blocks to read, and how many of those run unmasked.
 
-    Those blocks lead each level's list (causal visibility is monotone in the block index; the
-    only incomplete block is the last), so the kernel runs them first, without masks. With key
-    padding every tile is masked (0 full blocks).
+    - read: when causal, the blocks that start after the block's last query are invisible to all
+      of its rows; they trail each level's list (visibility is monotone in the block index), so
+      the kernel stops before them. A map may list them (a user's all-ones map, say): they cost
+      nothing.
+    - full: the leading blocks that are whole and end at or before the block's first query run
+      first, without masks. With key padding every tile is masked (0 full blocks).
     """
-    counts = level_map.counts
-    if padded:
-        return torch.zeros_like(counts)
     nq, nk = level_map.indices.shape[-2:]
     bq, bk = level_map.block_q, level_map.block_k
-    device = counts.device
-    block_end = (torch.arange(nk, device=device) + 1) * bk  # one past the block's last key
-    full = (block_end <= k_len)[None, :].expand(nq, nk)
-    if causal:
-        first_query = torch.arange(nq, device=device) * bq + (k_len - q_len)
-        full = full & (block_end[None, :] - 1 <= first_query[:, None])
+    device = level_map.counts.device
     dense = level_map.to_dense() if dense_map is None else dense_map
-    return torch.stack([((dense == p) & full).sum(-1, dtype=torch.int32) for p in (1, 2, 4, 8)], dim=-1)
+    block_start = torch.arange(nk, device=device) * bk
+    block_end = block_start + bk  # one past the block's last key
+    offset = k_len - q_len
+    first_query = torch.arange(nq, device=device) * bq + offset
+    last_query = torch.clamp(first_query + bq, max=k_len) - 1
+    if causal:
+        read = block_start[None, :] <= last_query[:, None]
+        full = (block_end[None, :] - 1 <= first_query[:, None]) & (block_end <= k_len)[None, :]
+    else:
+        read = torch.ones(nq, nk, dtype=torch.bool, device=device)
+        full = (block_end <= k_len)[None, :].expand(nq, nk)
+    if padded:
+        full = torch.zeros_like(full)
+    at_level = [dense == p for p in (1, 2, 4, 8)]
+    n_read = torch.stack([(m & read).sum(-1, dtype=torch.int32) for m in at_level], dim=-1)
+    n_full = torch.stack([(m & full).sum(-1, dtype=torch.int32) for m in at_level], dim=-1)
+    starts = level_map.counts.cumsum(-1, dtype=torch.int32) - level_map.counts
+    return torch.cat([starts, n_read, n_full], dim=-1).contiguous()
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -274,9 +285,9 @@ def psa_attention_triton(
     pyr = build_device_pyramid(k, v, key_padding_mask)
     out = torch.empty_like(q)
     pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else pyr.counts
-    idx, num = level_map.indices, level_map.counts
-    full = _full_block_counts(level_map, causal=causal, q_len=Lq, k_len=Lk, padded=key_padding_mask is not None,
-                              dense_map=dense_map)
+    idx = level_map.indices
+    plan = _block_plan(level_map, causal=causal, q_len=Lq, k_len=Lk, padded=key_padding_mask is not None,
+                       dense_map=dense_map)
     block_d = max(16, triton.next_power_of_2(D))
     if block_m is None:
         block_m = block_q if block_d <= 128 else min(block_q, 64)
@@ -289,13 +300,13 @@ def psa_attention_triton(
         t = _tma_ready(t)
         descriptors.append(TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=box))
     _psa_fwd_kernel[grid](
-        q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, idx, num, full, out, *descriptors,
+        q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, idx, plan, out, *descriptors,
         scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
         pyr.keys.stride(0), pyr.keys.stride(1), pyr.keys.stride(2),
         pyr.counts.stride(0),
         idx.stride(0), idx.stride(1), idx.stride(2),
-        num.stride(0), num.stride(1), num.stride(2),
+        plan.stride(0), plan.stride(1), plan.stride(2),
         *out.stride(),
         Hq, Hq // Hkv, Hq // Hm, Lq, Lk, pyr.base[2], pyr.base[4], pyr.base[8],
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
