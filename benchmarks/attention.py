@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 import psa_kernels
-from psa_kernels import LevelMap
 from psa_vlm.config import load_preset
 
 FIXED_SPARSITIES = (0.5, 0.65, 0.8, 0.9, 0.95)
@@ -213,12 +212,12 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
         else:
             scores_h = scores
 
-        def assign():
-            return psa_kernels.build_level_map(
-                q, k, causal=causal, text_mask=text, scores=scores, **kw)
+        def assign():  # level map in the compact layout the attention kernel reads
+            return psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, scores=scores, compact=True,
+                                               **kw)
 
-        level_map = assign()
-        layout = LevelMap.from_dense(level_map, block_q=bq, block_k=bk)
+        layout = assign()
+        level_map = layout.dense
         attend = lambda: psa_kernels.psa_attention(q, k, v, layout, causal=causal, block_q=bq,  # noqa: E731
                                                    block_k=bk)
         out = attend()

@@ -1,15 +1,18 @@
-"""Antidiagonal block importance in Triton, streamed: the ``(L/s)^2`` score matrix never exists.
+"""Antidiagonal block importance in Triton: one pass of logit work, no ``(L/s)^2`` score matrix.
 
 Computes exactly :func:`psa_kernels.reference.antidiagonal_importance`: for strided query row
 ``m`` and strided key column ``n`` the logit is the mean of the ``s`` antidiagonal products of the
-``s x s`` tile, ``scale / s * sum_i q[m*s + s-1-i] . k[n*s + i]``; each row is softmaxed over its
+``s x s`` tile, ``scale / s * sum_i q[m*s + i] . k[n*s + s-1-i]``; each row is softmaxed over its
 visible columns and the probabilities are summed per (query block, key block).
 
-A program owns the ``block_q / s`` strided rows of one query block of one query head and sweeps
-the visible columns twice, ``BLOCK_C`` at a time: pass 1 keeps the running row max and sum
-(online softmax), pass 2 recomputes the logits, normalises them and adds each tile's
-probabilities into its key blocks. Twice the logit work instead of an ``(L/s)^2`` buffer; each
-logit tile is ``s`` small matrix products over the head dimension.
+The logits of a tile of ``BLOCK_R`` strided rows (several query blocks: the tensor cores get
+M = 64/128) and ``BLOCK_C`` strided columns are ``s`` matrix products over the head dimension.
+The softmax needs each row's total before any probability is final, so instead of sweeping the
+columns twice, one sweep keeps the row's running log-sum-exp and writes, per row and key block,
+the block's own log-sum-exp ``lse[r, j]`` (base 2) to a scratch strip; once the row totals are
+known, a cheap second loop reads the strip back and adds ``2^(lse[r, j] - lse[r])`` per query
+block. The kernel is persistent (one program per slot, looping over row tiles) so the scratch is
+``slots x BLOCK_R x nk`` floats (tens of MB at 64k tokens), not ``(L/s) x nk`` per head.
 """
 
 from __future__ import annotations
@@ -23,75 +26,97 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _antidiagonal_kernel(
-    Q, K, PAD, OUT,
+    Q, K, PAD, OUT, SCR,
     scale_log2,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_om,
-    Hq, GROUP, Lq, Lk, n_rows, n_cols, nk,
+    Hq, GROUP, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
     S: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    ROWS_PER_QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
+    BLOCK_J: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    pid_i = tl.program_id(0)  # query block
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
+    QBLOCKS: tl.constexpr = BLOCK_R // ROWS_PER_QBLOCK  # query blocks per row tile
+    KBLOCKS: tl.constexpr = BLOCK_C // COLS_PER_BLOCK  # key blocks per column tile
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     r = tl.arange(0, BLOCK_R)
-    m = pid_i * ROWS + r  # strided rows of this query block
-    row_ok = (r < ROWS) & (m < n_rows)
-    # Last query position (absolute, bottom-right aligned) of each strided row.
-    row_last = (Lk - Lq) + tl.minimum(m * S + S - 1, Lq - 1)
-    if CAUSAL:
-        last_visible = tl.max(tl.where(row_ok, row_last, 0), 0)
-        col_end = tl.minimum(n_cols, last_visible // S + 1)
-    else:
-        col_end = n_cols
+    scr_rows = SCR + tl.program_id(0) * BLOCK_R * nk_pad + r[:, None] * nk_pad
+    for work in range(tl.program_id(0), n_work, tl.num_programs(0)):
+        bh = work // n_row_tiles
+        tile = n_row_tiles - 1 - work % n_row_tiles  # the longest (causal) row tiles first
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // GROUP
+        m = tile * BLOCK_R + r  # strided rows
+        row_ok = m < n_rows
+        # Last query position (absolute, bottom-right aligned) of each strided row.
+        row_last = (Lk - Lq) + tl.minimum(m * S + S - 1, Lq - 1)
+        if CAUSAL:
+            col_end = tl.minimum(n_cols, tl.max(tl.where(row_ok, row_last, 0), 0) // S + 1)
+        else:
+            col_end = n_cols
+        q_rows = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
+        k_rows = K + b * stride_kb + hk * stride_kh + offs_d[None, :]
 
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for pass_ in tl.static_range(2):
-        for c0 in range(0, col_end, BLOCK_C):
+        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
+        n_steps = tl.cdiv(col_end, BLOCK_C) * S
+        for step in range(0, n_steps):
+            # One flat loop over (column tile, antidiagonal offset i): the loads stay pipelined
+            # across column tiles (a loop over i nested in a loop over tiles restarts every tile).
+            i = step % S
+            c0 = (step // S) * BLOCK_C
             cols = c0 + tl.arange(0, BLOCK_C)
-            logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-            col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
-            for i in tl.static_range(S):
-                qpos = m * S + (S - 1 - i)
-                qt = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm + offs_d[None, :],
-                             mask=(row_ok & (qpos < Lq))[:, None] & d_ok[None, :], other=0.0)
-                kpos = cols * S + i
-                k_ok = kpos < Lk
-                if HAS_PAD:
-                    k_ok = k_ok & (tl.load(PAD + b * Lk + kpos, mask=k_ok, other=0) != 0)
-                col_ok = col_ok | k_ok
-                kt = tl.load(K + b * stride_kb + hk * stride_kh + kpos[:, None] * stride_kn + offs_d[None, :],
-                             mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_FP32:
-                    qt = qt.to(tl.float32)
-                    kt = kt.to(tl.float32)
-                logits += tl.dot(qt, tl.trans(kt))
-            logits = logits * scale_log2
-            visible = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
-                visible = visible & ((cols * S)[None, :] < (row_last + 1)[:, None])
-            logits = tl.where(visible, logits, float("-inf"))
-            if pass_ == 0:
+            qpos = m * S + i
+            qt = tl.load(q_rows + qpos[:, None] * stride_qm, mask=(qpos < Lq)[:, None] & d_ok[None, :], other=0.0)
+            kpos = cols * S + (S - 1 - i)
+            k_ok = kpos < Lk
+            if HAS_PAD:
+                k_ok = k_ok & (tl.load(PAD + b * Lk + kpos, mask=k_ok, other=0) != 0)
+            col_ok = col_ok | k_ok
+            kt = tl.load(k_rows + kpos[:, None] * stride_kn, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            logits = tl.dot(qt, tl.trans(kt), logits)
+            if i == S - 1:
+                logits = logits * scale_log2
+                visible = col_ok[None, :] & row_ok[:, None]
+                if CAUSAL:
+                    # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
+                    visible = visible & ((cols * S)[None, :] < (row_last + 1)[:, None])
+                logits = tl.where(visible, logits, float("-inf"))
+                # Running row statistics (online softmax, base 2).
                 m_new = tl.maximum(m_i, tl.max(logits, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(logits - m_safe[:, None]), 1)
                 m_i = m_new
-            else:
-                m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-                p = tl.exp2(logits - m_safe[:, None]) / tl.maximum(l_i, 1e-30)[:, None]
-                p = tl.where(l_i[:, None] > 0, p, 0.0)
-                per_block = tl.sum(tl.reshape(p, (BLOCK_R, BLOCK_C // COLS_PER_BLOCK, COLS_PER_BLOCK)), axis=2)
-                block_sum = tl.sum(per_block, axis=0)  # [BLOCK_C // COLS_PER_BLOCK]
-                j = c0 // COLS_PER_BLOCK + tl.arange(0, BLOCK_C // COLS_PER_BLOCK)
-                tl.store(OUT + b * stride_ob + h * stride_oh + pid_i * stride_om + j, block_sum, mask=j < nk)
+                # Each key block's own log-sum-exp per row, kept for the second loop.
+                per_block = tl.reshape(logits, (BLOCK_R, KBLOCKS, COLS_PER_BLOCK))
+                bm = tl.max(per_block, 2)
+                bm_safe = tl.where(bm == float("-inf"), 0.0, bm)
+                bs = tl.sum(tl.exp2(per_block - bm_safe[:, :, None]), 2)
+                block_lse = tl.where(bs > 0, bm_safe + tl.log2(tl.maximum(bs, 1e-30)), float("-inf"))
+                j = c0 // COLS_PER_BLOCK + tl.arange(0, KBLOCKS)
+                tl.store(scr_rows + j[None, :], block_lse, mask=(j < nk)[None, :])
+                logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+                col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
+        tl.debug_barrier()  # the strip written above is read back by other threads of the program
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        row_lse = tl.where(l_i > 0, m_safe + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # no key: adds 0
+        qb = tile * QBLOCKS + tl.arange(0, QBLOCKS)
+        j_end = (col_end + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
+        for j0 in range(0, j_end, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            lse = tl.load(scr_rows + j[None, :], mask=(j < j_end)[None, :], other=float("-inf"), cache_modifier=".cg")
+            p = tl.exp2(lse - row_lse[:, None])
+            sums = tl.sum(tl.reshape(p, (QBLOCKS, ROWS_PER_QBLOCK, BLOCK_J)), 1)
+            tl.store(OUT + b * stride_ob + h * stride_oh + qb[:, None] * stride_om + j[None, :], sums,
+                     mask=(qb < nq)[:, None] & (j < j_end)[None, :])
+        tl.debug_barrier()  # the next row tile overwrites the strip
 
 
 def antidiagonal_importance_triton(
@@ -104,31 +129,53 @@ def antidiagonal_importance_triton(
     block_k: int = 128,
     stride: int = 8,
     key_padding_mask: torch.Tensor | None = None,
+    block_r: int = 128,
     block_c: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 2,
+    programs: int | None = None,
 ) -> torch.Tensor:
-    """Block importance ``[B, Hq, nq, nk]`` (fp32); inputs validated by the caller."""
+    """Block importance ``[B, Hq, nq, nk]`` (fp32); inputs validated by the caller, who also
+    checks :func:`supported`."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
     nq, nk = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
-    rows, cols_per_block = block_q // stride, block_k // stride
+    rows_per_qblock, cols_per_block = block_q // stride, block_k // stride
     block_c = max(block_c, cols_per_block)
+    block_r = max(block_r, rows_per_qblock)
+    n_rows, n_cols = triton.cdiv(Lq, stride), triton.cdiv(Lk, stride)
+    n_row_tiles = triton.cdiv(n_rows, block_r)
+    n_work = B * Hq * n_row_tiles
+    if programs is None:
+        programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    programs = max(1, min(programs, n_work))
+    nk_pad = triton.cdiv(nk, 16) * 16
     out = torch.zeros(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(programs, block_r, nk_pad, dtype=torch.float32, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else out
-    _antidiagonal_kernel[(nq, B * Hq)](
-        q, k, pad, out,
+    _antidiagonal_kernel[(programs,)](
+        q, k, pad, out, scratch,
         scale / stride * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        Hq, Hq // Hkv, Lq, Lk, triton.cdiv(Lq, stride), triton.cdiv(Lk, stride), nk,
+        Hq, Hq // Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
         S=stride, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), ROWS=rows, BLOCK_R=max(16, rows), BLOCK_C=block_c,
-        COLS_PER_BLOCK=cols_per_block, DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        # The s unrolled tile loads, software-pipelined 3 deep, asked Triton 3.6 for 328 KB of
-        # shared memory on an H100 (limit 227 KB): no pipelining until this kernel is tuned.
-        num_stages=1,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), ROWS_PER_QBLOCK=rows_per_qblock, BLOCK_R=block_r,
+        BLOCK_C=block_c, COLS_PER_BLOCK=cols_per_block, BLOCK_J=64,
+        DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def supported(block_q: int, block_k: int, stride: int) -> bool:
+    """Shapes the kernel's tiles can express: power-of-two stride and rows/columns per block."""
+    def pow2(x):
+        return x > 0 and x & (x - 1) == 0
+
+    return pow2(stride) and pow2(block_q // stride) and pow2(block_k // stride) and block_k // stride <= 64 \
+        and block_q // stride <= 128

@@ -18,7 +18,7 @@ with a handful of tensor ops (no host synchronisation), so it can be captured in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,8 @@ class LevelMap:
     indices: torch.Tensor  # [B, Hm, nq, nk] int32
     block_q: int
     block_k: int
+    # The dense map this layout encodes, when its builder had it (saves to_dense() a pass).
+    dense: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_dense(cls, level_map: torch.Tensor, *, block_q: int, block_k: int) -> "LevelMap":
@@ -45,10 +47,12 @@ class LevelMap:
         key = rank * nk + torch.arange(nk, device=level_map.device)
         indices = torch.argsort(key, dim=-1).to(torch.int32)
         counts = torch.stack([(rank == r).sum(-1) for r in range(len(POOL_FACTORS))], dim=-1).to(torch.int32)
-        return cls(counts=counts, indices=indices.contiguous(), block_q=block_q, block_k=block_k)
+        return cls(counts=counts, indices=indices.contiguous(), block_q=block_q, block_k=block_k, dense=level_map)
 
     def to_dense(self) -> torch.Tensor:
         """The ``int8`` map ``[B, Hm, nq, nk]`` this layout encodes."""
+        if self.dense is not None:
+            return self.dense.to(torch.int8)
         nk = self.indices.shape[-1]
         ends = self.counts.long().cumsum(-1)  # [B, Hm, nq, 4]
         position = torch.arange(nk, device=self.indices.device)

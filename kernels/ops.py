@@ -138,30 +138,89 @@ def antidiagonal_importance(
     if block_q % stride or block_k % stride:
         raise ValueError(f"stride {stride} must divide block_q ({block_q}) and block_k ({block_k})")
     check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], k.device)
-    if _use_triton(q, block_q, block_k) and stride & (stride - 1) == 0 and block_k // stride <= 64:
+    if _use_triton(q, block_q, block_k):
         from triton.runtime.errors import OutOfResources
 
-        from .importance import antidiagonal_importance_triton
+        from .importance import antidiagonal_importance_triton, supported
 
-        try:
-            return antidiagonal_importance_triton(q, k, causal=causal, scale=scale, block_q=block_q,
-                                                  block_k=block_k, stride=stride, key_padding_mask=key_padding_mask)
-        except OutOfResources as err:  # a GPU with less shared memory than the launch asks for
-            if "importance" not in _warned:
-                _warned.add("importance")
-                logger.warning("antidiagonal importance kernel does not fit this GPU (%s); using the reference", err)
+        if supported(block_q, block_k, stride):
+            try:
+                return antidiagonal_importance_triton(q, k, causal=causal, scale=scale, block_q=block_q,
+                                                      block_k=block_k, stride=stride,
+                                                      key_padding_mask=key_padding_mask)
+            except OutOfResources as err:  # a GPU with less shared memory than the launch asks for
+                if "importance" not in _warned:
+                    _warned.add("importance")
+                    logger.warning("antidiagonal importance kernel does not fit this GPU (%s); using the reference",
+                                   err)
     return reference.antidiagonal_importance(q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
                                              stride=stride, key_padding_mask=key_padding_mask)
 
 
-def build_level_map(q: torch.Tensor, k: torch.Tensor, **kwargs) -> torch.Tensor:
-    """The mask generator (PSA_SEMANTICS.md section 7): an ``int8`` level map ``[B, Hm, nq, nk]``.
+def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, **kwargs):
+    """The mask generator (PSA_SEMANTICS.md section 7): an ``int8`` level map ``[B, Hm, nq, nk]``,
+    or with ``compact=True`` its :class:`LevelMap` (which keeps the dense map too).
 
-    Keyword arguments as :func:`psa_kernels.reference.build_level_map`. The importance step runs
-    in Triton where kernels serve; level assignment, the similarity cap and the forced blocks are
-    batched tensor ops on the inputs' device, with no host synchronisation.
+    Keyword arguments as :func:`psa_kernels.reference.build_level_map`. Where kernels serve, the
+    importance is the streamed Triton kernel and everything after it (assignment, similarity
+    cap, forced blocks, minimum level-1 count, the compact layout) one Triton kernel
+    (:mod:`psa_kernels.assign`); the similarity cap's block statistics are tensor ops. No host
+    synchronisation.
     """
-    return reference.build_level_map(q, k, antidiagonal=antidiagonal_importance, **kwargs)
+    import inspect
+
+    bound = inspect.signature(reference.build_level_map).bind(q, k, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    block_q, block_k = a["block_q"], a["block_k"]
+    if not (kernels_available(q.device) and q.dtype in _TRITON_DTYPES and a["mode"] != "dense"
+            and a["antidiagonal"] is None and 0 < len(a["levels"]) <= 4):
+        level_map = reference.build_level_map(**{**a, "antidiagonal": a["antidiagonal"] or antidiagonal_importance})
+        return LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k) if compact else level_map
+
+    from .assign import assign_levels_triton
+    from .validation import check_block_sizes
+
+    check_qkv(q, k, k)
+    check_block_sizes(block_q, block_k)
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    pad = a["key_padding_mask"]
+    check_key_padding_mask(pad, B, Lk, k.device)
+    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    if a["mode"] not in ("energy", "quantile"):
+        raise ValueError(f"mode must be 'energy', 'quantile' or 'dense', got {a['mode']!r}")
+    if len(a["levels"]) != len(a["thresholds"]):
+        raise ValueError(f"{len(a['levels'])} levels need {len(a['levels'])} thresholds, got {len(a['thresholds'])}")
+    scores = a["scores"]
+    if scores is not None:
+        if tuple(scores.shape) != (B, Hq, nq, nk):
+            raise ValueError(f"scores must have shape [B, Hq, nq, nk] = {(B, Hq, nq, nk)}, got {tuple(scores.shape)}")
+    elif a["estimator"] == "antidiagonal":
+        scores = antidiagonal_importance(q, k, causal=a["causal"], scale=a["scale"], block_q=block_q,
+                                         block_k=block_k, stride=a["stride"], key_padding_mask=pad)
+    elif a["estimator"] == "sampled":
+        scores = reference.sampled_importance(q, k, scale=a["scale"], block_q=block_q, block_k=block_k,
+                                              samples=a["stride"], key_padding_mask=pad, generator=a["generator"])
+    else:
+        raise ValueError(f"estimator must be 'antidiagonal' or 'sampled', got {a['estimator']!r}")
+    cap = None
+    if a["similarity"] is not None:
+        cap = reference.similarity_cap(k, block_k=block_k, thresholds=a["similarity"], key_padding_mask=pad)
+    cols, rows = reference.forced_columns_and_rows(batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k,
+                                                   text_mask=a["text_mask"],
+                                                   dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad,
+                                                   device=q.device)
+    valid_cols = None
+    if pad is not None:
+        valid_cols = torch.nn.functional.pad(pad, (0, nk * block_k - Lk)).view(B, nk, block_k).any(-1)
+    dense, layout = assign_levels_triton(
+        scores.float(), heads=Hkv if a["share_kv_group"] else Hq, kv_heads=Hkv, causal=a["causal"], q_len=Lq,
+        k_len=Lk, block_q=block_q, block_k=block_k, mode=a["mode"], levels=a["levels"],
+        thresholds=a["thresholds"], cap=cap, forced_cols=cols, forced_rows=rows, valid_cols=valid_cols,
+        min_full_fraction=a["min_full_fraction"],
+    )
+    return layout if compact else dense
 
 
 def build_pyramid(

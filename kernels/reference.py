@@ -496,26 +496,50 @@ def forced_full_blocks(
     """
     nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
     offset = k_len - q_len
-    forced = torch.zeros(batch, nq, nk, dtype=torch.bool, device=device)
-    forced[..., 0] = True
-    if key_padding_mask is not None:
-        first_real = torch.argmax(key_padding_mask.int(), dim=-1) // block_k  # [B]
-        forced |= (torch.arange(nk, device=device)[None, :] == first_real[:, None])[:, None, :]
+    cols, rows = forced_columns_and_rows(batch=batch, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                                         text_mask=text_mask, dense_tail_tokens=dense_tail_tokens,
+                                         key_padding_mask=key_padding_mask, device=device)
+    forced = cols[:, None, :] | rows[:, :, None]
     if causal:
         starts = offset + torch.arange(nq, device=device) * block_q
         ends = offset + torch.clamp(torch.arange(1, nq + 1, device=device) * block_q, max=q_len) - 1
         j = torch.arange(nk, device=device)
         forced |= ((j[None, :] >= (starts // block_k)[:, None]) & (j[None, :] <= (ends // block_k)[:, None]))[None]
+    return forced
+
+
+def forced_columns_and_rows(
+    *,
+    batch: int,
+    q_len: int,
+    k_len: int,
+    block_q: int,
+    block_k: int,
+    text_mask: torch.Tensor | None = None,
+    dense_tail_tokens: int = 512,
+    key_padding_mask: torch.Tensor | None = None,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts of :func:`forced_full_blocks` that are whole columns and rows: ``[B, nk]`` (the
+    sink, the first real token's block, text keys) and ``[B, nq]`` (text queries)."""
+    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
+    offset = k_len - q_len
+    cols = torch.zeros(batch, nk, dtype=torch.bool, device=device)
+    cols[:, 0] = True
+    if key_padding_mask is not None:
+        first_real = torch.argmax(key_padding_mask.int(), dim=-1) // block_k  # [B]
+        cols |= torch.arange(nk, device=device)[None, :] == first_real[:, None]
     if text_mask is None:
         text_mask = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
         text_mask[:, max(0, k_len - dense_tail_tokens) :] = dense_tail_tokens > 0
     elif tuple(text_mask.shape) != (batch, k_len):
         raise ValueError(f"text_mask must have shape [B, Lk] = {(batch, k_len)}, got {tuple(text_mask.shape)}")
-    text_cols = F.pad(text_mask, (0, nk * block_k - k_len)).view(batch, nk, block_k).any(-1)
-    text_q = text_mask[:, offset:]
-    text_rows = F.pad(text_q, (0, nq * block_q - q_len)).view(batch, nq, block_q).any(-1)
-    forced |= text_cols[:, None, :] | text_rows[:, :, None]
-    return forced
+    cols |= F.pad(text_mask, (0, nk * block_k - k_len)).view(batch, nk, block_k).any(-1)
+    # Query i sits at key position offset + i (bottom-right aligned); with more queries than
+    # keys the first -offset queries have no key position and are not text.
+    text_q = text_mask[:, offset:] if offset >= 0 else F.pad(text_mask, (-offset, 0))
+    rows = F.pad(text_q, (0, nq * block_q - q_len)).view(batch, nq, block_q).any(-1)
+    return cols, rows
 
 
 def build_level_map(
