@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -307,6 +308,12 @@ def main(argv=None):
     print(f"{'inputs':10s} {'shape':12s} {'L':>7s} {'variant':16s} {'sparse':>6s} {'est ms':>8s} {'assign':>8s} "
           f"{'attend':>8s} {'total':>8s} {'dense':>8s} {'flex':>8s} {'psa err':>9s} {'flex err':>9s}")
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(device=str(device), torch=torch.__version__, rows=rows, command=" ".join(["benchmarks/attention.py",
+                  *(argv if argv is not None else sys.argv[1:])]),
+                  gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)
+    start = time.time()
     for shape in args.shapes.split(","):
         for L in lengths:
             for kind in args.kinds.split(","):
@@ -316,10 +323,9 @@ def main(argv=None):
                 except torch.cuda.OutOfMemoryError:
                     print(f"{kind} {shape} {L}: out of memory, skipped")
                     torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = dict(device=str(device), torch=torch.__version__, rows=rows,
-                  gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)
+                # Written after every case: a run cut short keeps what it measured.
+                (out / "attention.json").write_text(json.dumps(report, indent=1))
+                print(f"  ({time.time() - start:.0f} s)", flush=True)
     (out / "attention.json").write_text(json.dumps(report, indent=1))
     plot(rows, out / "attention.png")
     print(f"wrote {out / 'attention.json'} and {out / 'attention.png'}")

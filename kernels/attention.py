@@ -195,7 +195,10 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
         elif P > 1:
             s += tl.log2(P * 1.0)  # whole groups: every pooled key stands for P tokens
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        else:
+            m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -8,10 +8,9 @@ visible columns and the probabilities are summed per (query block, key block).
 The logits of a tile of ``BLOCK_R`` strided rows (several query blocks: the tensor cores get
 M = 64/128) and ``BLOCK_C`` strided columns are ``s`` matrix products over the head dimension.
 The softmax needs each row's total before any probability is final, so instead of sweeping the
-columns twice, one sweep keeps the row's running log-sum-exp and writes, per row and key block,
-the block's own log-sum-exp ``lse[r, j]`` (base 2) to a scratch strip; once the row totals are
-known, a cheap second loop reads the strip back and adds ``2^(lse[r, j] - lse[r])`` per query
-block. The kernel is persistent (one program per slot, looping over row tiles) so the scratch is
+columns twice, one sweep writes, per row and key block, the block's own log-sum-exp
+``lse[r, j]`` (base 2) to a scratch strip; two cheap loops over the strip then give each row's
+total ``lse[r]`` and add ``2^(lse[r, j] - lse[r])`` per query block. The kernel is persistent (one program per slot, looping over row tiles) so the scratch is
 ``slots x BLOCK_R x nk`` floats (tens of MB at 64k tokens), not ``(L/s) x nk`` per head.
 """
 
@@ -59,8 +58,6 @@ def _antidiagonal_kernel(
         q_rows = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
         k_rows = K + b * stride_kb + hk * stride_kh + offs_d[None, :]
 
-        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
         n_steps = tl.cdiv(col_end, BLOCK_C) * S
@@ -89,11 +86,6 @@ def _antidiagonal_kernel(
                     # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
                     visible = visible & ((cols * S)[None, :] < (row_last + 1)[:, None])
                 logits = tl.where(visible, logits, float("-inf"))
-                # Running row statistics (online softmax, base 2).
-                m_new = tl.maximum(m_i, tl.max(logits, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(logits - m_safe[:, None]), 1)
-                m_i = m_new
                 # Each key block's own log-sum-exp per row, kept for the second loop.
                 per_block = tl.reshape(logits, (BLOCK_R, KBLOCKS, COLS_PER_BLOCK))
                 bm = tl.max(per_block, 2)
@@ -105,10 +97,20 @@ def _antidiagonal_kernel(
                 logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
                 col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
         tl.debug_barrier()  # the strip written above is read back by other threads of the program
+        # Each row's log-sum-exp from its blocks' (cheaper than running row statistics per tile).
+        j_end = (col_end + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
+        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for j0 in range(0, j_end, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            lse = tl.load(scr_rows + j[None, :], mask=(j < j_end)[None, :], other=float("-inf"), cache_modifier=".cg")
+            m_new = tl.maximum(m_i, tl.max(lse, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(lse - m_safe[:, None]), 1)
+            m_i = m_new
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         row_lse = tl.where(l_i > 0, m_safe + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # no key: adds 0
         qb = tile * QBLOCKS + tl.arange(0, QBLOCKS)
-        j_end = (col_end + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
         for j0 in range(0, j_end, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             lse = tl.load(scr_rows + j[None, :], mask=(j < j_end)[None, :], other=float("-inf"), cache_modifier=".cg")
@@ -129,10 +131,12 @@ def antidiagonal_importance_triton(
     block_k: int = 128,
     stride: int = 8,
     key_padding_mask: torch.Tensor | None = None,
-    block_r: int = 128,
-    block_c: int = 64,
+    # The fastest launch of benchmarks/tune_importance.py on an H100 at 32k and 64k tokens, stride
+    # 8 (benchmarks/results/tune_importance_h100.json); within 3% of the best at stride 16.
+    block_r: int = 64,
+    block_c: int = 128,
     num_warps: int = 8,
-    num_stages: int = 2,
+    num_stages: int = 3,
     programs: int | None = None,
 ) -> torch.Tensor:
     """Block importance ``[B, Hq, nq, nk]`` (fp32); inputs validated by the caller, who also

@@ -26,7 +26,6 @@ from .reference import (
     dense_attention,
     density,
     forced_full_blocks,
-    similarity_cap,
     sparsity,
 )
 from .validation import LEVEL_VALUES, POOL_FACTORS, check_attention_inputs, check_key_padding_mask, check_qkv, num_blocks
@@ -164,8 +163,7 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
     Keyword arguments as :func:`psa_kernels.reference.build_level_map`. Where kernels serve, the
     importance is the streamed Triton kernel and everything after it (assignment, similarity
     cap, forced blocks, minimum level-1 count, the compact layout) one Triton kernel
-    (:mod:`psa_kernels.assign`); the similarity cap's block statistics are tensor ops. No host
-    synchronisation.
+    (:mod:`psa_kernels.assign`), after the similarity cap's own kernel. No host synchronisation.
     """
     import inspect
 
@@ -206,7 +204,7 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
         raise ValueError(f"estimator must be 'antidiagonal' or 'sampled', got {a['estimator']!r}")
     cap = None
     if a["similarity"] is not None:
-        cap = reference.similarity_cap(k, block_k=block_k, thresholds=a["similarity"], key_padding_mask=pad)
+        cap = similarity_cap(k, block_k=block_k, thresholds=a["similarity"], key_padding_mask=pad)
     cols, rows = reference.forced_columns_and_rows(batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k,
                                                    text_mask=a["text_mask"],
                                                    dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad,
@@ -221,6 +219,28 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
         min_full_fraction=a["min_full_fraction"],
     )
     return layout if compact else dense
+
+
+def similarity_cap(
+    k: torch.Tensor,
+    *,
+    block_k: int = 128,
+    thresholds=(0.75, 0.70, 0.70),
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Largest pooling factor each key block allows, ``[B, Hkv, nk]`` int8 (paper appendix B.1), in
+    Triton where kernels serve; semantics: :func:`psa_kernels.reference.similarity_cap`."""
+    from collections.abc import Mapping
+
+    check_qkv(k, k, k)
+    check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[2], k.device)
+    table = dict(thresholds) if isinstance(thresholds, Mapping) else dict(zip((2, 4, 8), thresholds))
+    if (kernels_available(k.device) and k.dtype in _TRITON_DTYPES and k.shape[-1] <= 256 and block_k % 8 == 0
+            and set(table) <= {2, 4, 8}):
+        from .similarity import similarity_cap_triton
+
+        return similarity_cap_triton(k, block_k=block_k, thresholds=table, key_padding_mask=key_padding_mask)
+    return reference.similarity_cap(k, block_k=block_k, thresholds=thresholds, key_padding_mask=key_padding_mask)
 
 
 def build_pyramid(

@@ -279,3 +279,31 @@ def test_fused_assignment_matches_the_reference_exactly(case):
     assert torch.equal(got.counts, expected.counts), f"seed {seed}"
     assert torch.equal(got.indices, expected.indices), f"seed {seed}"
     assert torch.equal(psa_kernels.build_level_map(q, k, **kw), want)  # the dense form alone
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_similarity_cap_kernel_matches_the_reference(case):
+    from psa_kernels.similarity import similarity_cap_triton
+
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = 2, rnd.choice([1, 3]), rnd.choice([64, 80])
+    block_k = rnd.choice([16, 32, 64, 128])
+    Lk = rnd.randrange(block_k + 1, 5 * block_k)
+    # Smooth keys (neighbours similar) plus noise of a random strength: the mean similarities
+    # spread over the thresholds' range, so every cap value occurs.
+    t = torch.linspace(0, rnd.uniform(2, 40), Lk)
+    smooth = torch.stack([torch.sin(t * (i + 1) / 3) for i in range(8)], -1) @ torch.randn(8, D, generator=g)
+    k = (smooth + rnd.uniform(0.05, 1.5) * torch.randn(B, H, Lk, D, generator=g)).to(DEVICE)
+    pad = None
+    if rnd.random() < 0.5:
+        pad = torch.ones(B, Lk, dtype=torch.bool)
+        pad[1, : rnd.randrange(1, Lk // 2)] = False
+        pad = pad.to(DEVICE)
+    thresholds = {2: 0.75, 4: 0.70, 8: 0.70} if rnd.random() < 0.5 else {2: 0.3, 8: 0.1}
+    got = similarity_cap_triton(k, block_k=block_k, thresholds=thresholds, key_padding_mask=pad)
+    want = reference.similarity_cap(k.double(), block_k=block_k, thresholds=thresholds, key_padding_mask=pad)
+    assert torch.equal(got, want), f"seed {seed}"
+    assert torch.equal(psa_kernels.similarity_cap(k, block_k=block_k, thresholds=thresholds, key_padding_mask=pad),
+                       got)
