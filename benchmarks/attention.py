@@ -250,6 +250,27 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
     return row
 
 
+def hook_overhead(lengths, *, device, dtype, seed=0):
+    """Below ``min_seq_len`` the ``"psa"`` hook runs dense attention: its time against
+    transformers' own SDPA hook on the same call (causal 28/4 heads, D=128)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from psa_vlm.attention import psa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.layer_idx = True, 7, 0
+    rows = []
+    for L in lengths:
+        q, k, v = make_inputs("random", L, SHAPES["text-causal"], seed=seed, device=device, dtype=dtype)
+        scale = q.shape[-1] ** -0.5
+        sdpa = bench(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=scale, is_causal=True), device)
+        psa = bench(lambda: psa_attention_forward(module, q, k, v, None, scaling=scale), device)
+        rows.append(dict(L=L, sdpa_hook_ms=sdpa, psa_hook_dense_fallback_ms=psa, ratio=psa / sdpa))
+        print(f"hook below min_seq_len  L={L:6d}  sdpa hook {sdpa:7.3f} ms  psa hook (dense fallback) {psa:7.3f} ms  "
+              f"ratio {psa / sdpa:.3f}", flush=True)
+    return rows
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -296,6 +317,9 @@ def main(argv=None):
     parser.add_argument("--presets", default="video_mme,fast")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (checks the script)")
+    parser.add_argument("--hook-overhead", default="",
+                        help="comma-separated lengths at which to time the psa hook's dense fallback (below "
+                             "min_seq_len) against transformers' sdpa hook, e.g. 4096,16384")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -314,7 +338,10 @@ def main(argv=None):
                   *(argv if argv is not None else sys.argv[1:])]),
                   gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)
     start = time.time()
-    for shape in args.shapes.split(","):
+    if args.hook_overhead:
+        report["hook_overhead"] = hook_overhead([int(x) for x in args.hook_overhead.split(",")], device=device,
+                                                dtype=dtype)
+    for shape in (args.shapes.split(",") if args.shapes else []):
         for L in lengths:
             for kind in args.kinds.split(","):
                 try:

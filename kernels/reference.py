@@ -198,6 +198,10 @@ def dense_attention(
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     check_key_padding_mask(key_padding_mask, B, Lk, k.device)
+    gqa = Hq != k.shape[1]
+    if causal and Lq == Lk and key_padding_mask is None:
+        # SDPA's own causal flag (top-left = bottom-right here): its flash kernels, no mask tensor.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = None
     if causal and Lq > 1:
         rows = torch.arange(Lq, device=q.device) + (Lk - Lq)
@@ -206,10 +210,10 @@ def dense_attention(
         pad = key_padding_mask[:, None, None, :]
         mask = pad if mask is None else mask & pad
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     # A row that sees nothing would be NaN in SDPA: let it see everything, then zero it.
     empty = ~mask.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=Hq != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=gqa)
     return out.masked_fill(empty, 0.0)
 
 

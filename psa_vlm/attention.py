@@ -99,7 +99,8 @@ def psa_attention_forward(
         text = torch.zeros(B, Lk, dtype=torch.bool, device=query.device)  # a frame group holds no text
     try:
         level_map = psa_kernels.build_level_map(
-            query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, **config.mask_kwargs()
+            query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, compact=True,
+            **config.mask_kwargs()
         )
         out = psa_kernels.psa_attention(
             query, key, value, level_map, causal=causal, scale=scaling, block_q=config.block_q,
@@ -114,7 +115,7 @@ def psa_attention_forward(
                  logging.WARNING)
         out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
-    state.record_psa(level_map, causal=causal, q_len=Lq, k_len=Lk, block_q=config.block_q, block_k=config.block_k,
+    state.record_psa(level_map.to_dense(), causal=causal, q_len=Lq, k_len=Lk, block_q=config.block_q, block_k=config.block_k,
                      key_padding_mask=padding)
     return out.transpose(1, 2).contiguous(), None
 

@@ -69,7 +69,7 @@ class PSAConfig:
     stride: int = 8
     block_q: int = 128
     block_k: int = 128
-    min_seq_len: int = 4096
+    min_seq_len: int = 32768  # the H100 crossover (docs/performance.md)
     min_full_fraction: float = 0.06
     dense_tail_tokens: int = 512
     share_kv_group: bool = False

@@ -159,7 +159,7 @@ def test_sparse_preset_generates_and_reports_the_density_of_its_level_maps(model
 
 
 def test_fallbacks_are_logged_once_and_keep_running(model_dir, single, caplog):
-    psa = load(model_dir, "psa", "video_mme")  # min_seq_len 4096: the tiny prompts all run dense
+    psa = load(model_dir, "psa", "video_mme")  # min_seq_len 32768: the tiny prompts all run dense
     with caplog.at_level(logging.INFO, logger="psa_vlm"):
         with torch.no_grad():
             out = psa.generate(**single, max_new_tokens=3, do_sample=False)
