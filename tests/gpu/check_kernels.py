@@ -9,7 +9,8 @@
    other head dims. Pass: relative error < 1e-2, no NaN/Inf.
 2. The streamed antidiagonal importance kernel vs the reference (and its time vs dense SDPA).
    Memory: peak GPU memory of one PSA call at 32k tokens vs the dense SDPA call (< 1.3x).
-3. Kernel times vs dense SDPA (informative; benchmarks/ holds the real benchmark).
+3. Mask generation + attention captured in a CUDA graph and replayed (same output as eager).
+   Kernel times vs dense SDPA (informative; benchmarks/ holds the real benchmark).
 4. The tiny Qwen2.5-VL end to end on the GPU: "psa" with the dense preset vs "sdpa".
 
 Prints a table and writes ``check_kernels.json`` to ``--out`` (default: $OUT or the cwd).
@@ -138,6 +139,38 @@ def importance_check(L, device="cuda"):
     return rows
 
 
+def graph_check(L=8192, device="cuda"):
+    """Mask generation + attention captured in one CUDA graph (fixed shape) and replayed: the
+    same output as eager execution (no host synchronisation inside, or capture fails)."""
+    q = video_like(1, 28, L, 128, 11, device).to(torch.bfloat16)
+    k = video_like(1, 4, L, 128, 12, device).to(torch.bfloat16)
+    v = torch.randn_like(k)
+    kw = dict(causal=True, mode="energy", thresholds=(0.7, 0.8, 0.9, 0.9), similarity=(0.75, 0.70, 0.70))
+
+    def step():
+        layout = psa_kernels.build_level_map(q, k, compact=True, **kw)
+        return psa_kernels.psa_attention(q, k, v, layout, causal=True)
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: compilation, allocator pools
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - report why capture failed
+        return dict(case="CUDA graph (mask generation + attention)", L=L, rel_err=float("nan"), ok=False,
+                    error=f"{type(err).__name__}: {err}"[:300])
+    err = rel_err(out, eager)
+    return dict(case="CUDA graph (mask generation + attention)", L=L, rel_err=err, ok=err < 1e-4)
+
+
 def peak_memory(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -228,8 +261,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for check_kernels.json")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
-    parser.add_argument("--sections", default="accuracy,importance,memory,timing,tiny",
-                        help="comma-separated subset of: accuracy,importance,memory,timing,tiny")
+    parser.add_argument("--sections", default="accuracy,importance,graph,memory,timing,tiny",
+                        help="comma-separated subset of: accuracy,importance,graph,memory,timing,tiny")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("check_kernels.py needs a CUDA GPU")
@@ -272,6 +305,8 @@ def main():
             report["importance"].append(r)
             print(f"{'':24s} {r['L']:6d} {r['stride']:6d} {r['rel_err']:9.2e} {r['ms']:7.2f} {r['ratio']:7.2f}"
                   f"  assign {r['assign_ms']:.2f} ms, agreement {r['assign_agreement']:.5f}  {r['ok']}", flush=True)
+    report["graph"] = graph_check() if "graph" in sections else {"ok": True, "skipped": True}
+    print(f"\nCUDA graph capture: {report['graph']}", flush=True)
     mem = memory_check(big) if "memory" in sections else dict(L=0, inputs_mb=0, dense_peak_mb=0, psa_peak_mb=0,
                                                                ratio=0, ok=True)
     report["memory"] = mem
@@ -290,6 +325,7 @@ def main():
         report["tiny_model"] = {"ok": False, "error": str(err)}
     print(f"\ntiny model on GPU, dense preset vs sdpa: {report['tiny_model']}")
     ok = (all(r["ok"] for r in report["accuracy"] + report["importance"]) and dense["ok"] and mem["ok"]
+          and report["graph"]["ok"]
           and report["tiny_model"]["ok"])
     report["all_ok"] = ok
     report["seconds"] = time.time() - t0
