@@ -74,14 +74,14 @@ def _cmd_demo(args) -> int:
     n_tokens = inputs["input_ids"].shape[1]
     n_visual = int((inputs["mm_token_type_ids"] != 0).sum())
 
-    rows = []
+    rows, map_png = [], None
     for step, attn in ((3, "sdpa"), (4, "psa")):
         print(f"[{step}/4] prefill + {args.max_new_tokens} greedy tokens with attn_implementation={attn!r}", flush=True)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, attn_implementation=attn, local_files_only=True, dtype=torch.float32
         ).eval()
         if attn == "psa":
-            configure(model, preset, **TINY_MODEL_OVERRIDES)
+            configure(model, preset, record_level_maps=True, **TINY_MODEL_OVERRIDES)
         tokens, prefill, total, answer = _run(model, processor, inputs, args.max_new_tokens)
         sparsity = None
         if attn == "psa":
@@ -89,6 +89,7 @@ def _cmd_demo(args) -> int:
             with torch.no_grad():
                 model(**inputs)
             sparsity = mean_sparsity(model)
+            map_png = _save_level_map(model, out_dir / "level_map.png")
         rows.append((attn, preset.name if attn == "psa" else "-", tokens, prefill, total, sparsity, answer))
 
     agree = int((rows[0][2] == rows[1][2]).sum())
@@ -103,7 +104,26 @@ def _cmd_demo(args) -> int:
     print(f"PSA settings: preset {preset.name!r} with tiny-model overrides {TINY_MODEL_OVERRIDES}; "
           "mean text-layer sparsity of the prefill (1 - density, PSA_SEMANTICS.md section 6).")
     print("The tiny model has random weights: its answers are noise; agreement and sparsity are the point.")
+    if map_png is not None:
+        print(f"level map of one text layer (query blocks x key blocks): {map_png}")
+    print(f"generated video: {video}")
     return 0
+
+
+def _save_level_map(model, path: Path) -> Path | None:
+    """PNG of the recorded level map of the middle text layer (head 0), or None if none ran PSA."""
+    from .runtime import level_maps
+    from .viz import plot_level_map
+
+    maps = {layer: rec for (tower, layer), rec in level_maps(model).items() if tower == "text"}
+    if not maps:
+        return None
+    layer = sorted(maps, key=lambda x: -1 if x is None else x)[len(maps) // 2]
+    rec = maps[layer]
+    fig = plot_level_map(rec["level_map"], block_q=rec.get("block_q"), block_k=rec.get("block_k"),
+                         title=f"text layer {layer}, head 0: PSA level map of the prefill")
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,14 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline side-by-side run of dense and PSA attention on the tiny model",
                           description="Build (or reuse) the offline tiny Qwen2.5-VL, generate a synthetic video, "
                           "and answer one question with attn_implementation='sdpa' and 'psa'. Prints tokens, "
-                          "timings, PSA sparsity and whether the generated tokens agree. No network, no weights.")
+                          "timings, PSA sparsity and whether the generated tokens agree, and writes a PNG of one "
+                          "text layer's level map. No network, no weights.")
     demo.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
     demo.add_argument("--question", default="What colour is the moving square?", help="question about the video")
     demo.add_argument("--frames", type=int, default=32, help="frames in the generated video (default: 32)")
     demo.add_argument("--size", type=int, default=224, help="frame width and height in pixels, even (default: 224)")
     demo.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens to generate (default: 8)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated video (default: 0)")
-    demo.add_argument("--output", help="folder for the generated video (default: a new temporary folder)")
+    demo.add_argument("--output", help="folder for the generated video and the level-map PNG (default: a new "
+                      "temporary folder)")
     demo.set_defaults(func=_cmd_demo)
 
     tiny = sub.add_parser("tiny-model", help="write the offline tiny Qwen2.5-VL to a folder",

@@ -54,6 +54,9 @@ def test_demo_prints_the_side_by_side_table(tmp_path, capsys, monkeypatch):
     assert float(rows["psa"][6]) > 0  # PSA really ran sparse
     assert re.search(r"generated tokens identical: \d/4", out)
     assert (tmp_path / "out" / "demo.mp4").stat().st_size > 0
+    png = tmp_path / "out" / "level_map.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert str(png) in out
 
 
 def test_demo_rejects_a_bad_preset_with_one_clear_line(capsys):

@@ -1,0 +1,29 @@
+"""psa_vlm.viz: the level-map figure shows the map it was given, with named levels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from psa_vlm.viz import LEVEL_ORDER, plot_level_map
+
+
+def test_level_map_figure_holds_the_map_and_names_the_levels():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    codes = torch.tensor([0, 1, 2, 4, 8])
+    m = codes[torch.randint(0, 5, (2, 3, 7, 11), generator=g)]
+    fig = plot_level_map(m, block_q=64, block_k=32, text_rows=[False] * 6 + [True])
+    ax, bar = fig.axes
+    image = ax.images[0].get_array()
+    ranks = np.vectorize({v: i for i, v in enumerate(LEVEL_ORDER)}.get)(m[0, 0].numpy())
+    assert image.shape == (7, 11) and np.array_equal(np.asarray(image), ranks)  # batch 0, head 0, in rank order
+    assert "key block (32 tokens each)" == ax.get_xlabel() and "query block (64 tokens each)" == ax.get_ylabel()
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert labels == ["level 1 (full)", "level 2 (2x pooled)", "level 4 (4x pooled)", "level 8 (8x pooled)", "skipped"]
+    assert ax.get_title()
+
+
+def test_bad_level_values_are_named():
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        plot_level_map(np.array([[1, 3], [0, 2]]))
