@@ -14,6 +14,8 @@ psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen2.5-VL.
 Commands:
   demo        offline end-to-end run: a tiny random Qwen2.5-VL answers a question about a
               generated video with dense ("sdpa") and PSA attention, side by side
+  bench       end-to-end prefill benchmark (time to first token, vision and language parts)
+              with "sdpa" vs "psa" on generated videos sized to target token counts
   tiny-model  write the offline tiny Qwen2.5-VL (weights, tokenizer, processor) to a folder
   presets     list the PSA presets shipped in configs/
 """
@@ -126,6 +128,24 @@ def _save_level_map(model, path: Path) -> Path | None:
     return path
 
 
+def _cmd_bench(args) -> int:
+    import torch
+
+    from .bench import run, table
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
+    report = run(args.model, lengths, preset=args.preset, overrides=overrides, device=device, dtype=dtype,
+                 repeats=args.repeats, out_dir=args.output)
+    print()
+    print(table(report))
+    if args.output:
+        print(f"\nwrote {Path(args.output) / 'bench.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psa-vlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", help="folder for the generated video and the level-map PNG (default: a new "
                       "temporary folder)")
     demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="end-to-end prefill benchmark, sdpa vs psa",
+                           description="Time to first token of Qwen2.5-VL on generated videos sized to each "
+                           "target number of language tokens, with attn_implementation='sdpa' and 'psa': the "
+                           "vision encoder alone, the whole prefill (TTFT) and their difference (the language "
+                           "prefill), peak GPU memory and the mean PSA sparsity. Median of --repeats runs after "
+                           "a warm-up. Prints a table; --output writes bench.json.")
+    bench.add_argument("--model", default="qwen2.5-vl-7b",
+                       help="checkpoint folder or hub id (needs weights), or a shape with random weights and "
+                       "the real architecture: qwen2.5-vl-7b (default), qwen2.5-vl-3b, or tiny (the test model)")
+    bench.add_argument("--lengths", default="16384,32768,65536,131072",
+                       help="comma-separated target language-token counts (default: 16k,32k,64k,128k)")
+    bench.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
+    bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    bench.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and "
+                       "activations (default: bf16)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default: 3)")
+    bench.add_argument("--output", help="folder for bench.json")
+    bench.set_defaults(func=_cmd_bench)
 
     tiny = sub.add_parser("tiny-model", help="write the offline tiny Qwen2.5-VL to a folder",
                           description="Write a tiny randomly initialised Qwen2.5-VL (GQA text tower, windowed "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import json
 import re
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def test_help_lists_the_commands(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for command in ("demo", "tiny-model", "presets"):
+    for command in ("demo", "bench", "tiny-model", "presets"):
         assert command in text
 
 
@@ -108,3 +109,17 @@ def test_reference_accepts_fp32_cpu_and_half_inputs():
         lm = psa_kernels.build_level_map(q, k, causal=True, block_q=64, block_k=32)
         out = psa_kernels.psa_attention(q, k, k, lm, causal=True, block_q=64, block_k=32)
         assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys, monkeypatch):
+    """The benchmark's plumbing on CPU (its timings mean nothing here): the video reaches the
+    target token count, both attentions run, PSA reports a sparsity, JSON is written."""
+    monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["bench", "--model", "tiny", "--lengths", "256", "--device", "cpu", "--dtype", "fp32",
+                     "--repeats", "1", "--output", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    (row,) = report["rows"]
+    assert row["visual_tokens"] >= 256 and row["tokens"] > row["visual_tokens"]
+    assert row["psa"]["sparsity"] > 0 and row["sdpa"]["sparsity"] is None
+    assert row["psa"]["ttft_ms"] > row["psa"]["vision_ms"] > 0
+    assert "TTFT psa/sdpa" in capsys.readouterr().out

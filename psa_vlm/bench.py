@@ -1,0 +1,151 @@
+"""End-to-end prefill benchmark: time to first token with ``"sdpa"`` vs ``"psa"`` (``psa-vlm bench``).
+
+For each target number of language tokens, a synthetic video is sized so that its visual tokens
+reach the target (square frames of side ``28 * ceil(sqrt(L / 256))``, two frames per temporal
+patch), and the same inputs are run through the model with each attention:
+
+- ``vision_ms``: the vision encoder alone (``model.model.visual``);
+- ``ttft_ms``: the whole prefill forward (vision + language, logits of the last token only), i.e.
+  the time to the first token;
+- ``language_ms``: ``ttft_ms - vision_ms`` (the language prefill with the merged visual tokens);
+- peak GPU memory of the prefill and the mean PSA sparsity of the text layers.
+
+``--model`` is a local checkpoint, a hub id (needs the weights) or a shape: ``qwen2.5-vl-7b`` and
+``qwen2.5-vl-3b`` build the real architecture (layers, heads, hidden sizes, vision windows) with
+random weights and the offline tiny tokenizer, so it runs on a machine without weights;
+``tiny`` is the test model. Random weights give meaningless answers but real attention cost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+# Architecture of the released checkpoints (their config.json), without the vocabulary: shapes
+# use the tiny tokenizer, so the embedding and output layers are small; attention is unchanged.
+SHAPES = {
+    "qwen2.5-vl-7b": dict(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, head_dim=128, max_position_embeddings=128000, initializer_range=0.02,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02),
+    ),
+    "qwen2.5-vl-3b": dict(
+        text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, head_dim=128, max_position_embeddings=128000, initializer_range=0.02,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02),
+    ),
+}
+
+
+def load_model(spec: str, *, device: str, dtype: torch.dtype):
+    """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, or ``tiny``."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from .testing import build_tiny_processor, tiny_model_config, tiny_model_dir
+
+    if spec in SHAPES:
+        config = tiny_model_config(**SHAPES[spec])
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+        return model.eval(), build_tiny_processor()
+    path = tiny_model_dir() if spec == "tiny" else spec
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def frames_for_tokens(tokens: int) -> tuple[int, int]:
+    """(frame side in pixels, number of frames) whose visual tokens reach ``tokens``."""
+    if tokens < 64:
+        raise ValueError(f"target token count must be at least 64, got {tokens}")
+    side = 28 * max(8, math.ceil(math.sqrt(tokens / 256)))
+    per_group = (side // 28) ** 2  # merged tokens per temporal patch of two frames
+    return side, 2 * math.ceil(tokens / per_group)
+
+
+def _timed(fn, device: str, repeats: int) -> tuple[float, object]:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up, and its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2], out
+
+
+def run(spec: str, lengths, *, attns=("sdpa", "psa"), preset="video_mme", overrides=None, device="cuda",
+        dtype=torch.bfloat16, repeats: int = 3, out_dir=None, progress=print) -> dict:
+    """Benchmark ``spec`` at each target length; returns (and writes, with ``out_dir``) the report."""
+    from . import configure, load_preset, mean_sparsity, reset_stats
+    from .testing import make_video_frames, video_inputs
+
+    load_preset(preset)  # fail early on a bad name
+    model, processor = load_model(spec, device=device, dtype=dtype)
+    report = dict(model=spec, device=torch.cuda.get_device_name() if device.startswith("cuda") else device,
+                  dtype=str(dtype).replace("torch.", ""), preset=preset, overrides=overrides or {}, rows=[])
+    for target in lengths:
+        side, n_frames = frames_for_tokens(target)
+        progress(f"target {target} tokens: {n_frames} frames of {side}x{side}")
+        frames = make_video_frames(n_frames, side, side, seed=0)
+        inputs = video_inputs(processor, frames, "Describe the video.", nframes=n_frames, video_fps=2.0,
+                              min_pixels=side * side, max_pixels=side * side).to(device)
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
+        row = dict(target_tokens=target, tokens=int(inputs["input_ids"].shape[1]),
+                   visual_tokens=int((inputs["mm_token_type_ids"] != 0).sum()), frames=n_frames, frame_side=side)
+        for attn in attns:
+            model.set_attn_implementation(attn)
+            if attn == "psa":
+                configure(model, preset, **(overrides or {}))
+            with torch.no_grad():
+                vision_ms, _ = _timed(lambda: model.model.visual(inputs["pixel_values_videos"],
+                                                                 grid_thw=inputs["video_grid_thw"]), device, repeats)
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                if attn == "psa":
+                    reset_stats(model)
+                ttft_ms, _ = _timed(lambda: model(**inputs, logits_to_keep=1), device, repeats)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
+            sparsity = mean_sparsity(model) if attn == "psa" else None
+            row[attn] = dict(vision_ms=vision_ms, ttft_ms=ttft_ms, language_ms=ttft_ms - vision_ms, peak_mb=peak,
+                             sparsity=sparsity)
+            progress(f"  {attn:5s} vision {vision_ms:9.1f} ms  language {ttft_ms - vision_ms:9.1f} ms  "
+                     f"TTFT {ttft_ms:9.1f} ms  peak {peak:8.0f} MB  sparsity "
+                     f"{'-' if sparsity is None else f'{sparsity:.3f}'}")
+        if "sdpa" in row and "psa" in row:
+            row["ttft_ratio"] = row["psa"]["ttft_ms"] / row["sdpa"]["ttft_ms"]
+            row["peak_ratio"] = row["psa"]["peak_mb"] / row["sdpa"]["peak_mb"]
+        report["rows"].append(row)
+        if out_dir is not None:  # after every length: a run cut short keeps what it measured
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "bench.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def table(report: dict) -> str:
+    """The report as a plain-text table."""
+    lines = [f"{'tokens':>7s} {'visual':>7s} {'attention':9s} {'vision ms':>10s} {'language ms':>12s} "
+             f"{'TTFT ms':>10s} {'peak MB':>9s} {'sparsity':>8s} {'TTFT psa/sdpa':>13s}"]
+    for row in report["rows"]:
+        for attn in ("sdpa", "psa"):
+            if attn not in row:
+                continue
+            r = row[attn]
+            sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+            ratio = f"{row['ttft_ratio']:.3f}" if attn == "psa" and "ttft_ratio" in row else ""
+            lines.append(f"{row['tokens']:7d} {row['visual_tokens']:7d} {attn:9s} {r['vision_ms']:10.1f} "
+                         f"{r['language_ms']:12.1f} {r['ttft_ms']:10.1f} {r['peak_mb']:9.0f} {sp:>8s} {ratio:>13s}")
+    return "\n".join(lines)
