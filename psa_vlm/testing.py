@@ -461,19 +461,21 @@ def make_video(path, *, frames: int = 16, width: int = 112, height: int = 84, fp
 def _load_video(video, *, fps, nframes, video_fps, min_pixels, max_pixels):
     """Sample and resize one video the way qwen-vl-utils does; return ``(frames, metadata)``.
 
-    Paths go through ``qwen_vl_utils.fetch_video`` (decord backend). In-memory frames use
-    the same sampling (``smart_nframes``) and resizing (``smart_resize``, bicubic) directly:
+    Paths go through ``psa_vlm.video.load_video`` (decord; the same frames, sizes and
+    metadata as ``qwen_vl_utils.fetch_video``). In-memory frames use qwen-vl-utils'
+    sampling (``smart_nframes``) and resizing (``smart_resize``, bicubic) directly:
     qwen-vl-utils' own frame-list path resizes to multiples of 56, not 28.
     """
-    os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")  # read at import time
+    sampling = {"nframes": nframes} if nframes is not None else {"fps": fps}
+    if isinstance(video, (str, os.PathLike)):
+        from .video import load_video
+
+        loaded = load_video(video, min_pixels=min_pixels, max_pixels=max_pixels, **sampling)
+        return loaded.frames, loaded.metadata
+
     from qwen_vl_utils import vision_process as qv
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as tvf
-
-    sampling = {"nframes": nframes} if nframes is not None else {"fps": fps}
-    if isinstance(video, (str, os.PathLike)):
-        element = {"video": str(video), "min_pixels": min_pixels, "max_pixels": max_pixels, **sampling}
-        return qv.fetch_video(element, return_video_metadata=True)
 
     array = np.asarray(video)
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
