@@ -12,6 +12,7 @@ DESCRIPTION = """\
 psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen2.5-VL.
 
 Commands:
+  ask         answer a question about a local video with a Qwen2.5-VL model, PSA or dense
   demo        offline end-to-end run: a tiny random Qwen2.5-VL answers a question about a
               generated video with dense ("sdpa") and PSA attention, side by side
   bench       end-to-end prefill benchmark (time to first token, vision and language parts)
@@ -128,6 +129,67 @@ def _save_level_map(model, path: Path) -> Path | None:
     return path
 
 
+def _cmd_ask(args) -> int:
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from . import configure, mean_sparsity, reset_stats
+    from .config import load_preset
+    from .video import load_video, video_question_inputs
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.attn == "psa":
+        preset = load_preset(args.preset)  # fail before loading a model on a bad preset
+    sampling = {"nframes": args.nframes} if args.nframes is not None else {"fps": args.fps}
+    video = load_video(args.video, max_pixels=args.max_pixels, progress=True, **sampling)
+    print(f"video: {args.video}: {video.frames.shape[0]} frames of {video.frames.shape[3]}x{video.frames.shape[2]} "
+          f"at {video.sample_fps:.3g} frames/s", flush=True)
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
+                                                               attn_implementation=args.attn).to(device).eval()
+    if args.attn == "psa":
+        configure(model, preset, **_overrides(args.override))
+    inputs = video_question_inputs(processor, video, args.question).to(device)
+    visual = int((inputs["mm_token_type_ids"] != 0).sum())
+
+    def synced():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    with torch.no_grad():
+        start = synced()
+        model(**inputs, logits_to_keep=1)  # the prefill alone: time to first token
+        prefill = synced() - start
+        sparsity = mean_sparsity(model) if args.attn == "psa" else None
+        if args.attn == "psa":
+            reset_stats(model)
+        start = synced()
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        generate = synced() - start
+    new = out[0, inputs["input_ids"].shape[1]:]
+    print(f"tokens: {inputs['input_ids'].shape[1]} ({visual} visual)")
+    print(f"prefill: {prefill * 1e3:.1f} ms; generate ({len(new)} tokens, prefill included): {generate * 1e3:.1f} ms")
+    if sparsity is not None:
+        print(f"PSA sparsity (mean over text layers; preset {preset.name!r}): {sparsity:.3f}")
+    print(f"answer: {processor.tokenizer.decode(new, skip_special_tokens=True)}")
+    return 0
+
+
+def _overrides(items) -> dict:
+    """``--override FIELD=VALUE`` pairs -> preset overrides (values parsed as YAML: 0, true, [1, 2])."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--override takes FIELD=VALUE, got {item!r}")
+        out[field.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _cmd_bench(args) -> int:
     import torch
 
@@ -166,6 +228,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", help="folder for the generated video and the level-map PNG (default: a new "
                       "temporary folder)")
     demo.set_defaults(func=_cmd_demo)
+
+    ask = sub.add_parser("ask", help="answer a question about a local video",
+                         description="Load a Qwen2.5-VL checkpoint (folder or hub id), sample and resize the video "
+                         "by the Qwen rules (--fps or --nframes, --max-pixels per frame), and answer the question "
+                         "greedily with PSA or dense attention. Prints the answer, the number of (visual) tokens, "
+                         "the prefill time (to the first token), the generation time and the mean PSA sparsity.")
+    ask.add_argument("question", help="the question, e.g. \"What happens after the door opens?\"")
+    ask.add_argument("--model", required=True, help="checkpoint folder or hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct "
+                     "(or a folder written by `psa-vlm tiny-model`)")
+    ask.add_argument("--video", required=True, help="local video file (anything decord reads: mp4, mkv, avi, ...)")
+    ask.add_argument("--attn", choices=("psa", "sdpa"), default="psa", help="attention implementation (default: psa)")
+    ask.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
+    ask.add_argument("--override", action="append", metavar="FIELD=VALUE",
+                     help="replace a preset field, e.g. --override min_seq_len=0 (repeatable)")
+    ask.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
+    ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps (even, >= 2)")
+    ask.add_argument("--max-pixels", type=int, default=360 * 420,
+                     help="pixel budget per frame; sides become multiples of 28 (default: 151200, the Qwen "
+                     "video default)")
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens to generate (default: 64)")
+    ask.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    ask.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                     help="model dtype (default: auto, the checkpoint's)")
+    ask.set_defaults(func=_cmd_ask)
 
     bench = sub.add_parser("bench", help="end-to-end prefill benchmark, sdpa vs psa",
                            description="Time to first token of Qwen2.5-VL on generated videos sized to each "

@@ -231,7 +231,7 @@ class LoadedVideo:
 def load_video(path, *, fps: float | None = None, nframes: int | None = None, min_frames: int = FPS_MIN_FRAMES,
                max_frames: int | None = None, start: float | None = None, end: float | None = None,
                min_pixels: float | None = None, max_pixels: float | None = None,
-               total_pixels: float | None = None, backend: str = "decord") -> LoadedVideo:
+               total_pixels: float | None = None, backend: str = "decord", progress: bool = False) -> LoadedVideo:
     """Read a local video, sample and resize its frames by qwen-vl-utils' rules.
 
     Sampling: ``fps`` (default 2) or ``nframes`` (see :func:`sample_frame_count`), spread
@@ -239,6 +239,7 @@ def load_video(path, *, fps: float | None = None, nframes: int | None = None, mi
     end of the video means its end). Size: :func:`frame_pixel_range` then
     :func:`smart_resize`, bicubic with antialiasing. ``backend``: ``"decord"`` (what
     qwen-vl-utils uses) or ``"pyav"`` (no decord needed; decodes the file sequentially).
+    ``progress`` shows a progress bar (stderr) while frames are decoded.
 
     Raises :class:`VideoError`, naming the file, when it is missing, not a video,
     truncated or corrupt, has no decodable frame, or the time range is empty or starts
@@ -262,7 +263,7 @@ def load_video(path, *, fps: float | None = None, nframes: int | None = None, mi
     indices = torch.linspace(first, last, count).round().long().tolist()
     low, high = frame_pixel_range(count, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
     height, width = smart_resize(reader.height, reader.width, min_pixels=low, max_pixels=high)
-    frames = _read_resized(reader, indices, height, width)
+    frames = _read_resized(reader, indices, height, width, desc=path.name if progress else None)
     metadata = {"fps": reader.fps, "frames_indices": indices, "total_num_frames": clip_frames,
                 "video_backend": backend}
     return LoadedVideo(path=path, frames=frames, metadata=metadata, video_frames=reader.total_frames,
@@ -347,18 +348,28 @@ def _frame_range(path: Path, total_frames: int, video_fps: float, start, end) ->
     return first, last
 
 
-def _read_resized(reader, indices: list[int], height: int, width: int) -> torch.Tensor:
-    """Decode ``indices`` a chunk at a time and resize each chunk to ``height x width``."""
+def _read_resized(reader, indices: list[int], height: int, width: int, desc: str | None = None) -> torch.Tensor:
+    """Decode ``indices`` a chunk at a time and resize each chunk to ``height x width`` (with a
+    progress bar labelled ``desc`` when given)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as tvf
 
     out = torch.empty((len(indices), 3, height, width), dtype=torch.uint8)
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices), desc=f"decoding {desc}", unit="frame")
     for begin in range(0, len(indices), _READ_CHUNK):
         chunk = indices[begin:begin + _READ_CHUNK]
         array = reader.read(chunk)
         frames = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
         out[begin:begin + len(chunk)] = tvf.resize(frames, [height, width], interpolation=InterpolationMode.BICUBIC,
                                                    antialias=True)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return out
 
 

@@ -24,7 +24,7 @@ def test_help_lists_the_commands(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for command in ("demo", "bench", "tiny-model", "presets"):
+    for command in ("ask", "demo", "bench", "tiny-model", "presets"):
         assert command in text
 
 
@@ -123,3 +123,23 @@ def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys, monkeypa
     assert row["psa"]["sparsity"] > 0 and row["sdpa"]["sparsity"] is None
     assert row["psa"]["ttft_ms"] > row["psa"]["vision_ms"] > 0
     assert "TTFT psa/sdpa" in capsys.readouterr().out
+
+
+def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeypatch):
+    from psa_vlm.testing import make_video, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    video = make_video(tmp_path / "clip.mp4", frames=12, width=112, height=84)
+    assert cli.main(["ask", "--model", str(model), "--video", str(video), "--max-new-tokens", "3", "--device", "cpu",
+                     "--dtype", "fp32", "--override", "block_q=64", "--override", "block_k=32",
+                     "--override", "min_seq_len=0", "What colour is the square?"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tokens: \d+ \(\d+ visual\)", out) and "answer:" in out
+    sparsity = float(re.search(r"PSA sparsity .*: ([0-9.]+)", out).group(1))
+    assert 0 <= sparsity < 1
+    assert re.search(r"prefill: [0-9.]+ ms", out)
+
+
+def test_ask_names_a_missing_video(tmp_path, capsys):
+    assert cli.main(["ask", "--model", str(tmp_path), "--video", str(tmp_path / "nope.mp4"), "why?"]) == 2
+    assert "nope.mp4" in capsys.readouterr().err
