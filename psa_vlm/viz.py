@@ -69,3 +69,77 @@ def plot_level_map(level_map, *, title: str | None = None, block_q: int | None =
             ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def level_shares(level_map, visible=None) -> dict[int, float]:
+    """Share of (visible) block pairs at each level code (1, 2, 4, 8, 0 = skipped); sums to 1.
+
+    ``visible`` (bool, broadcastable to the map) restricts the count to pairs that can hold a
+    visible key, e.g. the causal lower triangle (``psa_kernels.block_visibility``)."""
+    m = level_map.detach().cpu().numpy() if hasattr(level_map, "detach") else np.asarray(level_map)
+    mask = np.ones(m.shape, dtype=bool) if visible is None else np.broadcast_to(
+        visible.detach().cpu().numpy() if hasattr(visible, "detach") else np.asarray(visible), m.shape)
+    total = mask.sum()
+    if total == 0:
+        raise ValueError("no visible block pair to count")
+    return {v: float(((m == v) & mask).sum() / total) for v in LEVEL_ORDER}
+
+
+def coverage(level_map, visible=None) -> float:
+    """Fraction of (visible) block pairs read at any level: what binary block-sparse attention
+    of the same FLOPs cannot match, since it skips every pair it does not read in full."""
+    return 1.0 - level_shares(level_map, visible)[0]
+
+
+def plot_level_shares(shares: dict[str, dict[int, float]], *, title: str | None = None, ax=None):
+    """Stacked bars: for each named map (e.g. a layer, or PSA vs binary), the share of pairs at
+    each level. ``shares`` maps a label to :func:`level_shares`' result. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not shares:
+        raise ValueError("no level shares to plot")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.2 * len(shares) + 3.5, 4.0))
+    else:
+        fig = ax.figure
+    labels = list(shares)
+    bottom = np.zeros(len(labels))
+    for v in LEVEL_ORDER:
+        heights = np.array([shares[name].get(v, 0.0) for name in labels])
+        ax.bar(labels, heights, bottom=bottom, color=LEVEL_COLOURS[v], edgecolor="#888888", linewidth=0.5,
+               label=LEVEL_NAMES[v])
+        bottom += heights
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of visible block pairs")
+    ax.set_title(title or "Resolution of the block pairs")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_sparsity(sparsity, *, layer_labels=None, title: str | None = None, ax=None):
+    """Heatmap of PSA sparsity (1 - density) per layer (rows) and head (columns). Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    s = sparsity.detach().cpu().numpy() if hasattr(sparsity, "detach") else np.asarray(sparsity, dtype=float)
+    if s.ndim != 2:
+        raise ValueError(f"sparsity needs 2 dimensions [layers, heads], got {s.shape}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * s.shape[1] + 2.5), max(3.0, 0.3 * s.shape[0] + 1.5)))
+    else:
+        fig = ax.figure
+    image = ax.imshow(s, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    fig.colorbar(image, ax=ax).set_label("sparsity (1 - density)")
+    ax.set_xlabel("head (level-map head: query head, or kv head when shared)")
+    ax.set_ylabel("layer")
+    if layer_labels is not None:
+        ax.set_yticks(range(len(layer_labels)), [str(x) for x in layer_labels])
+    ax.set_title(title or f"PSA sparsity per layer and head (mean {s.mean():.3f})")
+    fig.tight_layout()
+    return fig
