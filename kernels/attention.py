@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .level_map import LevelMap
 from .pyramid import build_device_pyramid
+from .reference import block_visibility
 
 _LOG2E = 1.4426950408889634
 
@@ -214,8 +215,7 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
     return acc, m_i, l_i
 
 
-def _block_plan(level_map: LevelMap, *, causal: bool, q_len: int, k_len: int, padded: bool,
-                dense_map: torch.Tensor | None = None) -> torch.Tensor:
+def _block_plan(level_map: LevelMap, *, causal: bool, q_len: int, k_len: int, padded: bool) -> torch.Tensor:
     """What the kernel reads per query block: ``[B, Hm, nq, 12]`` int32, per level ``p = 1, 2, 4, 8``
     (columns 0..3 of each group of four) where its list starts in the row of ``indices``, how many
     of its ascending key blocks to read, and how many of those run unmasked.
@@ -230,18 +230,15 @@ def _block_plan(level_map: LevelMap, *, causal: bool, q_len: int, k_len: int, pa
     nq, nk = level_map.indices.shape[-2:]
     bq, bk = level_map.block_q, level_map.block_k
     device = level_map.counts.device
-    dense = level_map.to_dense() if dense_map is None else dense_map
-    block_start = torch.arange(nk, device=device) * bk
-    block_end = block_start + bk  # one past the block's last key
-    offset = k_len - q_len
-    first_query = torch.arange(nq, device=device) * bq + offset
-    last_query = torch.clamp(first_query + bq, max=k_len) - 1
+    dense = level_map.to_dense()
+    # Blocks visible to at least one query of the block (padding aside: the kernel masks it).
+    read = block_visibility(batch=1, q_len=q_len, k_len=k_len, block_q=bq, block_k=bk, causal=causal,
+                            device=device)[0]
+    block_end = (torch.arange(nk, device=device) + 1) * bk  # one past the block's last key
+    full = (block_end <= k_len)[None, :].expand(nq, nk)
     if causal:
-        read = block_start[None, :] <= last_query[:, None]
-        full = (block_end[None, :] - 1 <= first_query[:, None]) & (block_end <= k_len)[None, :]
-    else:
-        read = torch.ones(nq, nk, dtype=torch.bool, device=device)
-        full = (block_end <= k_len)[None, :].expand(nq, nk)
+        first_query = torch.arange(nq, device=device) * bq + (k_len - q_len)
+        full = full & (block_end[None, :] - 1 <= first_query[:, None])
     if padded:
         full = torch.zeros_like(full)
     at_level = [dense == p for p in (1, 2, 4, 8)]
@@ -274,14 +271,11 @@ def psa_attention_triton(
     block_m: int | None = None,
     num_warps: int = 4,  # the fastest launch of benchmarks/tune_attention.py on an H100 for every map
     num_stages: int = 2,
-    dense_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the PSA forward kernel (inputs already validated by the caller)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    # ``dense_map``: the dense form of a LevelMap argument, when the caller already has it.
     if not isinstance(level_map, LevelMap):
-        dense_map = level_map
         level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k)
     Hm = level_map.indices.shape[1]
     scale = D**-0.5 if scale is None else float(scale)
@@ -289,8 +283,7 @@ def psa_attention_triton(
     out = torch.empty_like(q)
     pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else pyr.counts
     idx = level_map.indices
-    plan = _block_plan(level_map, causal=causal, q_len=Lq, k_len=Lk, padded=key_padding_mask is not None,
-                       dense_map=dense_map)
+    plan = _block_plan(level_map, causal=causal, q_len=Lq, k_len=Lk, padded=key_padding_mask is not None)
     block_d = max(16, triton.next_power_of_2(D))
     if block_m is None:
         block_m = block_q if block_d <= 128 else min(block_q, 64)

@@ -11,6 +11,7 @@ Each dispatches between the Triton kernels and the dense reference:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -105,7 +106,11 @@ def psa_attention(
     end of the keys. The output has q's dtype; accumulation is fp32. Semantics:
     :func:`psa_kernels.reference.psa_attention`.
     """
-    dense_map = level_map.to_dense() if isinstance(level_map, LevelMap) else level_map
+    if isinstance(level_map, LevelMap):
+        dense_map = level_map.to_dense()
+        level_map = dataclasses.replace(level_map, dense=dense_map)  # decoded once, for the kernel's plan too
+    else:
+        dense_map = level_map
     # Checking the map's values costs a device synchronisation: done off the GPU only (on CUDA
     # an out-of-range value reads as "skip").
     check_attention_inputs(q, k, v, dense_map, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask,
@@ -114,7 +119,7 @@ def psa_attention(
         from .attention import psa_attention_triton
 
         return psa_attention_triton(q, k, v, level_map, causal=causal, scale=scale, block_q=block_q,
-                                    block_k=block_k, key_padding_mask=key_padding_mask, dense_map=dense_map)
+                                    block_k=block_k, key_padding_mask=key_padding_mask)
     return reference.psa_attention(q, k, v, dense_map, causal=causal, scale=scale, block_q=block_q,
                                    block_k=block_k, key_padding_mask=key_padding_mask)
 
@@ -185,23 +190,11 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
     Hkv, Lk = k.shape[1], k.shape[2]
     pad = a["key_padding_mask"]
     check_key_padding_mask(pad, B, Lk, k.device)
-    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
-    if a["mode"] not in ("energy", "quantile"):
-        raise ValueError(f"mode must be 'energy', 'quantile' or 'dense', got {a['mode']!r}")
-    if len(a["levels"]) != len(a["thresholds"]):
-        raise ValueError(f"{len(a['levels'])} levels need {len(a['levels'])} thresholds, got {len(a['thresholds'])}")
-    scores = a["scores"]
-    if scores is not None:
-        if tuple(scores.shape) != (B, Hq, nq, nk):
-            raise ValueError(f"scores must have shape [B, Hq, nq, nk] = {(B, Hq, nq, nk)}, got {tuple(scores.shape)}")
-    elif a["estimator"] == "antidiagonal":
-        scores = antidiagonal_importance(q, k, causal=a["causal"], scale=a["scale"], block_q=block_q,
-                                         block_k=block_k, stride=a["stride"], key_padding_mask=pad)
-    elif a["estimator"] == "sampled":
-        scores = reference.sampled_importance(q, k, scale=a["scale"], block_q=block_q, block_k=block_k,
-                                              samples=a["stride"], key_padding_mask=pad, generator=a["generator"])
-    else:
-        raise ValueError(f"estimator must be 'antidiagonal' or 'sampled', got {a['estimator']!r}")
+    reference.check_assignment(a["mode"], a["levels"], a["thresholds"])
+    scores = reference.block_importance(q, k, scores=a["scores"], estimator=a["estimator"], causal=a["causal"],
+                                        scale=a["scale"], block_q=block_q, block_k=block_k, stride=a["stride"],
+                                        key_padding_mask=pad, generator=a["generator"],
+                                        antidiagonal=antidiagonal_importance)
     cap = None
     if a["similarity"] is not None:
         cap = similarity_cap(k, block_k=block_k, thresholds=a["similarity"], key_padding_mask=pad)
@@ -209,9 +202,7 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
                                                    text_mask=a["text_mask"],
                                                    dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad,
                                                    device=q.device)
-    valid_cols = None
-    if pad is not None:
-        valid_cols = torch.nn.functional.pad(pad, (0, nk * block_k - Lk)).view(B, nk, block_k).any(-1)
+    valid_cols = reference.valid_key_blocks(pad, Lk, block_k) if pad is not None else None
     dense, layout = assign_levels_triton(
         scores.float(), heads=Hkv if a["share_kv_group"] else Hq, kv_heads=Hkv, causal=a["causal"], q_len=Lq,
         k_len=Lk, block_q=block_q, block_k=block_k, mode=a["mode"], levels=a["levels"],

@@ -244,8 +244,7 @@ def block_visibility(
         last_pos = (k_len - q_len) + torch.clamp(torch.arange(1, nq + 1, device=device) * block_q, max=q_len) - 1
         vis = vis & ((torch.arange(nk, device=device) * block_k)[None, :] <= last_pos[:, None])[None]
     if key_padding_mask is not None:
-        pad = F.pad(key_padding_mask, (0, nk * block_k - k_len)).view(batch, nk, block_k).any(-1)
-        vis = vis & pad[:, None, :]
+        vis = vis & valid_key_blocks(key_padding_mask, k_len, block_k)[:, None, :]
     return vis
 
 
@@ -403,6 +402,14 @@ def sampled_importance(
     return probs.amax(dim=(4, 6)).view(B, Hq, nq, nk)
 
 
+def check_assignment(mode: str, levels: Sequence[int], thresholds: Sequence[float]) -> None:
+    """Reject an assignment mode other than energy/quantile, or levels and thresholds that do not pair up."""
+    if mode not in ("energy", "quantile"):
+        raise ValueError(f"mode must be 'energy' or 'quantile' (or 'dense' for build_level_map), got {mode!r}")
+    if len(levels) != len(thresholds):
+        raise ValueError(f"{len(levels)} levels need {len(levels)} thresholds, got {len(thresholds)}")
+
+
 def assign_levels(
     scores: torch.Tensor,
     visible: torch.Tensor,
@@ -419,8 +426,7 @@ def assign_levels(
     with the block's rank fraction (rank / number of visible blocks) instead of the mass.
     Invisible blocks get 0.
     """
-    if len(levels) != len(thresholds):
-        raise ValueError(f"{len(levels)} levels need {len(levels)} thresholds, got {len(thresholds)}")
+    check_assignment(mode, levels, thresholds)
     visible = visible.expand_as(scores)
     s = torch.where(visible, scores.clamp(min=0).float(), torch.full_like(scores, -1.0, dtype=torch.float32))
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
@@ -432,11 +438,9 @@ def assign_levels(
         ranked = torch.where(total > 0, ranked, torch.ones_like(ranked))
         total = torch.where(total > 0, total, n_vis)
         preceding = (ranked.cumsum(-1) - ranked) / total.clamp(min=1e-30)
-    elif mode == "quantile":
+    else:  # quantile
         preceding = torch.arange(s.shape[-1], device=s.device, dtype=torch.float32) / n_vis.clamp(min=1)
         preceding = preceding.expand_as(ranked)
-    else:
-        raise ValueError(f"mode must be 'energy' or 'quantile', got {mode!r}")
     ranked_levels = torch.zeros(s.shape, dtype=torch.int8, device=s.device)
     for lvl, tau in reversed(list(zip(levels, thresholds))):  # the finest satisfied level wins
         ranked_levels = torch.where(preceding < tau, torch.tensor(lvl, dtype=torch.int8, device=s.device), ranked_levels)
@@ -546,6 +550,35 @@ def forced_columns_and_rows(
     return cols, rows
 
 
+def block_importance(q, k, *, scores=None, estimator="antidiagonal", causal=False, scale=None, block_q=128,
+                     block_k=128, stride=8, key_padding_mask=None, generator=None, antidiagonal=None):
+    """The importance step of :func:`build_level_map`: ``scores`` checked against
+    ``[B, Hq, nq, nk]`` when given, else computed by ``estimator`` (``antidiagonal`` with
+    ``stride``, through the ``antidiagonal`` function when given, e.g. the Triton kernel; or
+    ``sampled`` with ``stride`` samples)."""
+    B, Hq, Lq, _ = q.shape
+    expected = (B, Hq, num_blocks(Lq, block_q), num_blocks(k.shape[2], block_k))
+    if scores is not None:
+        if tuple(scores.shape) != expected:
+            raise ValueError(f"scores must have shape [B, Hq, nq, nk] = {expected}, got {tuple(scores.shape)}")
+        return scores
+    if estimator == "antidiagonal":
+        return (antidiagonal or antidiagonal_importance)(
+            q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k, stride=stride,
+            key_padding_mask=key_padding_mask,
+        )
+    if estimator == "sampled":
+        return sampled_importance(q, k, scale=scale, block_q=block_q, block_k=block_k, samples=stride,
+                                  key_padding_mask=key_padding_mask, generator=generator)
+    raise ValueError(f"estimator must be 'antidiagonal' or 'sampled', got {estimator!r}")
+
+
+def valid_key_blocks(key_padding_mask: torch.Tensor, k_len: int, block_k: int) -> torch.Tensor:
+    """``[B, nk]`` bool: the key blocks holding at least one valid (unpadded) token."""
+    nk = num_blocks(k_len, block_k)
+    return F.pad(key_padding_mask, (0, nk * block_k - k_len)).view(key_padding_mask.shape[0], nk, block_k).any(-1)
+
+
 def build_level_map(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -592,23 +625,9 @@ def build_level_map(
     if mode == "dense":
         return visible.expand(B, Hm, -1, -1).to(torch.int8)
 
-    if scores is not None:
-        if tuple(scores.shape) != (B, Hq, *visible.shape[-2:]):
-            raise ValueError(f"scores must have shape [B, Hq, nq, nk] = {(B, Hq, *visible.shape[-2:])}, "
-                             f"got {tuple(scores.shape)}")
-    elif estimator == "antidiagonal":
-        # ``antidiagonal``: another implementation of antidiagonal_importance (the Triton one).
-        scores = (antidiagonal or antidiagonal_importance)(
-            q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k, stride=stride,
-            key_padding_mask=key_padding_mask,
-        )
-    elif estimator == "sampled":
-        scores = sampled_importance(
-            q, k, scale=scale, block_q=block_q, block_k=block_k, samples=stride,
-            key_padding_mask=key_padding_mask, generator=generator,
-        )
-    else:
-        raise ValueError(f"estimator must be 'antidiagonal' or 'sampled', got {estimator!r}")
+    scores = block_importance(q, k, scores=scores, estimator=estimator, causal=causal, scale=scale,
+                              block_q=block_q, block_k=block_k, stride=stride, key_padding_mask=key_padding_mask,
+                              generator=generator, antidiagonal=antidiagonal)
     if share_kv_group:
         scores = scores.view(B, Hkv, Hq // Hkv, *scores.shape[-2:]).sum(2)
 

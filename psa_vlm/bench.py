@@ -27,22 +27,21 @@ import torch
 
 # Architecture of the released checkpoints (their config.json), without the vocabulary: shapes
 # use the tiny tokenizer, so the embedding and output layers are small; attention is unchanged.
+# Both checkpoints share the vision tower and the 3-D RoPE layout; they differ in the text tower.
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+               fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02)
+_TEXT = dict(head_dim=128, max_position_embeddings=128000, initializer_range=0.02,
+             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]})
 SHAPES = {
     "qwen2.5-vl-7b": dict(
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, head_dim=128, max_position_embeddings=128000, initializer_range=0.02,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                          "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02),
+        text_config=dict(_TEXT, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4),
+        vision_config=dict(_VISION),
     ),
     "qwen2.5-vl-3b": dict(
-        text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, head_dim=128, max_position_embeddings=128000, initializer_range=0.02,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                          "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02),
+        text_config=dict(_TEXT, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2),
+        vision_config=dict(_VISION),
     ),
 }
 
