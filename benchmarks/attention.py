@@ -114,24 +114,12 @@ def rel_err(out, ref):
 # ------------------------------------------------------------------------------------------
 
 
-def quantile_thresholds(sparsity):
-    """Quantile thresholds that put level fractions 1:1:1:2 (p = 1, 2, 4, 8) at density 1 - s,
-    or, when those do not fit in the row, c:c:c:rest (ignoring forced blocks)."""
-    rho = 1.0 - sparsity
-    c = rho / 2  # density of c*(1, 1, 1, 2) = c * (1 + 1/2 + 1/4 + 2/8) = 2c
-    if 5 * c <= 1:
-        return (c, 2 * c, 3 * c, 5 * c)
-    c = (rho - 0.125) / 1.375  # c + c/2 + c/4 + (1 - 3c)/8
-    return (c, 2 * c, 3 * c, 1.0)
-
-
 def psa_variants(presets):
     for name in presets:
         cfg = load_preset(name)
         yield name, cfg.mask_kwargs()
-    base = load_preset("video_mme").mask_kwargs()
     for s in FIXED_SPARSITIES:
-        yield f"sparsity {s}", {**base, "mode": "quantile", "thresholds": quantile_thresholds(s), "similarity": None}
+        yield f"sparsity {s}", load_preset("video_mme").at_sparsity(s).mask_kwargs()
 
 
 def mask_kwargs_without_importance(kw):

@@ -20,9 +20,8 @@ import torch
 
 import psa_kernels
 
-from .runtime import layer_state, log_once
-
-ATTN_NAME = "psa"  # free of "flash", "sdpa", "flex_attention", "paged|" and "org/repo": transformers reads those
+from .runtime import ATTN_NAME, layer_state, log_once
+from .windows import attend_segments
 #: Set to 1 to raise instead of falling back to dense attention when PSA fails (tests do).
 STRICT_ENV = "PSA_VLM_STRICT"
 _PSA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,6 +66,15 @@ def psa_attention_forward(
     """transformers attention function: ``query [B,Hq,Lq,D]``, ``key/value [B,Hkv,Lk,D]`` ->
     ``([B, Lq, Hq, D], None)``. PSA where it pays, dense attention (logged once) where it cannot."""
     state = layer_state(module)
+    segments, state.segments = state.segments, None
+    if segments is not None:  # the vision tower's windows, collapsed by psa_vlm.windows' hook
+        out = attend_segments(
+            query, key, value, segments, scale=scaling,
+            reason_for=lambda n: _dense_reason(state, state.config, n, n, query.dtype, None, dropout),
+            one_segment=lambda q, k, v: psa_attention_forward(module, q, k, v, None, scaling, dropout, **kwargs)[0],
+            record_dense=lambda reason, count: _note_dense(state, reason, count),
+        )
+        return out, None
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     padding = None
@@ -78,10 +86,9 @@ def psa_attention_forward(
             padding = None
 
     config = state.config
-    reason = _dense_reason(state, config, query, key, attention_mask, dropout)
+    reason = _dense_reason(state, config, query.shape[2], key.shape[2], query.dtype, attention_mask, dropout)
     if reason is not None:
-        state.record_dense(reason)
-        log_once(f"{state.tower}:{reason}", f"PSA -> dense attention ({state.tower} tower): {reason}")
+        _note_dense(state, reason)
         if attention_mask is not None and attention_mask.dim() == 4 or dropout > 0:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -120,7 +127,12 @@ def psa_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dense_reason(state, config, query, key, attention_mask, dropout) -> str | None:
+def _note_dense(state, reason: str, count: int = 1) -> None:
+    state.record_dense(reason, count)
+    log_once(f"{state.tower}:{reason}", f"PSA -> dense attention ({state.tower} tower): {reason}")
+
+
+def _dense_reason(state, config, q_len, k_len, dtype, attention_mask, dropout) -> str | None:
     """Why this call runs dense attention, or None when PSA serves it."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return "a 4-D attention mask (a pattern PSA does not read: sliding window, packing or custom)"
@@ -128,12 +140,12 @@ def _dense_reason(state, config, query, key, attention_mask, dropout) -> str | N
         return "attention dropout (training)"
     if not config.runs_on(state.tower):
         return f"preset {config.name!r} does not run PSA on the {state.tower} tower"
-    if query.shape[2] < config.block_q:
+    if q_len < config.block_q:
         return f"query shorter than one block (decode step or short frame group; Lq < block_q = {config.block_q})"
-    if key.shape[2] < config.min_seq_len:
+    if k_len < config.min_seq_len:
         return f"sequence shorter than min_seq_len = {config.min_seq_len}"
-    if query.dtype not in _PSA_DTYPES:
-        return f"unsupported dtype {query.dtype}"
+    if dtype not in _PSA_DTYPES:
+        return f"unsupported dtype {dtype}"
     return None
 
 

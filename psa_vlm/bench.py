@@ -10,10 +10,21 @@ patch), and the same inputs are run through the model with each attention:
 - ``language_ms``: ``ttft_ms - vision_ms`` (the language prefill with the merged visual tokens);
 - peak GPU memory of the prefill and the mean PSA sparsity of the text layers.
 
+The attentions compared (:func:`attention_variants`) are ``sdpa`` (transformers' own path),
+``psa-off`` (the ``"psa"`` hook with every call dense), ``psa`` with the preset, and ``psa@S`` at
+each fixed sparsity given (``--sparsity``). Under ``"psa"`` the vision tower attends in one
+batched call per layer instead of one call per window (:mod:`psa_vlm.windows`), which is the
+whole difference between ``sdpa`` and ``psa-off``; ``language_ratio`` isolates sparse attention.
+
+Shapes use Qwen2.5-VL's own video pixel limits (4 to 16,384 merged tokens per frame) without the
+processor's total-video budget, so a video can reach 128k tokens.
+
 ``--model`` is a local checkpoint, a hub id (needs the weights) or a shape: ``qwen2.5-vl-7b`` and
 ``qwen2.5-vl-3b`` build the real architecture (layers, heads, hidden sizes, vision windows) with
 random weights and the offline tiny tokenizer, so it runs on a machine without weights;
-``tiny`` is the test model. Random weights give meaningless answers but real attention cost.
+``tiny`` is the test model. Random weights give meaningless answers and real dense cost, but
+their attention is nearly uniform, so energy thresholds keep most blocks: the ``psa@S`` rows give
+the cost at the sparsity a trained model reaches.
 """
 
 from __future__ import annotations
@@ -56,7 +67,8 @@ def load_model(spec: str, *, device: str, dtype: torch.dtype):
         config = tiny_model_config(**SHAPES[spec])
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-        return model.eval(), build_tiny_processor()
+        # The released processor's per-frame range (preprocessor_config.json), no total budget.
+        return model.eval(), build_tiny_processor(video_pixels=(56 * 56, 28 * 28 * 16384), cap_pixels_per_frame=False)
     path = tiny_model_dir() if spec == "tiny" else spec
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
@@ -86,16 +98,43 @@ def _timed(fn, device: str, repeats: int) -> tuple[float, object]:
     return sorted(times)[len(times) // 2], out
 
 
-def run(spec: str, lengths, *, attns=("sdpa", "psa"), preset="video_mme", overrides=None, device="cuda",
+#: Label of the PSA hook with PSA switched off: dense SDPA everywhere, vision windows batched.
+PSA_OFF = "psa-off"
+
+
+def attention_variants(preset="video_mme", overrides=None, sparsities=()) -> dict:
+    """``{label: PSAConfig or None}``: ``sdpa`` (None, transformers' own path), ``psa-off``
+    (the ``"psa"`` hook running every call dense: separates the batched vision windows from
+    sparse attention), ``psa`` with the preset (plus ``overrides``), and ``psa@S`` for each
+    fixed sparsity S (:meth:`PSAConfig.at_sparsity`)."""
+    from .config import load_preset
+
+    config = load_preset(preset)
+    if overrides:
+        config = config.replace(**overrides)
+    variants = {"sdpa": None, PSA_OFF: config.replace(min_seq_len=1 << 40, overrides=()), "psa": config}
+    for s in sparsities:
+        variants[f"psa@{s:g}"] = config.at_sparsity(s)
+    return variants
+
+
+def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=(), device="cuda",
         dtype=torch.bfloat16, repeats: int = 3, out_dir=None, progress=print) -> dict:
-    """Benchmark ``spec`` at each target length; returns (and writes, with ``out_dir``) the report."""
-    from . import configure, load_preset, mean_sparsity, reset_stats
+    """Benchmark ``spec`` at each target length; returns (and writes, with ``out_dir``) the report.
+
+    Each row holds one entry per attention variant (see :func:`attention_variants`) with
+    ``vision_ms``, ``ttft_ms``, ``language_ms``, ``peak_mb``, ``sparsity`` and, for PSA variants,
+    ``ttft_ratio``, ``language_ratio`` and ``peak_ratio`` against ``sdpa``.
+    """
+    from . import configure, mean_sparsity, reset_stats
     from .testing import make_video_frames, video_inputs
 
-    load_preset(preset)  # fail early on a bad name
+    variants = attention_variants(preset, overrides, sparsities)  # fails early on a bad preset
     model, processor = load_model(spec, device=device, dtype=dtype)
-    report = dict(model=spec, device=torch.cuda.get_device_name() if device.startswith("cuda") else device,
-                  dtype=str(dtype).replace("torch.", ""), preset=preset, overrides=overrides or {}, rows=[])
+    cuda = device.startswith("cuda")
+    report = dict(model=spec, device=torch.cuda.get_device_name() if cuda else device,
+                  dtype=str(dtype).replace("torch.", ""), preset=preset, overrides=overrides or {},
+                  attentions=list(variants), configs={k: v and v.to_dict() for k, v in variants.items()}, rows=[])
     for target in lengths:
         side, n_frames = frames_for_tokens(target)
         progress(f"target {target} tokens: {n_frames} frames of {side}x{side}")
@@ -105,28 +144,37 @@ def run(spec: str, lengths, *, attns=("sdpa", "psa"), preset="video_mme", overri
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
         row = dict(target_tokens=target, tokens=int(inputs["input_ids"].shape[1]),
                    visual_tokens=int((inputs["mm_token_type_ids"] != 0).sum()), frames=n_frames, frame_side=side)
-        for attn in attns:
-            model.set_attn_implementation(attn)
-            if attn == "psa":
-                configure(model, preset, **(overrides or {}))
+        vision_times = {}
+        for label, config in variants.items():
+            if config is None:
+                model.set_attn_implementation("sdpa")
+                vision = "sdpa"
+            else:
+                model.set_attn_implementation("psa")
+                configure(model, config)
+                # The vision tower's result depends on the preset only if PSA runs there.
+                vision = label if config.runs_on("vision") else "psa"
             with torch.no_grad():
-                vision_ms, _ = _timed(lambda: model.model.visual(inputs["pixel_values_videos"],
-                                                                 grid_thw=inputs["video_grid_thw"]), device, repeats)
-                if device.startswith("cuda"):
+                if vision not in vision_times:
+                    vision_times[vision], _ = _timed(lambda: model.model.visual(
+                        inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]), device, repeats)
+                if cuda:
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                if attn == "psa":
+                if config is not None:
                     reset_stats(model)
                 ttft_ms, _ = _timed(lambda: model(**inputs, logits_to_keep=1), device, repeats)
-            peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
-            sparsity = mean_sparsity(model) if attn == "psa" else None
-            row[attn] = dict(vision_ms=vision_ms, ttft_ms=ttft_ms, language_ms=ttft_ms - vision_ms, peak_mb=peak,
-                             sparsity=sparsity)
-            progress(f"  {attn:5s} vision {vision_ms:9.1f} ms  language {ttft_ms - vision_ms:9.1f} ms  "
-                     f"TTFT {ttft_ms:9.1f} ms  peak {peak:8.0f} MB  sparsity "
-                     f"{'-' if sparsity is None else f'{sparsity:.3f}'}")
-        if "sdpa" in row and "psa" in row:
-            row["ttft_ratio"] = row["psa"]["ttft_ms"] / row["sdpa"]["ttft_ms"]
-            row["peak_ratio"] = row["psa"]["peak_mb"] / row["sdpa"]["peak_mb"]
+            vision_ms = vision_times[vision]
+            r = row[label] = dict(vision_ms=vision_ms, ttft_ms=ttft_ms, language_ms=ttft_ms - vision_ms,
+                                  peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
+                                  sparsity=None if config is None else mean_sparsity(model))
+            if config is not None and "sdpa" in row:  # against transformers' own path
+                base = row["sdpa"]
+                r.update(ttft_ratio=ttft_ms / base["ttft_ms"], language_ratio=r["language_ms"] / base["language_ms"],
+                         peak_ratio=r["peak_mb"] / base["peak_mb"])
+            progress(f"  {label:9s} vision {vision_ms:9.1f} ms  language {r['language_ms']:9.1f} ms  "
+                     f"TTFT {ttft_ms:9.1f} ms  peak {r['peak_mb']:8.0f} MB  sparsity "
+                     f"{'-' if r['sparsity'] is None else format(r['sparsity'], '.3f')}")
         report["rows"].append(row)
         if out_dir is not None:  # after every length: a run cut short keeps what it measured
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -135,16 +183,18 @@ def run(spec: str, lengths, *, attns=("sdpa", "psa"), preset="video_mme", overri
 
 
 def table(report: dict) -> str:
-    """The report as a plain-text table."""
-    lines = [f"{'tokens':>7s} {'visual':>7s} {'attention':9s} {'vision ms':>10s} {'language ms':>12s} "
-             f"{'TTFT ms':>10s} {'peak MB':>9s} {'sparsity':>8s} {'TTFT psa/sdpa':>13s}"]
+    """The report as a plain-text table (ratios are PSA / sdpa)."""
+    lines = [f"{'tokens':>7s} {'visual':>7s} {'attention':10s} {'vision ms':>10s} {'language ms':>12s} "
+             f"{'TTFT ms':>10s} {'peak MB':>9s} {'sparsity':>8s} {'TTFT ratio':>10s} {'lang. ratio':>11s} "
+             f"{'peak ratio':>10s}"]
     for row in report["rows"]:
-        for attn in ("sdpa", "psa"):
-            if attn not in row:
+        for label in report["attentions"]:
+            if label not in row:
                 continue
-            r = row[attn]
+            r = row[label]
             sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
-            ratio = f"{row['ttft_ratio']:.3f}" if attn == "psa" and "ttft_ratio" in row else ""
-            lines.append(f"{row['tokens']:7d} {row['visual_tokens']:7d} {attn:9s} {r['vision_ms']:10.1f} "
-                         f"{r['language_ms']:12.1f} {r['ttft_ms']:10.1f} {r['peak_mb']:9.0f} {sp:>8s} {ratio:>13s}")
+            ratios = [f"{r[k]:.3f}" if k in r else "" for k in ("ttft_ratio", "language_ratio", "peak_ratio")]
+            lines.append(f"{row['tokens']:7d} {row['visual_tokens']:7d} {label:10s} {r['vision_ms']:10.1f} "
+                         f"{r['language_ms']:12.1f} {r['ttft_ms']:10.1f} {r['peak_mb']:9.0f} {sp:>8s} "
+                         f"{ratios[0]:>10s} {ratios[1]:>11s} {ratios[2]:>10s}")
     return "\n".join(lines)

@@ -199,8 +199,9 @@ def _cmd_bench(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
-    report = run(args.model, lengths, preset=args.preset, overrides=overrides, device=device, dtype=dtype,
-                 repeats=args.repeats, out_dir=args.output)
+    overrides.update(_overrides(args.override))
+    report = run(args.model, lengths, preset=args.preset, overrides=overrides, sparsities=args.sparsity or (),
+                 device=device, dtype=dtype, repeats=args.repeats, out_dir=args.output)
     print()
     print(table(report))
     if args.output:
@@ -265,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lengths", default="16384,32768,65536,131072",
                        help="comma-separated target language-token counts (default: 16k,32k,64k,128k)")
     bench.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
+    bench.add_argument("--override", action="append", metavar="FIELD=VALUE",
+                       help="replace a preset field, e.g. --override min_seq_len=16384 (repeatable)")
+    bench.add_argument("--sparsity", action="append", type=float, metavar="S",
+                       help="also run PSA at a fixed sparsity S in [0, 1) (quantile mode, the preset's other "
+                       "settings; repeatable). Random weights attend almost uniformly, so the energy thresholds "
+                       "keep most blocks; a fixed sparsity reproduces the cost of a real model's level maps "
+                       "(the paper's Qwen2.5-VL-7B on Video-MME: 0.65)")
     bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     bench.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and "
                        "activations (default: bf16)")

@@ -107,6 +107,19 @@ class PSAConfig:
         changes = {k: (_coerce(k, v, "replace") if k != "overrides" else v) for k, v in changes.items()}
         return dataclasses.replace(self, **changes)
 
+    def at_sparsity(self, sparsity: float) -> "PSAConfig":
+        """A copy in ``quantile`` mode whose level fractions read ``1 - sparsity`` of the dense
+        FLOPs (before forced blocks), without the similarity cap and per-layer overrides.
+
+        The cost of PSA depends on the level map, not on the values: this reproduces the cost a
+        real model reaches (e.g. the paper's 0.65 on Video-MME) on random weights, whose
+        attention is too flat for the energy thresholds to skip much.
+        """
+        if self.levels != (1, 2, 4, 8):
+            raise ValueError(f"at_sparsity needs levels [1, 2, 4, 8], preset {self.name!r} has {list(self.levels)}")
+        return self.replace(name=f"{self.name}@{sparsity:g}", mode="quantile",
+                            thresholds=quantile_thresholds(sparsity), similarity=None, overrides=())
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["overrides"] = [
@@ -262,6 +275,19 @@ def _validate(c: PSAConfig) -> None:
         _fail("towers", f"must be a list drawn from {TOWERS}", c.towers)
     if not isinstance(c.name, str) or not isinstance(c.description, str):
         _fail("name", "name and description must be strings", (c.name, c.description))
+
+
+def quantile_thresholds(sparsity: float) -> tuple[float, float, float, float]:
+    """Quantile thresholds for levels (1, 2, 4, 8) that read ``1 - sparsity`` of the dense FLOPs:
+    level fractions c:c:c:2c, or c:c:c:rest when those do not fit in a row (forced blocks aside)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    rho = 1.0 - sparsity
+    c = rho / 2  # density of c*(1, 1, 1, 2) = c * (1 + 1/2 + 1/4 + 2/8) = 2c
+    if 5 * c <= 1:
+        return (c, 2 * c, 3 * c, 5 * c)
+    c = (rho - 0.125) / 1.375  # c + c/2 + c/4 + (1 - 3c)/8
+    return (c, 2 * c, 3 * c, 1.0)
 
 
 # --------------------------------------------------------------------------------------------

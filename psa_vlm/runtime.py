@@ -7,6 +7,7 @@ by :func:`configure` (or lazily with the default preset on the first call).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
@@ -18,10 +19,13 @@ import torch
 import psa_kernels
 
 from .config import PSAConfig, load_preset
+from .windows import collapse_segments_hook
 
 logger = logging.getLogger("psa_vlm")
 
+ATTN_NAME = "psa"  # free of "flash", "sdpa", "flex_attention", "paged|" and "org/repo": transformers reads those
 _STATE_ATTR = "_psa_state"
+_SEGMENTS_HOOK_ATTR = "_psa_segments_hook"
 _HOOK_ATTR = "_psa_text_hook"
 _logged: set[str] = set()
 _log_lock = threading.Lock()
@@ -110,13 +114,14 @@ class LayerState:
     dense_calls: Counter = field(default_factory=Counter)
     sparsity_sum: torch.Tensor | None = None  # per level-map head, summed over PSA calls
     last: dict[str, Any] | None = None  # the last PSA call's level map and geometry, if recorded
+    segments: torch.Tensor | None = None  # the vision windows' cu_seqlens of the call under way (windows.py)
 
     @property
     def config(self) -> PSAConfig:
         return self.preset.for_layer(self.tower, self.layer)
 
-    def record_dense(self, reason: str) -> None:
-        self.dense_calls[reason] += 1
+    def record_dense(self, reason: str, count: int = 1) -> None:
+        self.dense_calls[reason] += count
 
     def record_psa(self, level_map: torch.Tensor, **geometry) -> torch.Tensor:
         """Account one PSA call; returns its per-head sparsity ``[Hm]`` (mean over the batch)."""
@@ -206,17 +211,24 @@ def configure(model: torch.nn.Module, preset=None, *, record_level_maps: bool = 
         if layer is None:
             layer = counters[tower]
         counters[tower] += 1
-        setattr(
-            module,
-            _STATE_ATTR,
-            LayerState(config, tower, layer, text=positions if tower == "text" else None,
-                       record_level_maps=record_level_maps),
-        )
+        state = LayerState(config, tower, layer, text=positions if tower == "text" else None,
+                           record_level_maps=record_level_maps)
+        setattr(module, _STATE_ATTR, state)
+        old = getattr(module, _SEGMENTS_HOOK_ATTR, None)
+        if old is not None:
+            old.remove()
+        if tower == "vision":  # one batched call per layer instead of one per window
+            hook = collapse_segments_hook(state, functools.partial(_runs_psa, module.config))
+            setattr(module, _SEGMENTS_HOOK_ATTR, module.register_forward_pre_hook(hook, with_kwargs=True))
         found += 1
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention module PSA can serve (no q_proj/qkv projections)")
     logger.info("PSA preset %r on %d attention layers (%s)", config.name, found, dict(counters))
     return model
+
+
+def _runs_psa(config) -> bool:
+    return getattr(config, "_attn_implementation", None) == ATTN_NAME
 
 
 def _states(model: torch.nn.Module):

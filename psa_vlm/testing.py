@@ -168,22 +168,25 @@ def _special_token_ids(tokenizer) -> dict[str, int]:
 # --------------------------------------------------------------------------- processor
 
 
-def build_tiny_processor(tokenizer=None):
+def build_tiny_processor(tokenizer=None, *, video_pixels=(VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS),
+                         cap_pixels_per_frame=True):
     """Build a ``Qwen2_5_VLProcessor`` for tiny images and videos.
 
     The pixel ranges are small so that a 112x84 video costs a few tokens per frame; the
     video processor's range contains qwen-vl-utils' output sizes, so frames that
-    ``video_inputs`` already resized pass through without a second resize.
+    ``video_inputs`` already resized pass through without a second resize. ``video_pixels``
+    (min, max per frame) and ``cap_pixels_per_frame`` (the total-video budget) let a benchmark
+    feed frames as large and as many as a real model takes.
     """
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
     video_processor = Qwen2VLVideoProcessor(
-        min_pixels=VIDEO_MIN_PIXELS,
-        max_pixels=VIDEO_MAX_PIXELS,
-        # qwen-vl-utils' behaviour; also silences transformers' warning about the default.
-        cap_pixels_per_frame=True,
+        min_pixels=video_pixels[0],
+        max_pixels=video_pixels[1],
+        # True: qwen-vl-utils' behaviour; also silences transformers' warning about the default.
+        cap_pixels_per_frame=cap_pixels_per_frame,
     )
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,

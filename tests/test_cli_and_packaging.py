@@ -116,13 +116,22 @@ def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys, monkeypa
     target token count, both attentions run, PSA reports a sparsity, JSON is written."""
     monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
     assert cli.main(["bench", "--model", "tiny", "--lengths", "256", "--device", "cpu", "--dtype", "fp32",
-                     "--repeats", "1", "--output", str(tmp_path / "out")]) == 0
+                     "--repeats", "1", "--sparsity", "0.7", "--override", "stride=16",
+                     "--output", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["attentions"] == ["sdpa", "psa-off", "psa", "psa@0.7"]
+    assert report["configs"]["psa"]["stride"] == 16 and report["configs"]["psa@0.7"]["mode"] == "quantile"
     (row,) = report["rows"]
     assert row["visual_tokens"] >= 256 and row["tokens"] > row["visual_tokens"]
-    assert row["psa"]["sparsity"] > 0 and row["sdpa"]["sparsity"] is None
-    assert row["psa"]["ttft_ms"] > row["psa"]["vision_ms"] > 0
-    assert "TTFT psa/sdpa" in capsys.readouterr().out
+    assert row["sdpa"]["sparsity"] is None and row["psa-off"]["sparsity"] is None  # no PSA call ran
+    for label in ("psa", "psa@0.7"):
+        assert 0 < row[label]["sparsity"] < 1
+        assert row[label]["ttft_ms"] > row[label]["vision_ms"] > 0
+        assert row[label]["ttft_ratio"] == pytest.approx(row[label]["ttft_ms"] / row["sdpa"]["ttft_ms"])
+    # Forced blocks (sink, diagonal, text) only add to the fixed fractions: at most the target.
+    assert row["psa@0.7"]["sparsity"] <= 0.7 + 1e-6
+    out = capsys.readouterr().out
+    assert "TTFT ratio" in out and "psa@0.7" in out
 
 
 def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeypatch):

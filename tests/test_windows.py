@@ -1,0 +1,105 @@
+"""Batched vision-window attention (``psa_vlm.windows``) against one call per window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import psa_vlm
+from psa_vlm import testing, windows
+
+
+def per_segment(q, k, v, lengths, scale):
+    """The stock path: one SDPA call per segment, outputs concatenated -> [1, N, H, D]."""
+    outs, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        outs.append(F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], scale=scale))
+        start += n
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def packed(N, H, D, seed):
+    """q/k/v [1, H, N, D] as the vision tower makes them: transposes of a [N, H, D] tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, H, D, generator=g).transpose(0, 1).unsqueeze(0) for _ in range(3)]
+
+
+@pytest.mark.parametrize("chunk_tokens", [1 << 17, 40])
+def test_segments_match_one_call_per_segment(chunk_tokens, monkeypatch):
+    monkeypatch.setattr(windows, "CHUNK_TOKENS", chunk_tokens)  # 40: several chunks per length group
+    lengths = [16, 16, 7, 16, 0, 7, 33, 16, 1, 33]  # interleaved lengths, an empty and a 1-token segment
+    q, k, v = packed(sum(lengths), 5, 80, seed=int(torch.seed() % 2**31))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    dense = []
+    out = windows.attend_segments(q, k, v, cu, scale=0.1, reason_for=lambda n: "short",
+                                  one_segment=None, record_dense=lambda r, c: dense.append((r, c)))
+    assert out.shape == (1, sum(lengths), 5, 80)
+    torch.testing.assert_close(out, per_segment(q, k, v, lengths, 0.1), rtol=1e-5, atol=1e-5)
+    assert sum(c for _, c in dense) == 9  # every non-empty segment accounted for
+
+
+def test_long_segments_go_one_by_one_to_the_psa_path():
+    lengths = [8, 24, 8, 24]
+    q, k, v = packed(sum(lengths), 2, 16, seed=int(torch.seed() % 2**31))
+    cu = torch.tensor([0, 8, 32, 40, 64])
+    seen = []
+
+    def one(qs, ks, vs):
+        seen.append(qs.shape[2])
+        return F.scaled_dot_product_attention(qs, ks, vs, scale=0.25).transpose(1, 2)
+
+    out = windows.attend_segments(q, k, v, cu, scale=0.25, reason_for=lambda n: None if n >= 16 else "short",
+                                  one_segment=one, record_dense=lambda r, c: None)
+    assert seen == [24, 24]
+    torch.testing.assert_close(out, per_segment(q, k, v, lengths, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_segments_are_refused():
+    q, k, v = packed(10, 2, 16, seed=1)
+    with pytest.raises(ValueError, match="covers 12 tokens"):
+        windows.attend_segments(q, k, v, torch.tensor([0, 6, 12]), scale=None, reason_for=lambda n: "x",
+                                one_segment=None, record_dense=lambda r, c: None)
+
+
+def vision(model, inputs):
+    with torch.no_grad():
+        out = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def test_vision_tower_runs_one_call_per_layer_and_matches_sdpa():
+    processor = testing.build_tiny_processor()
+    frames = testing.make_video_frames(8, 224, 168, seed=int(torch.seed() % 2**31))  # edge windows: two lengths
+    inputs = testing.video_inputs(processor, frames, "What colour?", max_pixels=224 * 168)
+    sdpa = testing.build_tiny_model(seed=0, attn_implementation="sdpa")
+    psa = testing.build_tiny_model(seed=0, attn_implementation="psa")
+    psa_vlm.configure(psa, "video_mme")
+
+    calls = []
+    original = psa_vlm.attention.psa_attention_forward
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("psa", counting)
+    try:
+        out = vision(psa, inputs)
+    finally:
+        AttentionInterface.register("psa", original)
+    torch.testing.assert_close(out, vision(sdpa, inputs), rtol=1e-5, atol=1e-5)
+    depth = psa.config.vision_config.depth
+    patches = int(inputs["video_grid_thw"].prod())
+    assert calls == [patches] * depth, "one call per vision layer, over the whole sequence"
+    windows_counted = sum(sum(s.dense_calls.values()) for s in psa_vlm.stats(psa) if s.tower == "vision")
+    assert windows_counted > depth  # the statistics still count every window
+
+    # Switched back to sdpa, the hook stands aside: the stock per-window loop runs.
+    psa.set_attn_implementation("sdpa")
+    psa_vlm.reset_stats(psa)
+    torch.testing.assert_close(vision(psa, inputs), vision(sdpa, inputs), rtol=1e-6, atol=1e-6)
+    assert all(not s.dense_calls for s in psa_vlm.stats(psa))
