@@ -4,10 +4,12 @@ For each target number of language tokens, a synthetic video is sized so that it
 reach the target (square frames of side ``28 * ceil(sqrt(L / 256))``, two frames per temporal
 patch), and the same inputs are run through the model with each attention:
 
-- ``vision_ms``: the vision encoder alone (``model.model.visual``);
 - ``ttft_ms``: the whole prefill forward (vision + language, logits of the last token only), i.e.
-  the time to the first token;
-- ``language_ms``: ``ttft_ms - vision_ms`` (the language prefill with the merged visual tokens);
+  the time to the first token (median wall time of ``--repeats`` runs after a warm-up);
+- ``language_ms``: the language model's forward inside those runs (CUDA events around
+  ``model.model.language_model``: its GPU time, median);
+- ``vision_ms``: ``ttft_ms - language_ms``, the vision encoder and everything before the
+  language model;
 - peak GPU memory of the prefill and the mean PSA sparsity of the text layers.
 
 The attentions compared (:func:`attention_variants`) are ``sdpa`` (transformers' own path),
@@ -83,19 +85,60 @@ def frames_for_tokens(tokens: int) -> tuple[int, int]:
     return side, 2 * math.ceil(tokens / per_group)
 
 
-def _timed(fn, device: str, repeats: int) -> tuple[float, object]:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up, and its last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
+class _LanguageClock:
+    """Times each forward of the language model inside a whole-model forward: CUDA events on a
+    GPU (the language prefill's own GPU time, whatever the vision tower's Python loop costs),
+    the wall clock on a CPU."""
+
+    def __init__(self, language_model, cuda: bool):
+        self.cuda, self.spans, self._start = cuda, [], None
+        self._handles = [language_model.register_forward_pre_hook(self._begin),
+                         language_model.register_forward_hook(self._end)]
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _begin(self, module, args):
+        self._start = self._mark()
+
+    def _end(self, module, args, output):
+        self.spans.append((self._start, self._mark()))
+
+    def take_ms(self) -> float:
+        """Milliseconds of the last language forward; forgets all."""
+        start, end = self.spans[-1]
+        self.spans.clear()
+        if self.cuda:
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _timed_prefill(model, inputs, clock: _LanguageClock, device: str, repeats: int) -> tuple[float, float]:
+    """Median (TTFT ms, language ms) of ``repeats`` prefills after one warm-up."""
+    runs = []
+    for i in range(repeats + 1):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = fn()
+        model(**inputs, logits_to_keep=1)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2], out
+        total = (time.perf_counter() - start) * 1e3
+        language = clock.take_ms()
+        if i:
+            runs.append((total, language))
+    ttft = sorted(t for t, _ in runs)[len(runs) // 2]
+    language = sorted(lang for _, lang in runs)[len(runs) // 2]
+    return ttft, language
 
 
 #: Label of the PSA hook with PSA switched off: dense SDPA everywhere, vision windows batched.
@@ -144,34 +187,34 @@ def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=()
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
         row = dict(target_tokens=target, tokens=int(inputs["input_ids"].shape[1]),
                    visual_tokens=int((inputs["mm_token_type_ids"] != 0).sum()), frames=n_frames, frame_side=side)
-        vision_times = {}
         for label, config in variants.items():
             if config is None:
                 model.set_attn_implementation("sdpa")
-                vision = "sdpa"
             else:
                 model.set_attn_implementation("psa")
                 configure(model, config)
-                # The vision tower's result depends on the preset only if PSA runs there.
-                vision = label if config.runs_on("vision") else "psa"
-            with torch.no_grad():
-                if vision not in vision_times:
-                    vision_times[vision], _ = _timed(lambda: model.model.visual(
-                        inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]), device, repeats)
-                if cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                if config is not None:
-                    reset_stats(model)
-                ttft_ms, _ = _timed(lambda: model(**inputs, logits_to_keep=1), device, repeats)
-            vision_ms = vision_times[vision]
-            r = row[label] = dict(vision_ms=vision_ms, ttft_ms=ttft_ms, language_ms=ttft_ms - vision_ms,
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            if config is not None:
+                reset_stats(model)
+            clock = _LanguageClock(model.model.language_model, cuda)
+            try:
+                with torch.no_grad():
+                    ttft_ms, language_ms = _timed_prefill(model, inputs, clock, device, repeats)
+            finally:
+                clock.close()
+            vision_ms = ttft_ms - language_ms
+            r = row[label] = dict(vision_ms=vision_ms, ttft_ms=ttft_ms, language_ms=language_ms,
                                   peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
                                   sparsity=None if config is None else mean_sparsity(model))
             if config is not None and "sdpa" in row:  # against transformers' own path
                 base = row["sdpa"]
                 r.update(ttft_ratio=ttft_ms / base["ttft_ms"], language_ratio=r["language_ms"] / base["language_ms"],
                          peak_ratio=r["peak_mb"] / base["peak_mb"])
+            if config is not None and label != PSA_OFF and PSA_OFF in row:  # same vision path: PSA's own gain
+                r.update(ttft_vs_off=ttft_ms / row[PSA_OFF]["ttft_ms"],
+                         language_vs_off=r["language_ms"] / row[PSA_OFF]["language_ms"])
             progress(f"  {label:9s} vision {vision_ms:9.1f} ms  language {r['language_ms']:9.1f} ms  "
                      f"TTFT {ttft_ms:9.1f} ms  peak {r['peak_mb']:8.0f} MB  sparsity "
                      f"{'-' if r['sparsity'] is None else format(r['sparsity'], '.3f')}")
@@ -183,18 +226,19 @@ def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=()
 
 
 def table(report: dict) -> str:
-    """The report as a plain-text table (ratios are PSA / sdpa)."""
+    """The report as a plain-text table: ratios to ``sdpa`` (TTFT, language, peak memory) and to
+    ``psa-off`` (TTFT, language: the same vision path, so sparse attention's own gain)."""
+    keys = ("ttft_ratio", "language_ratio", "peak_ratio", "ttft_vs_off", "language_vs_off")
+    heads = ("TTFT/sdpa", "lang/sdpa", "peak/sdpa", "TTFT/off", "lang/off")
     lines = [f"{'tokens':>7s} {'visual':>7s} {'attention':10s} {'vision ms':>10s} {'language ms':>12s} "
-             f"{'TTFT ms':>10s} {'peak MB':>9s} {'sparsity':>8s} {'TTFT ratio':>10s} {'lang. ratio':>11s} "
-             f"{'peak ratio':>10s}"]
+             f"{'TTFT ms':>10s} {'peak MB':>9s} {'sparsity':>8s} " + " ".join(f"{h:>9s}" for h in heads)]
     for row in report["rows"]:
         for label in report["attentions"]:
             if label not in row:
                 continue
             r = row[label]
             sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
-            ratios = [f"{r[k]:.3f}" if k in r else "" for k in ("ttft_ratio", "language_ratio", "peak_ratio")]
+            ratios = " ".join(f"{r[k]:9.3f}" if k in r else " " * 9 for k in keys)
             lines.append(f"{row['tokens']:7d} {row['visual_tokens']:7d} {label:10s} {r['vision_ms']:10.1f} "
-                         f"{r['language_ms']:12.1f} {r['ttft_ms']:10.1f} {r['peak_mb']:9.0f} {sp:>8s} "
-                         f"{ratios[0]:>10s} {ratios[1]:>11s} {ratios[2]:>10s}")
+                         f"{r['language_ms']:12.1f} {r['ttft_ms']:10.1f} {r['peak_mb']:9.0f} {sp:>8s} {ratios}")
     return "\n".join(lines)

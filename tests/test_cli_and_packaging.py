@@ -126,12 +126,13 @@ def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys, monkeypa
     assert row["sdpa"]["sparsity"] is None and row["psa-off"]["sparsity"] is None  # no PSA call ran
     for label in ("psa", "psa@0.7"):
         assert 0 < row[label]["sparsity"] < 1
-        assert row[label]["ttft_ms"] > row[label]["vision_ms"] > 0
+        assert row[label]["ttft_ms"] > row[label]["language_ms"] > 0 and row[label]["vision_ms"] > 0
         assert row[label]["ttft_ratio"] == pytest.approx(row[label]["ttft_ms"] / row["sdpa"]["ttft_ms"])
     # Forced blocks (sink, diagonal, text) only add to the fixed fractions: at most the target.
     assert row["psa@0.7"]["sparsity"] <= 0.7 + 1e-6
     out = capsys.readouterr().out
-    assert "TTFT ratio" in out and "psa@0.7" in out
+    assert row["psa"]["ttft_vs_off"] == pytest.approx(row["psa"]["ttft_ms"] / row["psa-off"]["ttft_ms"])
+    assert "TTFT/sdpa" in out and "psa@0.7" in out
 
 
 def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeypatch):
