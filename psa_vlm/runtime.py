@@ -177,8 +177,19 @@ def layer_state(module) -> LayerState:
             "choose the preset and let PSA see where the text is.",
         )
         state = LayerState(preset=preset, tower=_tower_of(module), layer=getattr(module, "layer_idx", None))
-        setattr(module, _STATE_ATTR, state)
+        _attach(module, state)  # the vision windows batch from the next forward on
     return state
+
+
+def _attach(module, state: LayerState) -> None:
+    """Give ``module`` its state and, on the vision tower, the hook that batches its windows."""
+    setattr(module, _STATE_ATTR, state)
+    old = getattr(module, _SEGMENTS_HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+    if state.tower == "vision" and hasattr(module, "config"):  # one batched call per layer, not per window
+        hook = collapse_segments_hook(state, functools.partial(_runs_psa, module.config))
+        setattr(module, _SEGMENTS_HOOK_ATTR, module.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 def configure(model: torch.nn.Module, preset=None, *, record_level_maps: bool = False, **overrides):
@@ -213,13 +224,7 @@ def configure(model: torch.nn.Module, preset=None, *, record_level_maps: bool = 
         counters[tower] += 1
         state = LayerState(config, tower, layer, text=positions if tower == "text" else None,
                            record_level_maps=record_level_maps)
-        setattr(module, _STATE_ATTR, state)
-        old = getattr(module, _SEGMENTS_HOOK_ATTR, None)
-        if old is not None:
-            old.remove()
-        if tower == "vision":  # one batched call per layer instead of one per window
-            hook = collapse_segments_hook(state, functools.partial(_runs_psa, module.config))
-            setattr(module, _SEGMENTS_HOOK_ATTR, module.register_forward_pre_hook(hook, with_kwargs=True))
+        _attach(module, state)
         found += 1
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention module PSA can serve (no q_proj/qkv projections)")

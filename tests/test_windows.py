@@ -103,3 +103,20 @@ def test_vision_tower_runs_one_call_per_layer_and_matches_sdpa():
     psa_vlm.reset_stats(psa)
     torch.testing.assert_close(vision(psa, inputs), vision(sdpa, inputs), rtol=1e-6, atol=1e-6)
     assert all(not s.dense_calls for s in psa_vlm.stats(psa))
+
+
+def test_an_unconfigured_model_batches_its_windows_from_the_second_forward():
+    processor = testing.build_tiny_processor()
+    frames = testing.make_video_frames(4, 224, 224, seed=int(torch.seed() % 2**31))
+    inputs = testing.video_inputs(processor, frames, "What colour?", max_pixels=224 * 224)
+    model = testing.build_tiny_model(seed=0, attn_implementation="psa")  # no psa_vlm.configure
+    first = vision(model, inputs)
+    attn = model.model.visual.blocks[0].attn
+    assert getattr(attn, "_psa_segments_hook", None) is not None
+    calls = []
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["cu_seqlens"].numel()),
+                                            with_kwargs=True)
+    second = vision(model, inputs)
+    handle.remove()
+    assert calls == [2]  # the module saw one segment: [0, N]
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
