@@ -59,21 +59,30 @@ SHAPES = {
 }
 
 
-def load_model(spec: str, *, device: str, dtype: torch.dtype):
-    """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, or ``tiny``."""
+def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None = None):
+    """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, or ``tiny``.
+
+    ``dtype="auto"``: the checkpoint's (shapes: bf16 on a GPU, fp32 elsewhere). ``device_map``
+    (e.g. ``"auto"``) spreads a checkpoint over the visible GPUs instead of moving it to ``device``.
+    """
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from .testing import build_tiny_processor, tiny_model_config, tiny_model_dir
 
     if spec in SHAPES:
+        if dtype == "auto":
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         config = tiny_model_config(**SHAPES[spec])
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
         # The released processor's per-frame range (preprocessor_config.json), no total budget.
         return model.eval(), build_tiny_processor(video_pixels=(56 * 56, 28 * 28 * 16384), cap_pixels_per_frame=False)
     path = tiny_model_dir() if spec == "tiny" else spec
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path)
+    if device_map is not None:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device_map)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    return model.eval(), AutoProcessor.from_pretrained(path)
 
 
 def frames_for_tokens(tokens: int) -> tuple[int, int]:

@@ -17,6 +17,9 @@ Commands:
               generated video with dense ("sdpa") and PSA attention, side by side
   bench       end-to-end prefill benchmark (time to first token, vision and language parts)
               with "sdpa" vs "psa" on generated videos sized to target token counts
+  eval        long-video QA benchmarks (Video-MME, MLVU, LongVideoBench, EgoSchema) through
+              lm-eval with several attentions, resumable, one comparison report
+  lm-eval     lm-eval's own command line with the psa-qwen2.5-vl model registered
   tiny-model  write the offline tiny Qwen2.5-VL (weights, tokenizer, processor) to a folder
   presets     list the PSA presets shipped in configs/
 """
@@ -209,6 +212,40 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluation import runner
+
+    runner.set_data_dirs(args.data_dir)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    report = runner.run(args.model, tasks, runner.parse_variants(args.attn), output=args.output, limit=args.limit,
+                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                        overrides=_overrides(args.override), max_new_tokens=args.max_new_tokens)
+    if report is not None:
+        print()
+        print(runner.markdown(report))
+        print(f"wrote {Path(args.output) / 'report.md'} and report.json; per-sample answers in "
+              f"{Path(args.output)}/<variant>/predictions.jsonl")
+    return 0
+
+
+def _cmd_lm_eval(args) -> int:
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    from .evaluation import lm  # noqa: F401  (registers psa-qwen2.5-vl, which plain lm_eval cannot see)
+    from .evaluation.runner import tasks_dir
+
+    rest = list(args.lm_eval_args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if rest and not rest[0].startswith("-") and "--include_path" not in rest:
+        rest += ["--include_path", str(tasks_dir())]
+    sys.argv = ["lm_eval", *rest]
+    cli_evaluate()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psa-vlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -279,6 +316,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default: 3)")
     bench.add_argument("--output", help="folder for bench.json")
     bench.set_defaults(func=_cmd_bench)
+
+    ev = sub.add_parser("eval", help="long-video QA benchmarks through lm-eval, dense vs PSA side by side",
+                        description="Answer the eval_tasks/ benchmarks (Video-MME, MLVU dev, LongVideoBench val, "
+                        "EgoSchema subset) with each attention variant through lm-eval, writing per-sample answers "
+                        "as they come (OUTPUT/<variant>/predictions.jsonl: rerun the same command to resume) and a "
+                        "comparison report (OUTPUT/report.md, report.json): accuracy per task and category, the "
+                        "difference to the first variant, mean PSA sparsity and prefill latency p50/p90. Data "
+                        "folders: --data-dir or the PSA_VLM_<BENCHMARK>_DIR variables (docs/evaluation.md). "
+                        "Several GPUs: `accelerate launch -m psa_vlm.cli eval ...` shards the samples.")
+    ev.add_argument("--model", default="tiny", help="checkpoint folder or hub id, a shape (qwen2.5-vl-7b, "
+                    "qwen2.5-vl-3b: random weights) or tiny (default: tiny, the offline test model)")
+    ev.add_argument("--tasks", default="videomme", help="comma-separated: videomme, videomme_w_subtitle, mlvu_dev, "
+                    "longvideobench_val, egoschema_subset (default: videomme)")
+    ev.add_argument("--attn", default="sdpa,psa:video_mme", help="comma-separated variants: sdpa, eager, psa:PRESET "
+                    "(default: sdpa,psa:video_mme)")
+    ev.add_argument("--limit", type=int, help="at most this many questions per task (default: all)")
+    ev.add_argument("--output", default="psa-eval", help="output folder (default: ./psa-eval)")
+    ev.add_argument("--data-dir", action="append", metavar="BENCHMARK=PATH",
+                    help="local folder of a benchmark (videomme, mlvu, longvideobench, egoschema), repeatable; "
+                    "'synthetic' points all four at the small generated benchmark shipped in eval_tasks/synthetic")
+    ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call, left-padded (default: 1)")
+    ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    ev.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                    help="model dtype (default: auto, the checkpoint's)")
+    ev.add_argument("--device-map", help="e.g. auto: spread a model larger than one GPU over the visible GPUs")
+    ev.add_argument("--override", action="append", metavar="FIELD=VALUE",
+                    help="replace a field of every PSA preset, e.g. --override min_seq_len=16384 (repeatable)")
+    ev.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the task's, 16)")
+    ev.set_defaults(func=_cmd_eval)
+
+    lme = sub.add_parser("lm-eval", help="lm-eval's own command line, with psa-qwen2.5-vl and eval_tasks/ available",
+                         description="Runs lm-eval's command line (the same subcommands and flags, e.g. `psa-vlm "
+                         "lm-eval run --model psa-qwen2.5-vl --model_args pretrained=PATH,attn=psa,preset=video_mme "
+                         "--tasks videomme`) after registering the psa-qwen2.5-vl model, which a plain `lm_eval` "
+                         "cannot find (lm-eval 0.4 has no plugin entry point for models). Adds --include_path "
+                         "with this package's eval_tasks/ unless given.")
+    lme.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
+    lme.set_defaults(func=_cmd_lm_eval)
 
     tiny = sub.add_parser("tiny-model", help="write the offline tiny Qwen2.5-VL to a folder",
                           description="Write a tiny randomly initialised Qwen2.5-VL (GQA text tower, windowed "

@@ -429,17 +429,24 @@ def make_video(path, *, frames: int = 16, width: int = 112, height: int = 84, fp
     ``codec`` is ``"h264"`` (libx264) or ``"mpeg4"``; both use yuv420p, which every
     decoder reads, and which needs even width and height.
     """
+    if width % 2 or height % 2:
+        raise ValueError(f"yuv420p video needs an even width and height, got {width}x{height}")
+    return write_video(path, make_video_frames(frames, height, width, seed), fps=fps, codec=codec)
+
+
+def write_video(path, pixels: np.ndarray, *, fps: float = 4.0, codec: str = "h264") -> Path:
+    """Encode uint8 frames ``[T, H, W, 3]`` (even H and W) to ``path`` with PyAV."""
     import av
 
     if codec not in _ENCODERS:
         raise ValueError(f"codec must be one of {sorted(_ENCODERS)}, got {codec!r}")
+    _, height, width, _ = pixels.shape
     if width % 2 or height % 2:
         raise ValueError(f"yuv420p video needs an even width and height, got {width}x{height}")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = make_video_frames(frames, height, width, seed)
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(_ENCODERS[codec], rate=Fraction(fps).limit_denominator(1001))

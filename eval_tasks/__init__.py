@@ -1,0 +1,1 @@
+"""lm-eval task files (YAML + utils.py) and the small synthetic benchmark; see docs/evaluation.md."""

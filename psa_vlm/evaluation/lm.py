@@ -1,0 +1,306 @@
+"""``psa-qwen2.5-vl``: Qwen2.5-VL with a chosen attention as an lm-eval model.
+
+Greedy generation for multiple-choice video QA. Each request carries its video as
+``{"type": "video", "video": path, "fps"/"nframes", "max_pixels", ...}`` (the task decides how
+frames are sampled and sized, before decoding); the frames go through
+:func:`psa_vlm.video.load_video`, the processor gets them with their metadata. Per sample the
+model records the prefill time (to the first token), the visual tokens and the mean PSA
+sparsity; with ``predictions=PATH`` every answer is appended to a JSONL file as it is made
+and a rerun answers from it, so a killed run resumes where it stopped.
+
+Model arguments (``--model_args`` in lm-eval): ``pretrained`` (folder, hub id, a shape of
+:data:`psa_vlm.bench.SHAPES` or ``tiny``), ``attn`` (``psa``, ``sdpa``, ``eager``, ...),
+``preset`` and ``overrides`` (``"field=value;field=value"``) for ``psa``, ``device``,
+``dtype`` (``auto``, ``bf16``, ``fp16``, ``fp32``), ``device_map`` (``auto`` for a model larger
+than one GPU), ``batch_size``, ``max_new_tokens`` (default: the task's ``max_gen_toks``),
+``predictions``. Under ``accelerate launch`` each process takes its share of the requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+logger = logging.getLogger("psa_vlm.eval")
+
+MODEL_NAME = "psa-qwen2.5-vl"
+_DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_overrides(text) -> dict:
+    """``"block_q=64;min_seq_len=0"`` (or a dict) -> ``{"block_q": 64, "min_seq_len": 0}``."""
+    import yaml
+
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    out = {}
+    for item in str(text).split(";"):
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            raise ValueError(f"overrides take field=value pairs separated by ';', got {item!r}")
+        out[field.strip()] = yaml.safe_load(value)
+    return out
+
+
+def request_key(task: str, doc_id, context: str) -> str:
+    """Identifies a request across runs: the task, the document and its prompt."""
+    return f"{task}|{doc_id}|{hashlib.sha1(context.encode()).hexdigest()[:12]}"
+
+
+class _FirstTokenClock:
+    """A logits processor that notes when the first token's logits exist: the prefill's end."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.at = cuda, None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.at = time.perf_counter()
+        return scores
+
+
+@register_model(MODEL_NAME)
+class PSAQwenVL(LM):
+    MULTIMODAL = True
+
+    def __init__(self, pretrained: str = "tiny", attn: str = "psa", preset: str = "video_mme", overrides=None,
+                 device: str | None = None, dtype: str = "auto", device_map: str | None = None, batch_size=1,
+                 max_new_tokens: int | None = None, predictions: str | None = None, model=None, processor=None,
+                 **unused):
+        super().__init__()
+        if unused:
+            logger.warning("psa-qwen2.5-vl ignores unknown model arguments %s", sorted(unused))
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun: shard the requests
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator()
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            device = str(self.accelerator.device)
+        self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if model is None:
+            from ..bench import load_model
+
+            model, processor = load_model(str(pretrained), device=self.device_name, dtype=_DTYPES[dtype],
+                                          device_map=device_map)
+        elif processor is None:
+            raise ValueError("a model given as an object needs its processor too")
+        self.model, self.processor, self.pretrained = model, processor, str(pretrained)
+        self.attn = attn
+        self.preset = preset
+        self.overrides = parse_overrides(overrides)
+        if str(pretrained) == "tiny":  # blocks small enough for the tiny model's few hundred tokens
+            from ..cli import TINY_MODEL_OVERRIDES
+
+            self.overrides = {**TINY_MODEL_OVERRIDES, **self.overrides}
+        self._set_attention()
+        self.predictions = None
+        self.done: dict[str, dict] = {}
+        if predictions:
+            path = Path(predictions)
+            if self.world_size > 1:
+                path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+            self.predictions = path
+            self.done = read_predictions(path)
+            _end_torn_line(path)
+
+    # -- lm-eval interface ------------------------------------------------------------------
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """lm-eval's ``--device`` / ``--batch_size`` fill in what ``--model_args`` leaves open
+        (lm-eval's default passes both and fails on a repeated keyword)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        extra.pop("max_batch_size", None)
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"{self.pretrained}:{self.attn}"
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError(
+            "psa-qwen2.5-vl only generates (output_type: generate_until); loglikelihood scoring of video "
+            "questions is not supported. Use the eval_tasks/ tasks, which score the generated letter."
+        )
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("psa-qwen2.5-vl only generates (output_type: generate_until); no rolling loglikelihood")
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        todo = []
+        for i, request in enumerate(requests):
+            key = request_key(request.task_name, request.doc_id, request.args[0])
+            if key in self.done:
+                answers[i] = self.done[key]["response"]
+            else:
+                todo.append((i, key, request))
+        if len(todo) < len(requests):
+            logger.info("resuming: %d of %d answers read from %s", len(requests) - len(todo), len(requests),
+                        self.predictions)
+        bar = tqdm(total=len(todo), desc=f"{self.attn} answers", disable=disable_tqdm or self.rank != 0)
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            for (i, key, request), record in zip(batch, self._answer([r for _, _, r in batch])):
+                answers[i] = record["response"]
+                self._save(key, request, record)
+            bar.update(len(batch))
+        bar.close()
+        return answers
+
+    # -- distributed ------------------------------------------------------------------------
+
+    def all_gather(self, tensor):
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        if self.accelerator is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self):
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    # -- work -------------------------------------------------------------------------------
+
+    def _set_attention(self):
+        import psa_vlm
+
+        self.model.set_attn_implementation(self.attn)
+        if self.attn == "psa":
+            psa_vlm.configure(self.model, self.preset, **self.overrides)
+
+    def _answer(self, requests) -> list[dict]:
+        """Generate for a batch; a sample whose video cannot be read gets an empty answer and its error."""
+        import psa_vlm
+        from ..video import MediaError, load_video, question_messages
+
+        records, loaded = [], []
+        for request in requests:
+            context, gen_kwargs = request.args[0], request.args[1]
+            visuals = request.args[2].get("visual") if len(request.args) > 2 else None
+            video = _one_video(visuals)
+            options = {k: v for k, v in video.items() if k not in ("type", "video")}
+            try:
+                loaded.append((context, gen_kwargs, load_video(video["video"], **options)))
+                records.append(None)
+            except (MediaError, FileNotFoundError) as err:
+                logger.warning("%s/%s: %s (answer left empty, counted wrong)", request.task_name, request.doc_id, err)
+                records.append(dict(response="", error=str(err)))
+        if not loaded:
+            return records
+        texts = [self.processor.apply_chat_template(question_messages(c), tokenize=False, add_generation_prompt=True)
+                 for c, _, _ in loaded]
+        inputs = self.processor(text=texts, videos=[v.frames for _, _, v in loaded],
+                                video_metadata=[v.metadata for _, _, v in loaded], do_sample_frames=False,
+                                padding=True, padding_side="left", return_tensors="pt").to(self.model.device)
+        if "pixel_values_videos" in inputs:
+            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
+        gen_kwargs = loaded[0][1]
+        max_new = self.max_new_tokens or int(gen_kwargs.get("max_gen_toks", 16))
+        until = [u for u in (gen_kwargs.get("until") or []) if u]
+        cuda = self.model.device.type == "cuda"
+        clock = _FirstTokenClock(cuda)
+        if self.attn == "psa":
+            psa_vlm.reset_stats(self.model)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new, do_sample=False, logits_processor=[clock],
+                                      pad_token_id=self.processor.tokenizer.pad_token_id)
+        sparsity = psa_vlm.mean_sparsity(self.model) if self.attn == "psa" else None
+        prefill_ms = ((clock.at or time.perf_counter()) - start) * 1e3
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        visual = (inputs["mm_token_type_ids"] != 0).sum(1).tolist()
+        made = iter(zip(texts, visual))
+        for j, record in enumerate(records):
+            if record is None:
+                text, n_visual = next(made)
+                for stop in until:
+                    text = text.split(stop)[0]
+                records[j] = dict(response=text, prefill_ms=prefill_ms, batch=len(loaded), visual_tokens=int(n_visual),
+                                  tokens=int(inputs["input_ids"].shape[1]), sparsity=sparsity)
+        return records
+
+    def _save(self, key: str, request, record: dict) -> None:
+        record = dict(key=key, task=request.task_name, doc_id=request.doc_id, attn=self.attn,
+                      preset=self.preset if self.attn == "psa" else None, **record)
+        self.done[key] = record
+        if self.predictions is None:
+            return
+        self.predictions.parent.mkdir(parents=True, exist_ok=True)
+        with self.predictions.open("a") as f:  # one line per answer, on disk before the next one starts
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _one_video(visuals) -> dict:
+    if not visuals:
+        raise ValueError("a psa-qwen2.5-vl request needs a video: the task's doc_to_image must give one")
+    visuals = visuals if isinstance(visuals, list) else [visuals]
+    if len(visuals) != 1 or not isinstance(visuals[0], dict) or "video" not in visuals[0]:
+        raise ValueError(f"expected one {{'type': 'video', 'video': path, ...}} per request, got {visuals!r:.200}")
+    return visuals[0]
+
+
+def _end_torn_line(path: Path) -> None:
+    """After a kill in the middle of a write the file ends without a newline: end that line, so
+    the next answer starts a line of its own (the torn one is skipped when read)."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def read_predictions(path) -> dict[str, dict]:
+    """``{key: record}`` from a predictions JSONL (and its per-rank siblings); a torn last line is skipped."""
+    path = Path(path)
+    files = [path, *sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))] if path.parent.exists() else []
+    out = {}
+    for file in files:
+        if not file.is_file():
+            continue
+        for line in file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s: skipping a torn line (a run killed while writing)", file)
+                continue
+            out[record["key"]] = record
+    return out
