@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,8 @@ def needle_video(seed: int, *, frames: int = 16, size: tuple[int, int] = (84, 11
     return pixels, colour
 
 
-def write_benchmark(root, *, videos: int = 4, seed: int = 0, fps: float = 4.0) -> Path:
+def write_benchmark(root, *, videos: int = 4, seed: int = 0, fps: float = 4.0, frames: int = 16,
+                    size: tuple[int, int] = (84, 112)) -> Path:
     """Write ``root/{videomme,mlvu,longvideobench,egoschema}``; returns ``root``."""
     import pandas as pd
 
@@ -48,7 +48,7 @@ def write_benchmark(root, *, videos: int = 4, seed: int = 0, fps: float = 4.0) -
     names = list(COLOURS)
     items = []
     for i in range(videos):
-        pixels, colour = needle_video(seed + i)
+        pixels, colour = needle_video(seed + i, frames=frames, size=size)
         items.append(dict(name=f"needle{i:02d}", pixels=pixels, answer=names.index(colour)))
 
     def put(path: Path, item) -> None:
@@ -119,11 +119,24 @@ def answers(root) -> dict[str, dict[str, str]]:
     return key
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m psa_vlm.evaluation.synthetic DIR")
-    out = Path(sys.argv[1])
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m psa_vlm.evaluation.synthetic",
+                                     description="Write the synthetic needle benchmark in the four formats.")
+    parser.add_argument("directory", help="output folder (replaced)")
+    parser.add_argument("--videos", type=int, default=4, help="questions per benchmark (default: 4)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per video (default: 16)")
+    parser.add_argument("--size", default="84x112", help="HEIGHTxWIDTH, even (default: 84x112)")
+    parser.add_argument("--fps", type=float, default=4.0, help="frame rate of the files (default: 4)")
+    args = parser.parse_args(argv)
+    height, width = (int(x) for x in args.size.lower().split("x"))
+    out = Path(args.directory)
     if out.exists():
         shutil.rmtree(out)
-    write_benchmark(out)
+    write_benchmark(out, videos=args.videos, frames=args.frames, size=(height, width), fps=args.fps)
     print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
