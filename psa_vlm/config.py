@@ -278,8 +278,9 @@ def _validate(c: PSAConfig) -> None:
 
 
 def quantile_thresholds(sparsity: float) -> tuple[float, float, float, float]:
-    """Quantile thresholds for levels (1, 2, 4, 8) that read ``1 - sparsity`` of the dense FLOPs:
-    level fractions c:c:c:2c, or c:c:c:rest when those do not fit in a row (forced blocks aside)."""
+    """Quantile thresholds for levels (1, 2, 4, 8) that read ``1 - sparsity`` of the dense FLOPs
+    (forced blocks aside): level fractions c:c:c:2c; when those do not fit in a row, c:c:c:rest;
+    at the lowest sparsities (below about 0.42) level 1 and level 2 only."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     rho = 1.0 - sparsity
@@ -287,7 +288,10 @@ def quantile_thresholds(sparsity: float) -> tuple[float, float, float, float]:
     if 5 * c <= 1:
         return (c, 2 * c, 3 * c, 5 * c)
     c = (rho - 0.125) / 1.375  # c + c/2 + c/4 + (1 - 3c)/8
-    return (c, 2 * c, 3 * c, 1.0)
+    if 3 * c <= 1:
+        return (c, 2 * c, 3 * c, 1.0)
+    a = 2 * rho - 1  # a + (1 - a)/2
+    return (a, 1.0, 1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------

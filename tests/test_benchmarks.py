@@ -5,6 +5,8 @@ Timings here mean nothing; the test checks the script's plumbing and its outputs
 
 import json
 import sys
+
+import pytest
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +32,24 @@ def test_attention_benchmark_smoke(tmp_path):
 
 
 def test_quantile_thresholds_hit_the_target_density():
+    from psa_vlm.config import load_preset, quantile_thresholds
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import attention as bench
     finally:
         sys.path.pop(0)
-    for s in bench.FIXED_SPARSITIES:
-        t = bench.quantile_thresholds(s)
+    for s in (*bench.FIXED_SPARSITIES, 0.0, 0.3, 0.99):
+        t = quantile_thresholds(s)
         assert list(t) == sorted(t) and 0 < t[0] and t[-1] <= 1
         fractions = [t[0], t[1] - t[0], t[2] - t[1], t[3] - t[2]]
         density = sum(f / p for f, p in zip(fractions, (1, 2, 4, 8)))
         assert abs(density - (1 - s)) < 1e-9
+        config = load_preset("fast").at_sparsity(s)
+        assert config.mode == "quantile" and config.thresholds == t and config.similarity is None
+        assert not config.overrides and config.share_kv_group  # the preset's other settings stay
+    for bad in (1.0, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match="sparsity"):
+            quantile_thresholds(bad)
+    with pytest.raises(ValueError, match="levels"):
+        load_preset("block_sparse").at_sparsity(0.5)
