@@ -246,3 +246,25 @@ def test_lm_eval_command_line_runs_the_tasks(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "acc_short" in result.stdout and "videomme" in result.stdout
     assert list(tmp_path.rglob("results*.json"))
+
+
+def test_data_parallel_shards_the_questions_and_merges_the_report(tmp_path):
+    """torchrun with two CPU processes (gloo): what `accelerate launch` does on GPUs."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "psa_vlm.cli", "eval", "--model", "tiny", "--device", "cpu",
+         "--dtype", "fp32", "--data-dir", "synthetic", "--tasks", "egoschema_subset,videomme", "--attn", "sdpa",
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shards = sorted((tmp_path / "sdpa").glob("predictions.rank*.jsonl"))
+    assert [p.name for p in shards] == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]
+    per_rank = [len(p.read_text().splitlines()) for p in shards]
+    assert per_rank == [4, 4]  # 8 questions, each answered once
+    keys = [json.loads(line)["key"] for p in shards for line in p.read_text().splitlines()]
+    assert len(set(keys)) == 8
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["variants"]["sdpa"]["overall"]["samples"] == 8

@@ -13,7 +13,9 @@ Model arguments (``--model_args`` in lm-eval): ``pretrained`` (folder, hub id, a
 ``preset`` and ``overrides`` (``"field=value;field=value"``) for ``psa``, ``device``,
 ``dtype`` (``auto``, ``bf16``, ``fp16``, ``fp32``), ``device_map`` (``auto`` for a model larger
 than one GPU), ``batch_size``, ``max_new_tokens`` (default: the task's ``max_gen_toks``),
-``predictions``. Under ``accelerate launch`` each process takes its share of the requests.
+``predictions``. Under ``accelerate launch`` or ``torchrun`` each process takes its share of the
+requests (``torch.distributed``: NCCL on GPUs, gloo on CPUs) and writes its own
+``<predictions>.rank<r>.jsonl``.
 """
 
 from __future__ import annotations
@@ -84,13 +86,17 @@ class PSAQwenVL(LM):
         super().__init__()
         if unused:
             logger.warning("psa-qwen2.5-vl ignores unknown model arguments %s", sorted(unused))
-        self.accelerator = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun: shard the requests
-            from accelerate import Accelerator
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed:  # accelerate launch / torchrun: lm-eval shards the requests over the ranks
+            import torch.distributed as dist
 
-            self.accelerator = Accelerator()
-            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-            device = str(self.accelerator.device)
+            cuda = torch.cuda.is_available() and device != "cpu"
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if cuda else "gloo")
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+            if cuda:
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                torch.cuda.set_device(device)
         self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
@@ -178,10 +184,17 @@ class PSAQwenVL(LM):
     # -- distributed ------------------------------------------------------------------------
 
     def all_gather(self, tensor):
-        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
+
+        tensor = tensor.to(self.device_name) if dist.get_backend() == "nccl" else tensor.cpu()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
     def gather_object(self, obj, dst=0):
-        if self.accelerator is None:
+        if not self.distributed:
             return [obj]
         import torch.distributed as dist
 
@@ -190,8 +203,10 @@ class PSAQwenVL(LM):
         return out
 
     def barrier(self):
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     # -- work -------------------------------------------------------------------------------
 
