@@ -14,7 +14,7 @@ For each length and shape (causal 28/4 heads D=128, the Qwen2.5-VL-7B text tower
   same importance, through FlexAttention with a ``BlockMask`` (compiled; the tool a user would
   pick instead), attend-only time and relative error.
 
-Video-like inputs (``video_like``): queries and keys are a smooth spatio-temporal field (frames
+Video-like inputs (``psa_vlm.compare.video_like``): queries and keys are a smooth spatio-temporal field (frames
 of ``grid x grid`` tokens whose features vary slowly in time and space) plus noise, with
 ``text_tokens`` random tokens appended at the end (the question), so masks look like real ones:
 neighbouring tokens are similar (pooling is allowed) and attention concentrates.
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import psa_kernels
+from psa_vlm.compare import binary_map_like, video_like_qkv
 from psa_vlm.config import load_preset
 
 FIXED_SPARSITIES = (0.5, 0.65, 0.8, 0.9, 0.95)
@@ -52,31 +53,12 @@ SHAPES = {
 # ------------------------------------------------------------------------------------------
 
 
-def video_like(L, H, D, *, seed, device, dtype, text_tokens=256, grid=16):
-    """[1, H, L, D]: a smooth field over (frame, row, column) + noise, then random text tokens."""
-    g = torch.Generator().manual_seed(seed)
-    n_video = max(0, L - text_tokens)
-    idx = torch.arange(n_video)
-    t, y, x = idx // (grid * grid), (idx // grid) % grid, idx % grid
-    coords = torch.stack([t / 8.0, y / 4.0, x / 4.0], -1)  # slow in time, smooth in space
-    freqs = torch.randn(3, 16, generator=g)
-    phases = torch.rand(16, generator=g) * 6.28
-    field = torch.sin(coords @ freqs + phases)  # [n_video, 16]
-    basis = torch.randn(H, 16, D, generator=g) / 2
-    video = torch.einsum("lf,hfd->hld", field, basis) + 0.3 * torch.randn(H, n_video, D, generator=g)
-    text = torch.randn(H, L - n_video, D, generator=g)
-    return torch.cat([video, text], 1)[None].to(device, dtype)
-
-
 def make_inputs(kind, L, shape, *, seed, device, dtype):
     Hq, Hkv, D = shape["Hq"], shape["Hkv"], shape["D"]
     if kind == "random":
         g = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(1, h, L, D, generator=g).to(device, dtype) for h in (Hq, Hkv, Hkv))
-    q = video_like(L, Hq, D, seed=seed, device=device, dtype=dtype)
-    k = video_like(L, Hkv, D, seed=seed + 1, device=device, dtype=dtype)
-    v = torch.randn(1, Hkv, L, D, generator=torch.Generator().manual_seed(seed + 2)).to(device, dtype)
-    return q, k, v
+    return video_like_qkv(L, Hq, Hkv, D, seed=seed, device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,16 +106,6 @@ def psa_variants(presets):
 
 def mask_kwargs_without_importance(kw):
     return {k: v for k, v in kw.items() if k not in ("estimator", "stride")}
-
-
-def binary_map_like(scores, visible, density, forced):
-    """Per row, the top blocks by importance at the given density (forced blocks first)."""
-    n_vis = visible.sum(-1, keepdim=True)
-    keep = torch.clamp(torch.round(density * n_vis.float()).long(), min=1)
-    priority = torch.where(visible, scores.float(), torch.full_like(scores, -1.0, dtype=torch.float32))
-    priority = torch.where(forced & visible, torch.full_like(priority, float("inf")), priority)
-    rank = torch.argsort(torch.argsort(priority, dim=-1, descending=True, stable=True), dim=-1)
-    return (visible & (rank < keep)).to(torch.int8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -260,41 +232,9 @@ def hook_overhead(lengths, *, device, dtype, seed=0):
 
 
 def plot(rows, path):
-    import matplotlib
+    from psa_vlm.viz import plot_attention_benchmark
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for shape in SHAPES:
-        sel = [r for r in rows if r["shape"] == shape and r["kind"] == "video-like"]
-        if not sel:
-            continue
-        Ls = [r["L"] for r in sel]
-        a.plot(Ls, [r["dense_ms"] for r in sel], "k-o", label=f"dense SDPA ({shape})")
-        for name in ("video_mme", "sparsity 0.9"):
-            ys = [next((v["total_ms"] for v in r["variants"] if v["name"] == name), float("nan")) for r in sel]
-            a.plot(Ls, ys, "-o", label=f"PSA {name} total ({shape})")
-    a.set_xscale("log", base=2)
-    a.set_yscale("log")
-    a.set_xlabel("sequence length (tokens)")
-    a.set_ylabel("time (ms)")
-    a.set_title("Attention time vs length (video-like inputs)")
-    a.legend(fontsize=7)
-    longest = max((r for r in rows if r["kind"] == "video-like"), key=lambda r: r["L"], default=None)
-    if longest:
-        fixed = [v for v in longest["variants"] if v["name"].startswith("sparsity")]
-        b.plot([v["sparsity"] for v in fixed], [v["total_ms"] for v in fixed], "-o", label="PSA total")
-        b.plot([v["sparsity"] for v in fixed], [v["attend_ms"] for v in fixed], "--o", label="PSA attend")
-        b.plot([v["sparsity"] for v in fixed], [v.get("flex_ms", float("nan")) for v in fixed], "-s",
-               label="FlexAttention block-sparse (same FLOPs)")
-        b.axhline(longest["dense_ms"], color="k", label="dense SDPA")
-        b.set_xlabel("sparsity (1 - density)")
-        b.set_ylabel("time (ms)")
-        b.set_title(f"Time vs sparsity at {longest['L']} tokens ({longest['shape']})")
-        b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_attention_benchmark(rows).savefig(path, dpi=120)
 
 
 def main(argv=None):

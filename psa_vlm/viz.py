@@ -1,4 +1,4 @@
-"""Plots of PSA level maps (matplotlib; figures are returned, never shown).
+"""Plots of PSA level maps and benchmark results (matplotlib; figures are returned, never shown).
 
 Level values follow PSA_SEMANTICS.md: 1 = full resolution, 2/4/8 = mean-pooled keys, 0 = skipped.
 The colour scale is discrete and ordered by resolution (darker = more detail), so a map reads at
@@ -29,16 +29,14 @@ def _as_2d(level_map) -> np.ndarray:
 
 
 def plot_level_map(level_map, *, title: str | None = None, block_q: int | None = None, block_k: int | None = None,
-                   text_rows=None, ax=None):
+                   text_rows=None, text_cols=None, ax=None):
     """Heatmap of one level map ``[nq, nk]`` (query blocks down, key blocks across).
 
     ``block_q``/``block_k`` label the axes in tokens as well as blocks; ``text_rows`` (bool per
-    query block) marks the rows holding text with a tick on the right. Returns the figure.
+    query block) and ``text_cols`` (bool per key block) mark the blocks holding text with red
+    ticks on the right and on top; the unmarked ones are vision. Returns the figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the active backend: inline in notebooks, Agg when headless
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.ticker import MaxNLocator
 
@@ -65,8 +63,12 @@ def plot_level_map(level_map, *, title: str | None = None, block_q: int | None =
         rows = np.flatnonzero(np.asarray(text_rows, dtype=bool))
         ax.scatter(np.full(rows.shape, nk - 0.5), rows, marker="<", color="#d62728", s=12, clip_on=False,
                    label="text query rows")
-        if rows.size:
-            ax.legend(loc="lower left", fontsize=7)
+    if text_cols is not None:
+        cols = np.flatnonzero(np.asarray(text_cols, dtype=bool))
+        ax.scatter(cols, np.full(cols.shape, -0.5), marker="v", color="#d62728", s=12, clip_on=False,
+                   label="text key columns")
+    if (text_rows is not None and np.any(text_rows)) or (text_cols is not None and np.any(text_cols)):
+        ax.legend(loc="lower left", fontsize=7, title="unmarked blocks: vision", title_fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -94,10 +96,7 @@ def coverage(level_map, visible=None) -> float:
 def plot_level_shares(shares: dict[str, dict[int, float]], *, title: str | None = None, ax=None):
     """Stacked bars: for each named map (e.g. a layer, or PSA vs binary), the share of pairs at
     each level. ``shares`` maps a label to :func:`level_shares`' result. Returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the active backend: inline in notebooks, Agg when headless
 
     if not shares:
         raise ValueError("no level shares to plot")
@@ -122,10 +121,7 @@ def plot_level_shares(shares: dict[str, dict[int, float]], *, title: str | None 
 
 def plot_sparsity(sparsity, *, layer_labels=None, title: str | None = None, ax=None):
     """Heatmap of PSA sparsity (1 - density) per layer (rows) and head (columns). Returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the active backend: inline in notebooks, Agg when headless
 
     s = sparsity.detach().cpu().numpy() if hasattr(sparsity, "detach") else np.asarray(sparsity, dtype=float)
     if s.ndim != 2:
@@ -141,5 +137,72 @@ def plot_sparsity(sparsity, *, layer_labels=None, title: str | None = None, ax=N
     if layer_labels is not None:
         ax.set_yticks(range(len(layer_labels)), [str(x) for x in layer_labels])
     ax.set_title(title or f"PSA sparsity per layer and head (mean {s.mean():.3f})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_benchmark(rows, *, kind: str = "video-like", names=("video_mme", "sparsity 0.9")):
+    """The attention benchmark's results (``benchmarks/attention.py``, its JSON ``rows``): time vs
+    sequence length for dense SDPA and PSA, and, at the longest length, time and relative error
+    vs sparsity for PSA and binary block-sparse attention (FlexAttention) at the same FLOPs.
+    Returns the figure (three panels)."""
+    import matplotlib.pyplot as plt  # the active backend: inline in notebooks, Agg when headless
+
+    rows = [r for r in rows if r["kind"] == kind]
+    if not rows:
+        raise ValueError(f"no benchmark rows with inputs {kind!r}")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.6))
+    for shape in sorted({r["shape"] for r in rows}):
+        sel = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["L"])
+        lengths = [r["L"] for r in sel]
+        a.plot(lengths, [r["dense_ms"] for r in sel], "k-o", label=f"dense SDPA ({shape})")
+        for name in names:
+            ys = [next((v["total_ms"] for v in r["variants"] if v["name"] == name), float("nan")) for r in sel]
+            a.plot(lengths, ys, "-o", label=f"PSA {name}, total ({shape})")
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("sequence length (tokens)")
+    a.set_ylabel("time per attention call (ms)")
+    a.set_title(f"Time vs length ({kind} inputs)")
+    a.legend(fontsize=7)
+    longest = max(rows, key=lambda r: r["L"])
+    fixed = sorted((v for v in longest["variants"] if v["name"].startswith("sparsity")), key=lambda v: v["sparsity"])
+    sp = [v["sparsity"] for v in fixed]
+    b.plot(sp, [v["total_ms"] for v in fixed], "-o", label="PSA total (estimate + assign + attend)")
+    b.plot(sp, [v["attend_ms"] for v in fixed], "--o", label="PSA attend only")
+    b.plot(sp, [v.get("flex_ms", float("nan")) for v in fixed], "-s", label="binary block-sparse (same FLOPs)")
+    b.axhline(longest["dense_ms"], color="k", label="dense SDPA")
+    b.set_xlabel("sparsity (1 - density)")
+    b.set_ylabel("time (ms)")
+    b.set_title(f"Time vs sparsity, {longest['L']} tokens ({longest['shape']})")
+    b.legend(fontsize=7)
+    c.plot(sp, [v["rel_err"] for v in fixed], "-o", label="PSA")
+    c.plot(sp, [v.get("flex_rel_err", float("nan")) for v in fixed], "-s", label="binary block-sparse (same FLOPs)")
+    c.set_xlabel("sparsity (1 - density)")
+    c.set_ylabel("relative error vs dense (Frobenius)")
+    c.set_title(f"Error vs sparsity, {longest['L']} tokens ({longest['shape']})")
+    c.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_error_vs_budget(results: dict[str, list[tuple[float, float]]], *, title: str | None = None, ax=None):
+    """Relative error vs sparsity, one line per method: ``{"PSA": [(sparsity, error), ...], ...}``.
+    Returns the figure."""
+    import matplotlib.pyplot as plt  # the active backend: inline in notebooks, Agg when headless
+
+    if not results:
+        raise ValueError("no results to plot")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    else:
+        fig = ax.figure
+    for (name, points), marker in zip(results.items(), "os^vD"):
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], f"-{marker}", label=name)
+    ax.set_xlabel("sparsity (1 - density)")
+    ax.set_ylabel("relative error vs dense attention (Frobenius)")
+    ax.set_title(title or "Error vs compute budget")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -62,3 +62,72 @@ def test_sparsity_heatmap_holds_the_values():
     assert bar.get_ylabel() == "sparsity (1 - density)" and ax.get_ylabel() == "layer"
     with pytest.raises(ValueError, match="layers, heads"):
         plot_sparsity(torch.rand(3))
+
+
+def test_level_map_marks_text_rows_and_columns():
+    m = np.ones((4, 6), dtype=np.int64)
+    fig = plot_level_map(m, text_rows=[False, False, False, True], text_cols=[True] + [False] * 5)
+    ax = fig.axes[0]
+    rows, cols = ax.collections
+    assert rows.get_offsets()[:, 1].tolist() == [3] and cols.get_offsets()[:, 0].tolist() == [0]
+    assert ax.get_legend().get_title().get_text() == "unmarked blocks: vision"
+
+
+def _bench_rows():
+    def variant(name, sp, total, err):
+        return dict(name=name, sparsity=sp, total_ms=total, attend_ms=total / 2, flex_ms=total / 3, rel_err=err,
+                    flex_rel_err=2 * err)
+
+    return [dict(kind="video-like", shape="text-causal", L=L, dense_ms=L / 1000,
+                 variants=[variant("video_mme", 0.6, L / 2000, 0.2), variant("sparsity 0.9", 0.9, L / 4000, 0.5),
+                           variant("sparsity 0.5", 0.5, L / 1500, 0.1)])
+            for L in (4096, 8192)] + [dict(kind="random", shape="text-causal", L=16384, dense_ms=1.0, variants=[])]
+
+
+def test_attention_benchmark_figure_plots_the_rows_it_was_given():
+    from psa_vlm.viz import plot_attention_benchmark
+
+    fig = plot_attention_benchmark(_bench_rows())
+    a, b, c = fig.axes
+    dense = a.lines[0]
+    assert list(dense.get_xdata()) == [4096, 8192] and list(dense.get_ydata()) == [4.096, 8.192]  # random row left out
+    assert a.get_xlabel() == "sequence length (tokens)" and "ms" in a.get_ylabel()
+    psa_err = c.lines[0]
+    assert list(psa_err.get_xdata()) == [0.5, 0.9] and list(psa_err.get_ydata()) == [0.1, 0.5]  # fixed sparsities, sorted
+    assert list(c.lines[1].get_ydata()) == [0.2, 1.0]
+    assert "8192 tokens" in b.get_title() and b.get_xlabel() == "sparsity (1 - density)"
+    with pytest.raises(ValueError, match="no benchmark rows"):
+        plot_attention_benchmark(_bench_rows(), kind="other")
+
+
+def test_error_vs_budget_figure():
+    from psa_vlm.viz import plot_error_vs_budget
+
+    fig = plot_error_vs_budget({"PSA": [(0.8, 0.3), (0.5, 0.1)], "binary": [(0.5, 0.4)]})
+    ax = fig.axes[0]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[0.5, 0.8], [0.5]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["PSA", "binary"]
+    assert "relative error" in ax.get_ylabel()
+
+
+def test_binary_baseline_spends_psa_flops_row_by_row():
+    import psa_kernels
+    from psa_vlm.compare import binary_map_like, row_density
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    nq = nk = 16
+    visible = psa_kernels.block_visibility(batch=1, q_len=nq * 64, k_len=nk * 64, block_q=64, block_k=64,
+                                           causal=True)[:, None]
+    codes = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
+    psa = torch.where(visible, codes[torch.randint(0, 5, (1, 2, nq, nk), generator=g)], 0)
+    psa[..., -1, :] = visible[..., -1, :].to(torch.int8)  # a forced (text) row: everything at level 1
+    forced = torch.zeros_like(visible)
+    forced[..., -1, :] = True
+    scores = torch.rand(1, 2, nq, nk, generator=g)
+    density = row_density(psa, visible)
+    binary = binary_map_like(scores, visible.expand_as(psa), density, forced.expand_as(psa))
+    kept = binary.sum(-1, keepdim=True).float()
+    n_vis = visible.sum(-1, keepdim=True).float()
+    assert torch.all((kept - torch.clamp(torch.round(density * n_vis), min=1)).abs() < 0.5)
+    assert torch.equal(binary[..., -1, :], psa[..., -1, :])  # the forced row stays whole
+    assert set(binary.unique().tolist()) <= {0, 1} and not (binary.bool() & ~visible).any()
