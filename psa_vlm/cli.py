@@ -246,6 +246,12 @@ def _cmd_lm_eval(args) -> int:
     return 0
 
 
+def _device_and_dtype(parser) -> None:
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="model dtype (default: auto, the checkpoint's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psa-vlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -286,17 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pixel budget per frame; sides become multiples of 28 (default: 151200, the Qwen "
                      "video default)")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens to generate (default: 64)")
-    ask.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    ask.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                     help="model dtype (default: auto, the checkpoint's)")
+    _device_and_dtype(ask)
     ask.set_defaults(func=_cmd_ask)
 
     bench = sub.add_parser("bench", help="end-to-end prefill benchmark, sdpa vs psa",
                            description="Time to first token of Qwen2.5-VL on generated videos sized to each "
-                           "target number of language tokens, with attn_implementation='sdpa' and 'psa': the "
-                           "vision encoder alone, the whole prefill (TTFT) and their difference (the language "
-                           "prefill), peak GPU memory and the mean PSA sparsity. Median of --repeats runs after "
-                           "a warm-up. Prints a table; --output writes bench.json.")
+                           "target number of language tokens: the whole prefill (TTFT), the language model's "
+                           "part of it (CUDA events) and the rest (the vision tower), peak GPU memory and the "
+                           "mean PSA sparsity, for sdpa, psa-off (the psa path with every call dense: batched "
+                           "vision windows only), psa (the preset) and psa@S per --sparsity. Median of --repeats "
+                           "runs after a warm-up. Prints a table; --output writes bench.json.")
     bench.add_argument("--model", default="qwen2.5-vl-7b",
                        help="checkpoint folder or hub id (needs weights), or a shape with random weights and "
                        "the real architecture: qwen2.5-vl-7b (default), qwen2.5-vl-3b, or tiny (the test model)")
@@ -337,9 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local folder of a benchmark (videomme, mlvu, longvideobench, egoschema), repeatable; "
                     "'synthetic' points all four at the small generated benchmark shipped in eval_tasks/synthetic")
     ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call, left-padded (default: 1)")
-    ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    ev.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                    help="model dtype (default: auto, the checkpoint's)")
+    _device_and_dtype(ev)
     ev.add_argument("--device-map", help="e.g. auto: spread a model larger than one GPU over the visible GPUs")
     ev.add_argument("--override", action="append", metavar="FIELD=VALUE",
                     help="replace a field of every PSA preset, e.g. --override min_seq_len=16384 (repeatable)")
