@@ -1,0 +1,87 @@
+"""The needle-in-a-haystack generator: deterministic, the needle is where and when it says, the
+answer follows from the video, and the frames go through the processor path."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from psa_vlm import needles, testing
+
+
+def _seed():
+    return int(np.random.default_rng().integers(2**31))
+
+
+@pytest.mark.parametrize("kind", needles.KINDS)
+def test_same_seed_same_sample(kind):
+    seed = _seed()
+    a, b = needles.make_sample(seed, frames=8, size=(112, 112), kind=kind), needles.make_sample(
+        seed, frames=8, size=(112, 112), kind=kind)
+    assert np.array_equal(a.frames, b.frames) and a.answer == b.answer and a.needles == b.needles
+    c = needles.make_sample(seed + 1, frames=8, size=(112, 112), kind=kind)
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def _colour_pixels(frames, colour):
+    return np.all(frames == np.array(needles.COLOURS[colour], dtype=np.uint8), axis=-1)
+
+
+@pytest.mark.parametrize("kind", needles.KINDS)
+def test_the_needle_is_shown_for_one_temporal_patch_only(kind):
+    s = needles.make_sample(_seed(), frames=16, size=(112, 140), kind=kind)
+    colours = [s.answer_text] if kind == "colour" else ["red"] if kind in ("shape", "position") else list(needles.COLOURS)
+    shown = np.zeros(len(s.frames), dtype=bool)
+    for colour in colours:
+        shown |= _colour_pixels(s.frames, colour).any(axis=(1, 2))
+    expected = np.zeros(len(s.frames), dtype=bool)
+    for t, top, left, side in s.needles:
+        assert t % 2 == 0  # aligned to a temporal patch of two frames
+        expected[t : t + 2] = True
+    assert np.array_equal(shown, expected)
+
+
+def test_answers_follow_from_the_video():
+    for seed in range(12):
+        s = needles.make_sample(seed, frames=8, size=(112, 112), kind="colour")
+        (t, top, left, side), = s.needles
+        patch = s.frames[t, top : top + side, left : left + side]
+        assert np.all(patch == np.array(needles.COLOURS[s.answer_text], dtype=np.uint8))
+        p = needles.make_sample(seed, frames=8, size=(112, 112), kind="position")
+        (t, top, left, side), = p.needles
+        quadrant = 2 * (top + side / 2 >= 56) + (left + side / 2 >= 56)
+        assert needles.POSITIONS[quadrant] == p.answer_text
+        o = needles.make_sample(seed, frames=8, size=(112, 112), kind="order")
+        (t1, y1, x1, s1), (t2, _, _, _) = o.needles
+        assert t1 < t2 and np.all(o.frames[t1, y1, x1] == np.array(needles.COLOURS[o.answer_text], dtype=np.uint8))
+        h = needles.make_sample(seed, frames=8, size=(112, 112), kind="shape")
+        (t, top, left, side), = h.needles
+        red = _colour_pixels(h.frames[t, top : top + side, left : left + side], "red")
+        assert np.array_equal(red, needles._shape_mask(h.answer_text, side))
+
+
+def test_answer_letters_are_balanced_and_shapes_differ():
+    letters = Counter(needles.make_sample(seed, frames=4, size=(56, 56)).answer for seed in range(200))
+    assert set(letters) == set("ABCD") and min(letters.values()) >= 30
+    masks = [needles._shape_mask(shape, 24) for shape in needles.SHAPES]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(masks) for b in masks[i + 1:])
+
+
+def test_prompt_and_processor_path():
+    s = needles.make_sample(_seed(), frames=8, size=(224, 224), kind="order")
+    assert "Which colour appears first?" in s.prompt().splitlines()[1]
+    assert "A. red" in s.prompt() and "D. yellow" in s.prompt()
+    inputs = needles.sample_inputs(testing.build_tiny_processor(), [s, needles.make_sample(1, frames=8, size=(224, 224))])
+    assert inputs["video_grid_thw"].tolist() == [[4, 16, 16], [4, 16, 16]]  # every frame kept, 2 per patch
+    assert ((inputs["mm_token_type_ids"] != 0).sum(1) == 4 * 64).all()
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="kind"):
+        needles.make_sample(0, kind="size")
+    with pytest.raises(ValueError, match="even"):
+        needles.make_sample(0, frames=7)
+    with pytest.raises(ValueError, match="56 pixels"):
+        needles.make_sample(0, size=(40, 80))
