@@ -268,3 +268,19 @@ def test_data_parallel_shards_the_questions_and_merges_the_report(tmp_path):
     assert len(set(keys)) == 8
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["variants"]["sdpa"]["overall"]["samples"] == 8
+
+
+def test_plain_lm_eval_runs_the_task_files(tmp_path):
+    """`lm_eval` itself, given the task files: loading them imports eval_tasks/utils.py, which
+    registers psa-qwen2.5-vl before lm-eval looks the model up."""
+    lm_eval_bin = Path(sys.executable).with_name("lm_eval")
+    if not lm_eval_bin.exists():
+        pytest.skip("the lm_eval command is not installed next to this Python")
+    env = dict(os.environ, PSA_VLM_EGOSCHEMA_DIR=str(SYNTHETIC / "egoschema"))
+    result = subprocess.run(
+        [str(lm_eval_bin), "run", "--model", "psa-qwen2.5-vl", "--model_args", "pretrained=tiny,attn=sdpa,dtype=fp32",
+         "--device", "cpu", "--tasks", str(runner.tasks_dir() / "egoschema_subset.yaml"), "--limit", "2"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "egoschema_subset" in result.stdout and "acc" in result.stdout
