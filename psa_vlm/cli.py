@@ -20,6 +20,7 @@ Commands:
   eval        long-video QA benchmarks (Video-MME, MLVU, LongVideoBench, EgoSchema) through
               lm-eval with several attentions, resumable, one comparison report
   lm-eval     lm-eval's own command line with the psa-qwen2.5-vl model registered
+  vniah       video needle-in-a-haystack: accuracy vs sparsity for PSA and binary block-sparse
   tiny-model  write the offline tiny Qwen2.5-VL (weights, tokenizer, processor) to a folder
   presets     list the PSA presets shipped in configs/
 """
@@ -246,6 +247,32 @@ def _cmd_lm_eval(args) -> int:
     return 0
 
 
+def _cmd_vniah(args) -> int:
+    import torch
+
+    from . import vniah
+    from .bench import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model, processor = load_model(args.model, device=device, dtype=dtype)
+    overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
+    overrides.update(_overrides(args.override))
+    presets = [p for p in args.presets.split(",") if p]
+    sparsities = [float(x) for x in args.sparsity.split(",") if x]
+    kinds = [k for k in args.kinds.split(",") if k]
+    height, width = (int(x) for x in args.size.lower().split("x"))
+    report = vniah.evaluate(model, processor, frames=[int(x) for x in args.frames.split(",")], samples=args.samples,
+                            kinds=kinds, size=(height, width), batch_size=args.batch_size, progress=print,
+                            attention=vniah.variants(presets, sparsities, overrides))
+    report["model"] = args.model
+    print()
+    print(vniah.table(report))
+    if args.output:
+        print(f"\nwrote {vniah.write(report, args.output)}/vniah.{{json,txt,png}}")
+    return 0
+
+
 def _device_and_dtype(parser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
@@ -357,6 +384,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "with this package's eval_tasks/ unless given.")
     lme.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
     lme.set_defaults(func=_cmd_lm_eval)
+
+    vn = sub.add_parser("vniah", help="video needle-in-a-haystack: accuracy vs sparsity, PSA vs binary block-sparse",
+                        description="Answer a fixed, seeded set of generated needle questions (psa_vlm.needles) at "
+                        "each video length with dense attention, the PSA presets, PSA at fixed sparsities and binary "
+                        "block-sparse attention at the same FLOPs; the answer is the option letter with the highest "
+                        "logit after the prompt. Prints accuracy with 95%% intervals and the sparsity reached; "
+                        "--output writes vniah.json, vniah.txt and vniah.png.")
+    vn.add_argument("--model", default="tiny", help="checkpoint folder (e.g. a trained tiny V-NIAH model) or tiny")
+    vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, even (default: 32)")
+    vn.add_argument("--samples", type=int, default=64, help="questions per length (default: 64)")
+    vn.add_argument("--kinds", default="colour", help="needle questions: colour, shape, position, order "
+                    "(comma-separated, taken in turn; default: colour)")
+    vn.add_argument("--size", default="224x224", help="frame HEIGHTxWIDTH in pixels (default: 224x224)")
+    vn.add_argument("--presets", default="video_mme,fast", help="PSA presets to run (default: video_mme,fast)")
+    vn.add_argument("--sparsity", default="0.5,0.65,0.8,0.9",
+                    help="fixed sparsities for PSA and binary block-sparse (default: 0.5,0.65,0.8,0.9)")
+    vn.add_argument("--override", action="append", metavar="FIELD=VALUE",
+                    help="replace a field of every PSA variant, e.g. --override block_q=64 (repeatable)")
+    vn.add_argument("--batch-size", type=int, default=8, help="questions per forward (default: 8)")
+    _device_and_dtype(vn)
+    vn.add_argument("--output", help="folder for vniah.json, vniah.txt, vniah.png")
+    vn.set_defaults(func=_cmd_vniah)
 
     tiny = sub.add_parser("tiny-model", help="write the offline tiny Qwen2.5-VL to a folder",
                           description="Write a tiny randomly initialised Qwen2.5-VL (GQA text tower, windowed "

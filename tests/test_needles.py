@@ -85,3 +85,39 @@ def test_bad_requests_are_refused():
         needles.make_sample(0, frames=7)
     with pytest.raises(ValueError, match="56 pixels"):
         needles.make_sample(0, size=(40, 80))
+
+
+def test_wilson_interval():
+    from psa_vlm.vniah import wilson_interval
+
+    low, high = wilson_interval(0, 20)
+    assert low == 0 and 0.1 < high < 0.2
+    low, high = wilson_interval(45, 50)
+    assert low < 0.9 < high < 1
+    assert wilson_interval(10, 20)[0] == pytest.approx(1 - wilson_interval(10, 20)[1])
+
+
+def test_vniah_runs_every_variant_and_matches_binary_flops(tmp_path, capsys, monkeypatch):
+    import json
+
+    from psa_vlm import cli
+
+    # The evaluation's logic, on the PyTorch reference: the kernels have their own tests, and
+    # Triton's interpreter would take minutes over six variants.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    assert cli.main(["vniah", "--model", "tiny", "--frames", "8", "--samples", "6", "--batch-size", "3", "--presets",
+                     "video_mme", "--sparsity", "0.5,0.8", "--device", "cpu", "--dtype", "fp32",
+                     "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "vniah.json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["dense", "psa:video_mme", "psa@0.5", "binary@0.5", "psa@0.8", "binary@0.8"]
+    for r in rows.values():
+        assert r["samples"] == 6 and 0 <= r["ci_low"] <= r["accuracy"] <= r["ci_high"] <= 1
+        assert r["correct"] == round(r["accuracy"] * 6)
+    assert rows["dense"]["sparsity"] == 0
+    for s in ("0.5", "0.8"):  # the same FLOPs: forced blocks count alike
+        assert abs(rows[f"binary@{s}"]["sparsity"] - rows[f"psa@{s}"]["sparsity"]) < 0.06
+    assert rows["psa@0.8"]["sparsity"] > rows["psa@0.5"]["sparsity"] > 0
+    assert (tmp_path / "vniah.png").stat().st_size > 10_000
+    assert "95% interval" in capsys.readouterr().out

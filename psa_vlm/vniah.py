@@ -1,0 +1,155 @@
+"""Video needle-in-a-haystack evaluation (``psa-vlm vniah``): accuracy vs attention sparsity.
+
+A fixed, seeded test set of :mod:`psa_vlm.needles` questions per video length; each attention
+variant answers every question with one prefill, the answer being the option letter with the
+highest logit at the last prompt position (what the trained model learns to put there). Variants:
+
+- ``dense``: every pair at level 1 (``sdpa``);
+- ``psa:<preset>``: the presets as shipped, except ``min_seq_len`` = 0 (short test videos);
+- ``psa@S``: PSA in quantile mode at sparsity S (:meth:`PSAConfig.at_sparsity`);
+- ``binary@S``: binary block-sparse attention at the same FLOPs: level 1 or skipped, the top
+  ``1 - S`` of the blocks by the same importance (same forced blocks).
+
+Reported per length and variant: accuracy with its 95% Wilson interval, the sample count, and
+the sparsity achieved (mean over the text layers' PSA calls). JSON, a table and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .config import PSAConfig, load_preset
+from .needles import LETTERS, make_sample, sample_inputs
+
+DEFAULT_SPARSITIES = (0.5, 0.65, 0.8, 0.9)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at 0 and 1, unlike the normal one)."""
+    if total <= 0:
+        return (float("nan"), float("nan"))
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def variants(presets=("video_mme", "fast"), sparsities=DEFAULT_SPARSITIES, overrides=None) -> dict:
+    """``{label: PSAConfig or None}`` in the order above (None = dense ``sdpa``)."""
+    overrides = {"min_seq_len": 0, **(overrides or {})}
+    out: dict[str, PSAConfig | None] = {"dense": None}
+    for name in presets:
+        out[f"psa:{name}"] = load_preset(name).replace(**overrides)
+    base = load_preset("video_mme").replace(**overrides)
+    for s in sparsities:
+        out[f"psa@{s:g}"] = base.at_sparsity(s)
+        out[f"binary@{s:g}"] = base.replace(name=f"binary@{s:g}", mode="quantile", levels=[1], thresholds=[1.0 - s],
+                                            similarity=None, overrides=())
+    return out
+
+
+def letter_ids(tokenizer) -> list[int]:
+    """Token ids of "A".."D"; each must be one token."""
+    ids = []
+    for letter in LETTERS:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"the letter {letter!r} is {len(encoded)} tokens for this tokenizer; V-NIAH needs one")
+        ids.append(encoded[0])
+    return ids
+
+
+def test_set(frames: int, samples: int, *, size=(224, 224), kinds=("colour",), seed: int = 1_000_000):
+    """The fixed questions at one length: seeds ``seed + i``, kinds in turn."""
+    return [make_sample(seed + i, frames=frames, size=size, kind=kinds[i % len(kinds)]) for i in range(samples)]
+
+
+def evaluate(model, processor, *, frames=(32,), samples: int = 64, kinds=("colour",), size=(224, 224),
+             attention: dict | None = None, batch_size: int = 8, progress=None) -> dict:
+    """Accuracy of every variant at every length; returns the report."""
+    from . import configure, mean_sparsity
+
+    attention = attention if attention is not None else variants()
+    device = next(model.parameters()).device
+    ids = torch.tensor(letter_ids(processor.tokenizer), device=device)
+    report = dict(samples=samples, kinds=list(kinds), size=list(size), variants=list(attention), rows=[])
+    for n_frames in frames:
+        questions = test_set(n_frames, samples, size=size, kinds=kinds)
+        batches = [sample_inputs(processor, questions[i : i + batch_size]).to(device)
+                   for i in range(0, samples, batch_size)]
+        tokens = int(batches[0]["input_ids"].shape[1])
+        for label, config in attention.items():
+            if config is None:
+                model.set_attn_implementation("sdpa")
+            else:
+                model.set_attn_implementation("psa")
+                configure(model, config)
+            predicted, sparsities = [], []
+            for inputs in batches:
+                with torch.no_grad():
+                    logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+                predicted += [LETTERS[i] for i in logits[:, ids].argmax(-1).tolist()]
+                if config is not None:
+                    sparsities.append(mean_sparsity(model))
+            correct = sum(p == q.answer for p, q in zip(predicted, questions))
+            low, high = wilson_interval(correct, samples)
+            measured = [s for s in sparsities if s is not None]
+            row = dict(frames=n_frames, tokens=tokens, variant=label, correct=correct, samples=samples,
+                       accuracy=correct / samples, ci_low=low, ci_high=high,
+                       sparsity=sum(measured) / len(measured) if measured else (0.0 if config is None else None))
+            report["rows"].append(row)
+            if progress:
+                progress(f"{n_frames:5d} frames {tokens:6d} tokens  {label:16s} accuracy {row['accuracy']:.3f} "
+                         f"[{low:.3f}, {high:.3f}]  sparsity {'-' if row['sparsity'] is None else format(row['sparsity'], '.3f')}")
+    return report
+
+
+def table(report: dict) -> str:
+    lines = [f"{'frames':>6s} {'tokens':>7s} {'variant':16s} {'accuracy':>8s} {'95% interval':>15s} {'n':>5s} {'sparsity':>8s}"]
+    for r in report["rows"]:
+        sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+        lines.append(f"{r['frames']:6d} {r['tokens']:7d} {r['variant']:16s} {r['accuracy']:8.3f} "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] {r['samples']:5d} {sp:>8s}")
+    return "\n".join(lines)
+
+
+def plot(report: dict):
+    """Accuracy vs sparsity, one panel per length: PSA, binary block-sparse, presets, dense."""
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["frames"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        rows = [r for r in report["rows"] if r["frames"] == n]
+        for prefix, style in (("psa@", "-o"), ("binary@", "-s")):
+            sel = sorted((r for r in rows if r["variant"].startswith(prefix)), key=lambda r: r["sparsity"] or 0)
+            if sel:
+                ax.errorbar([r["sparsity"] for r in sel], [r["accuracy"] for r in sel],
+                            yerr=[[r["accuracy"] - r["ci_low"] for r in sel], [r["ci_high"] - r["accuracy"] for r in sel]],
+                            fmt=style, capsize=3, label="PSA (quantile)" if prefix == "psa@" else "binary block-sparse")
+        for r in rows:
+            if r["variant"].startswith("psa:"):
+                ax.plot([r["sparsity"]], [r["accuracy"]], "D", label=r["variant"])
+            if r["variant"] == "dense":
+                ax.axhline(r["accuracy"], color="k", lw=1, label="dense")
+        ax.axhline(0.25, color="grey", ls=":", lw=1, label="chance")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("sparsity (1 - density)")
+        ax.set_ylabel(f"accuracy ({report['samples']} questions, 95% interval)")
+        ax.set_title(f"V-NIAH, {n} frames ({rows[0]['tokens']} tokens)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write(report: dict, out_dir) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vniah.json").write_text(json.dumps(report, indent=1))
+    (out / "vniah.txt").write_text(table(report) + "\n")
+    plot(report).savefig(out / "vniah.png", dpi=120)
+    return out
