@@ -103,8 +103,8 @@ def make_sample(seed: int, *, frames: int = 64, size: tuple[int, int] = (224, 22
     """One deterministic needle question over a ``frames``-frame video of ``size`` (H, W)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if frames < 4 or frames % 2:
-        raise ValueError(f"frames must be even and at least 4 (two per temporal patch), got {frames}")
+    if frames < 2 or frames % 2:
+        raise ValueError(f"frames must be even and at least 2 (two per temporal patch), got {frames}")
     height, width = size
     if min(height, width) < 56:
         raise ValueError(f"frames must be at least 56 pixels on each side, got {height}x{width}")

@@ -121,3 +121,21 @@ def test_vniah_runs_every_variant_and_matches_binary_flops(tmp_path, capsys, mon
     assert rows["psa@0.8"]["sparsity"] > rows["psa@0.5"]["sparsity"] > 0
     assert (tmp_path / "vniah.png").stat().st_size > 10_000
     assert "95% interval" in capsys.readouterr().out
+
+
+def test_training_smoke_run_saves_a_small_checkpoint_vniah_can_read(tmp_path, monkeypatch):
+    """A few CPU steps of the V-NIAH training recipe: keep-best saves an fp16 checkpoint with its
+    processor, and `psa-vlm vniah` evaluates it (the real run is on a GPU: docs/quality.md)."""
+    import json
+
+    from psa_vlm import cli, vniah_train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    summary = vniah_train.train(tmp_path / "ckpt", minutes=5, max_frames=4, tokens=256, max_steps=4, eval_every=2,
+                                val_samples=4, device="cpu", progress=lambda line: None)
+    assert summary["steps"] == 4 and len(summary["history"]) == 2 and summary["best"]["level"] == 0
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    assert weights.stat().st_size < 15 * 2**20
+    assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["best"] == summary["best"]
+    assert cli.main(["vniah", "--model", str(tmp_path / "ckpt"), "--frames", "4", "--samples", "4", "--presets", "",
+                     "--sparsity", "0.5", "--device", "cpu", "--dtype", "fp32"]) == 0
