@@ -13,7 +13,7 @@
 
 from .attention import ATTN_NAME, psa_attention_forward, psa_mask, register
 from .config import PSAConfig, available_presets, load_preset
-from .runtime import LayerStats, configure, level_maps, mean_sparsity, reset_stats, stats
+from .runtime import LayerStats, configure, level_maps, mean_sparsity, reset_stats, stats, use_attention
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "PSAConfig",
     "available_presets",
     "configure",
+    "use_attention",
     "level_maps",
     "load_preset",
     "mean_sparsity",

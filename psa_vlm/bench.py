@@ -59,6 +59,23 @@ SHAPES = {
 }
 
 
+#: dtype names the command lines and lm-eval model arguments take ("auto": the checkpoint's).
+DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_dtype(name: str):
+    """A torch dtype (or ``"auto"``) from one of :data:`DTYPES`' names."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def default_device(device: str | None = None) -> str:
+    """``device``, else ``cuda`` when there is a GPU, else ``cpu``."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None = None):
     """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, or ``tiny``.
 
@@ -178,7 +195,7 @@ def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=()
     ``vision_ms``, ``ttft_ms``, ``language_ms``, ``peak_mb``, ``sparsity`` and, for PSA variants,
     ``ttft_ratio``, ``language_ratio`` and ``peak_ratio`` against ``sdpa``.
     """
-    from . import configure, mean_sparsity, reset_stats
+    from . import mean_sparsity, reset_stats, use_attention
     from .testing import make_video_frames, video_inputs
 
     variants = attention_variants(preset, overrides, sparsities)  # fails early on a bad preset
@@ -197,11 +214,7 @@ def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=()
         row = dict(target_tokens=target, tokens=int(inputs["input_ids"].shape[1]),
                    visual_tokens=int((inputs["mm_token_type_ids"] != 0).sum()), frames=n_frames, frame_side=side)
         for label, config in variants.items():
-            if config is None:
-                model.set_attn_implementation("sdpa")
-            else:
-                model.set_attn_implementation("psa")
-                configure(model, config)
+            use_attention(model, config)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

@@ -138,11 +138,11 @@ def _cmd_ask(args) -> int:
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from . import configure, mean_sparsity, reset_stats
+    from .bench import default_device, resolve_dtype
     from .config import load_preset
     from .video import load_video, video_question_inputs
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     if args.attn == "psa":
         preset = load_preset(args.preset)  # fail before loading a model on a bad preset
     sampling = {"nframes": args.nframes} if args.nframes is not None else {"fps": args.fps}
@@ -195,13 +195,10 @@ def _overrides(items) -> dict:
 
 
 def _cmd_bench(args) -> int:
-    import torch
-
-    from .bench import run, table
+    from .bench import default_device, resolve_dtype, run, table
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
     overrides.update(_overrides(args.override))
     report = run(args.model, lengths, preset=args.preset, overrides=overrides, sparsities=args.sparsity or (),
@@ -248,13 +245,10 @@ def _cmd_lm_eval(args) -> int:
 
 
 def _cmd_vniah(args) -> int:
-    import torch
-
     from . import vniah
-    from .bench import load_model
+    from .bench import default_device, load_model, resolve_dtype
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     model, processor = load_model(args.model, device=device, dtype=dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
     overrides.update(_overrides(args.override))
@@ -273,10 +267,16 @@ def _cmd_vniah(args) -> int:
     return 0
 
 
-def _device_and_dtype(parser) -> None:
+def _device_and_dtype(parser, *, default: str = "auto", what: str = "model dtype") -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="model dtype (default: auto, the checkpoint's)")
+    shown = "auto, the checkpoint's" if default == "auto" else default
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=default,
+                        help=f"{what} (default: {shown})")
+
+
+def _override_arg(parser, what: str, example: str) -> None:
+    parser.add_argument("--override", action="append", metavar="FIELD=VALUE",
+                        help=f"replace {what}, e.g. --override {example} (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--video", required=True, help="local video file (anything decord reads: mp4, mkv, avi, ...)")
     ask.add_argument("--attn", choices=("psa", "sdpa"), default="psa", help="attention implementation (default: psa)")
     ask.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
-    ask.add_argument("--override", action="append", metavar="FIELD=VALUE",
-                     help="replace a preset field, e.g. --override min_seq_len=0 (repeatable)")
+    _override_arg(ask, "a preset field", "min_seq_len=0")
     ask.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
     ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps (even, >= 2)")
     ask.add_argument("--max-pixels", type=int, default=360 * 420,
@@ -335,16 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lengths", default="16384,32768,65536,131072",
                        help="comma-separated target language-token counts (default: 16k,32k,64k,128k)")
     bench.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
-    bench.add_argument("--override", action="append", metavar="FIELD=VALUE",
-                       help="replace a preset field, e.g. --override min_seq_len=16384 (repeatable)")
+    _override_arg(bench, "a preset field", "min_seq_len=16384")
     bench.add_argument("--sparsity", action="append", type=float, metavar="S",
                        help="also run PSA at a fixed sparsity S in [0, 1) (quantile mode, the preset's other "
                        "settings; repeatable). Random weights attend almost uniformly, so the energy thresholds "
                        "keep most blocks; a fixed sparsity reproduces the cost of a real model's level maps "
                        "(the paper's Qwen2.5-VL-7B on Video-MME: 0.65)")
-    bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    bench.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and "
-                       "activations (default: bf16)")
+    _device_and_dtype(bench, default="bf16", what="weights and activations")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default: 3)")
     bench.add_argument("--output", help="folder for bench.json")
     bench.set_defaults(func=_cmd_bench)
@@ -371,8 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call, left-padded (default: 1)")
     _device_and_dtype(ev)
     ev.add_argument("--device-map", help="e.g. auto: spread a model larger than one GPU over the visible GPUs")
-    ev.add_argument("--override", action="append", metavar="FIELD=VALUE",
-                    help="replace a field of every PSA preset, e.g. --override min_seq_len=16384 (repeatable)")
+    _override_arg(ev, "a field of every PSA preset", "min_seq_len=16384")
     ev.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the task's, 16)")
     ev.set_defaults(func=_cmd_eval)
 
@@ -400,8 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     vn.add_argument("--presets", default="video_mme,fast", help="PSA presets to run (default: video_mme,fast)")
     vn.add_argument("--sparsity", default="0.5,0.65,0.8,0.9",
                     help="fixed sparsities for PSA and binary block-sparse (default: 0.5,0.65,0.8,0.9)")
-    vn.add_argument("--override", action="append", metavar="FIELD=VALUE",
-                    help="replace a field of every PSA variant, e.g. --override block_q=64 (repeatable)")
+    _override_arg(vn, "a field of every PSA variant", "block_q=64")
     vn.add_argument("--batch-size", type=int, default=8, help="questions per forward (default: 8)")
     _device_and_dtype(vn)
     vn.add_argument("--output", help="folder for vniah.json, vniah.txt, vniah.png")

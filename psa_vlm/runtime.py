@@ -232,6 +232,18 @@ def configure(model: torch.nn.Module, preset=None, *, record_level_maps: bool = 
     return model
 
 
+def use_attention(model: torch.nn.Module, config: PSAConfig | None = None, *, dense: str = "sdpa",
+                  **configure_kwargs) -> torch.nn.Module:
+    """Switch a loaded model between attentions: ``config=None`` sets ``dense`` (``"sdpa"``,
+    ``"eager"``, ...), a preset (name, path or :class:`PSAConfig`) sets ``"psa"`` and
+    :func:`configure` s it. Returns the model."""
+    if config is None:
+        model.set_attn_implementation(dense)
+        return model
+    model.set_attn_implementation(ATTN_NAME)
+    return configure(model, config, **configure_kwargs)
+
+
 def _runs_psa(config) -> bool:
     return getattr(config, "_attn_implementation", None) == ATTN_NAME
 

@@ -71,7 +71,7 @@ def test_set(frames: int, samples: int, *, size=(224, 224), kinds=("colour",), s
 def evaluate(model, processor, *, frames=(32,), samples: int = 64, kinds=("colour",), size=(224, 224),
              attention: dict | None = None, batch_size: int = 8, progress=None) -> dict:
     """Accuracy of every variant at every length; returns the report."""
-    from . import configure, mean_sparsity
+    from . import mean_sparsity, use_attention
 
     attention = attention if attention is not None else variants()
     device = next(model.parameters()).device
@@ -83,11 +83,7 @@ def evaluate(model, processor, *, frames=(32,), samples: int = 64, kinds=("colou
                    for i in range(0, samples, batch_size)]
         tokens = int(batches[0]["input_ids"].shape[1])
         for label, config in attention.items():
-            if config is None:
-                model.set_attn_implementation("sdpa")
-            else:
-                model.set_attn_implementation("psa")
-                configure(model, config)
+            use_attention(model, config)
             predicted, sparsities = [], []
             for inputs in batches:
                 with torch.no_grad():

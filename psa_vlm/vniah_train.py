@@ -67,19 +67,18 @@ def letter_loss(logits: torch.Tensor, letter_ids: torch.Tensor, answers: torch.T
 def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int = 32768, size=(224, 224),
           kinds=("colour",), lr: float = 1e-3, warmup: int = 100, eval_every: int = 50, val_samples: int = 128,
           device: str | None = None, seed: int = 0, max_steps: int | None = None, progress=print) -> dict:
-    from . import configure
-    from .bench import attention_variants
+    from . import use_attention
+    from .bench import attention_variants, default_device
     from .testing import build_tiny_processor
     from .vniah import letter_ids as letters_of
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     cuda = device.startswith("cuda")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     processor = build_tiny_processor(video_pixels=(56 * 56, size[0] * size[1]))
     model = build_model(seed).to(device)
-    model.set_attn_implementation("psa")
-    configure(model, attention_variants()["psa-off"])  # dense everywhere, vision windows batched
+    use_attention(model, attention_variants()["psa-off"])  # dense everywhere, vision windows batched
     ids = torch.tensor(letters_of(processor.tokenizer), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     levels = [f for f in (2, 4, 8, 16, 32, 64, 128, 256, 512) if f <= max_frames]

@@ -32,11 +32,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from ..bench import default_device, load_model, resolve_dtype
+
 logger = logging.getLogger("psa_vlm.eval")
 
 MODEL_NAME = "psa-qwen2.5-vl"
-_DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 def parse_overrides(text) -> dict:
@@ -97,17 +97,14 @@ class PSAQwenVL(LM):
             if cuda:
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
                 torch.cuda.set_device(device)
-        self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device_name = default_device(device)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        torch_dtype = resolve_dtype(dtype)
         if model is None:
-            from ..bench import load_model
-
-            model, processor = load_model(str(pretrained), device=self.device_name, dtype=_DTYPES[dtype],
+            model, processor = load_model(str(pretrained), device=self.device_name, dtype=torch_dtype,
                                           device_map=device_map)
         elif processor is None:
             raise ValueError("a model given as an object needs its processor too")
@@ -211,11 +208,12 @@ class PSAQwenVL(LM):
     # -- work -------------------------------------------------------------------------------
 
     def _set_attention(self):
-        import psa_vlm
+        from ..runtime import use_attention
 
-        self.model.set_attn_implementation(self.attn)
         if self.attn == "psa":
-            psa_vlm.configure(self.model, self.preset, **self.overrides)
+            use_attention(self.model, self.preset, **self.overrides)
+        else:
+            use_attention(self.model, None, dense=self.attn)
 
     def _answer(self, requests) -> list[dict]:
         """Generate for a batch; a sample whose video cannot be read gets an empty answer and its error."""
