@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ValueError as err:  # bad user input: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as err:  # bad user input (or a missing file): one clear line
         print(f"psa-vlm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -226,6 +226,13 @@ def test_loglikelihood_is_refused_clearly():
     assert request_key("t", 1, "x") != request_key("t", 1, "y")
 
 
+def test_a_missing_data_folder_is_one_clear_line(tmp_path, capsys):
+    assert cli.main(["eval", "--data-dir", f"videomme={tmp_path / 'absent'}", "--output", str(tmp_path / "out"),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "psa-vlm eval: error:" in err and "absent" in err and "does not exist" in err
+
+
 def test_bad_variants_and_data_dirs_are_refused():
     with pytest.raises(ValueError, match="only psa takes a preset"):
         runner.parse_variants("sdpa:fast")
