@@ -1,9 +1,10 @@
 """psa_kernels: the ops of Pyramid Sparse Attention, one public entry point each.
 
 Every op here has the same signature as its dense PyTorch definition in
-:mod:`psa_kernels.reference`, which is the ground truth the tests compare against. Today every
-op is served by that reference on any device; Triton kernels replace it on CUDA as they land,
-behind these same names.
+:mod:`psa_kernels.reference`, which is the ground truth the tests compare against. The Triton
+kernels serve CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``); elsewhere attention
+runs block by block through SDPA (:mod:`psa_kernels.blockwise`) and the other ops as the
+reference (:mod:`psa_kernels.ops` says exactly when).
 
 - :func:`psa_attention` - the attention itself, given a level map ``[B, Hm, nq, nk]``.
 - :func:`build_level_map` - mask generation (importance, level assignment, similarity cap,

@@ -6,7 +6,10 @@ Each dispatches between the Triton kernels and the dense reference:
   interpreter; how CI checks kernel logic without a GPU), for fp16/bf16/fp32 inputs with
   ``head_dim <= 256`` and a multiple of 8 (of 4 in fp32), a power-of-two ``block_q`` in
   16..256 and ``block_k`` a multiple of 8.
-- :mod:`psa_kernels.reference` for everything else (fp64, other devices, Triton missing).
+- elsewhere (a CPU without the interpreter, Triton missing, other devices) attention runs as one
+  SDPA call per query block (:mod:`psa_kernels.blockwise`), and the other ops as
+  :mod:`psa_kernels.reference`;
+- fp64 inputs always take the reference (the tests' oracle).
 """
 
 from __future__ import annotations
@@ -120,8 +123,12 @@ def psa_attention(
 
         return psa_attention_triton(q, k, v, level_map, causal=causal, scale=scale, block_q=block_q,
                                     block_k=block_k, key_padding_mask=key_padding_mask)
-    return reference.psa_attention(q, k, v, dense_map, causal=causal, scale=scale, block_q=block_q,
-                                   block_k=block_k, key_padding_mask=key_padding_mask)
+    kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask)
+    if q.dtype == torch.float64:
+        return reference.psa_attention(q, k, v, dense_map, **kw)
+    from .blockwise import psa_attention_blockwise
+
+    return psa_attention_blockwise(q, k, v, dense_map, **kw)
 
 
 def antidiagonal_importance(

@@ -10,10 +10,10 @@ through the processor path. The recipe follows the feasibility run recorded in F
 - loss on the answer only: cross-entropy over the four option letters' logits after the prompt,
   plus a small z-loss (log-sum-exp squared) against the rare batches that blow up Adam;
 - AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.05), linear warm-up, gradient clipping at 1,
-  bf16 autocast on a GPU;
+  bf16 autocast for the training steps (on a GPU, and on a CPU, where it is about 1.3x faster);
 - a length curriculum (2 frames up to ``--max-frames``), promoted when the running accuracy at
   the current length passes 90%, with a quarter of each batch's draws replaying shorter lengths,
-  and batches of about ``--tokens`` visual tokens;
+  and batches of about ``--tokens`` visual tokens (at most ``--max-batch`` videos);
 - keep-best: a fixed validation set at the current length is scored every ``--eval-every``
   steps; the best model so far (longest length first, then accuracy) is what gets saved, in
   fp16 with its tokenizer and processor, and the learning rate decays over the last quarter of
@@ -66,7 +66,8 @@ def letter_loss(logits: torch.Tensor, letter_ids: torch.Tensor, answers: torch.T
 
 def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int = 32768, size=(224, 224),
           kinds=("colour",), lr: float = 1e-3, warmup: int = 100, eval_every: int = 50, val_samples: int = 128,
-          device: str | None = None, seed: int = 0, max_steps: int | None = None, progress=print) -> dict:
+          max_batch: int = 64, device: str | None = None, seed: int = 0, max_steps: int | None = None,
+          progress=print) -> dict:
     from . import use_attention
     from .bench import attention_variants, default_device
     from .testing import build_tiny_processor
@@ -90,7 +91,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     def run(samples, train_mode: bool):
         inputs = sample_inputs(processor, samples).to(device)
         answers = torch.tensor(["ABCD".index(s.answer) for s in samples], device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and train_mode):
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=train_mode):
             logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         return letter_loss(logits, ids, answers)
 
@@ -107,6 +108,16 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     budget = minutes * 60
     best = dict(level=-1, accuracy=-1.0, step=0)
     history = []
+    hardware = torch.cuda.get_device_name() if cuda else f"{device} ({torch.get_num_threads()} threads)"
+    settings = dict(minutes=minutes, max_frames=max_frames, tokens=tokens, max_batch=max_batch, size=list(size),
+                    lr=lr, warmup=warmup, eval_every=eval_every, val_samples=val_samples, seed=seed)
+
+    def log() -> dict:  # after every validation, so an interrupted run keeps its record
+        summary = dict(best=best, steps=step, seconds=time.time() - start, levels=levels, history=history,
+                       device=hardware, kinds=list(kinds), settings=settings, torch=torch.__version__)
+        (output / "training.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
     model.train()
     while time.time() - start < budget and (max_steps is None or step < max_steps):
         elapsed = (time.time() - start) / budget
@@ -114,7 +125,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
         for group in opt.param_groups:
             group["lr"] = lr * scale
         frames = levels[level] if level == 0 or rng.random() >= 0.25 else levels[rng.randrange(level)]
-        batch = max(1, int(tokens // (frames * tokens_per_frame)))
+        batch = min(max_batch, max(1, int(tokens // (frames * tokens_per_frame))))
         samples = [make_sample(rng.randrange(10**9), frames=frames, size=size, kind=rng.choice(kinds))
                    for _ in range(batch)]
         loss, correct = run(samples, True)
@@ -126,7 +137,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
         if frames == levels[level]:
             running = (running + [correct / batch])[-20:]
         if step % eval_every == 0 or (len(running) == 20 and sum(running) / 20 >= 0.9):
-            accuracy = validate(levels[level])
+            accuracy, running = validate(levels[level]), []  # a failed promotion waits 20 more steps
             history.append(dict(step=step, seconds=time.time() - start, frames=levels[level], val_accuracy=accuracy,
                                 loss=float(loss.detach())))
             progress(f"step {step:6d}  {time.time() - start:7.0f} s  frames {levels[level]:4d}  loss {float(loss.detach()):.3f}  "
@@ -135,11 +146,9 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
                 best = dict(level=level, frames=levels[level], accuracy=accuracy, step=step)
                 save(model, processor, output)
             if accuracy >= 0.9 and level + 1 < len(levels):
-                level, running = level + 1, []
-    summary = dict(best=best, steps=step, seconds=time.time() - start, levels=levels, history=history,
-                   device=torch.cuda.get_device_name() if cuda else device, kinds=list(kinds), tokens=tokens)
-    (output / "training.json").write_text(json.dumps(summary, indent=1))
-    return summary
+                level += 1
+            log()
+    return log()
 
 
 def save(model, processor, output: Path) -> None:
@@ -155,6 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=20.0, help="time budget (default: 20)")
     parser.add_argument("--max-frames", type=int, default=128, help="longest curriculum length (default: 128)")
     parser.add_argument("--tokens", type=int, default=32768, help="visual tokens per batch (default: 32768)")
+    parser.add_argument("--max-batch", type=int, default=64, help="most videos per batch (default: 64)")
     parser.add_argument("--kinds", default="colour", help=f"needle questions, comma-separated from {KINDS}")
     parser.add_argument("--device", help="default: cuda if available")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
@@ -163,7 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = train(args.output, minutes=args.minutes, max_frames=args.max_frames, tokens=args.tokens,
-                    kinds=tuple(k for k in args.kinds.split(",") if k), device=args.device, max_steps=args.max_steps,
+                    kinds=tuple(k for k in args.kinds.split(",") if k), max_batch=args.max_batch, device=args.device, max_steps=args.max_steps,
                     eval_every=args.eval_every, val_samples=args.val_samples, seed=args.seed)
     print(json.dumps(summary["best"]))
 

@@ -125,7 +125,7 @@ def test_vniah_runs_every_variant_and_matches_binary_flops(tmp_path, capsys, mon
 
 def test_training_smoke_run_saves_a_small_checkpoint_vniah_can_read(tmp_path, monkeypatch):
     """A few CPU steps of the V-NIAH training recipe: keep-best saves an fp16 checkpoint with its
-    processor, and `psa-vlm vniah` evaluates it (the real run is on a GPU: docs/quality.md)."""
+    processor, and `psa-vlm vniah` evaluates it (the real run: docs/quality.md)."""
     import json
 
     from psa_vlm import cli, vniah_train
