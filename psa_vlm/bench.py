@@ -77,7 +77,8 @@ def default_device(device: str | None = None) -> str:
 
 
 def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None = None):
-    """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, or ``tiny``.
+    """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, ``tiny``
+    (the random test model) or ``vniah`` (the trained V-NIAH model shipped with the package).
 
     ``dtype="auto"``: the checkpoint's (shapes: bf16 on a GPU, fp32 elsewhere). ``device_map``
     (e.g. ``"auto"``) spreads a checkpoint over the visible GPUs instead of moving it to ``device``.
@@ -94,7 +95,12 @@ def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None =
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
         # The released processor's per-frame range (preprocessor_config.json), no total budget.
         return model.eval(), build_tiny_processor(video_pixels=(56 * 56, 28 * 28 * 16384), cap_pixels_per_frame=False)
-    path = tiny_model_dir() if spec == "tiny" else spec
+    if spec == "vniah":
+        from .vniah import checkpoint_dir
+
+        path = checkpoint_dir()
+    else:
+        path = tiny_model_dir() if spec == "tiny" else spec
     if device_map is not None:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device_map)
     else:

@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "block-sparse attention at the same FLOPs; the answer is the option letter with the highest "
                         "logit after the prompt. Prints accuracy with 95%% intervals and the sparsity reached; "
                         "--output writes vniah.json, vniah.txt and vniah.png.")
-    vn.add_argument("--model", default="tiny", help="checkpoint folder (e.g. a trained tiny V-NIAH model) or tiny")
+    vn.add_argument("--model", default="vniah", help="vniah (default: the trained V-NIAH model shipped with the "
+                    "package, docs/quality.md), a checkpoint folder, or tiny (random weights: chance accuracy)")
     vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, even (default: 32)")
     vn.add_argument("--samples", type=int, default=64, help="questions per length (default: 64)")
     vn.add_argument("--kinds", default="colour", help="needle questions: colour, shape, position, order "

@@ -28,6 +28,24 @@ from .needles import LETTERS, make_sample, sample_inputs
 DEFAULT_SPARSITIES = (0.5, 0.65, 0.8, 0.9)
 
 
+def checkpoint_dir() -> Path:
+    """The trained V-NIAH model shipped with the package (``checkpoints/vniah`` in the repository;
+    ``--model vniah`` on the command line): weights in fp16, tokenizer, processor, the training
+    log (``training.json``) and the accuracy CI holds it to (``record.json``)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("psa_vlm.checkpoints") / "vniah"))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the V-NIAH checkpoint is missing from {path}; reinstall psa-vlm, or train one with "
+                                "`python -m psa_vlm.vniah_train --output DIR` and pass --model DIR")
+    return path
+
+
+def load_record(path=None) -> dict:
+    """The checkpoint's recorded CI accuracies (``record.json``)."""
+    return json.loads(((Path(path) if path else checkpoint_dir()) / "record.json").read_text())
+
+
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (sound at 0 and 1, unlike the normal one)."""
     if total <= 0:

@@ -139,3 +139,18 @@ def test_training_smoke_run_saves_a_small_checkpoint_vniah_can_read(tmp_path, mo
     assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["best"] == summary["best"]
     assert cli.main(["vniah", "--model", str(tmp_path / "ckpt"), "--frames", "4", "--samples", "4", "--presets", "",
                      "--sparsity", "0.5", "--device", "cpu", "--dtype", "fp32"]) == 0
+
+
+def test_training_stops_at_the_target_accuracy_of_the_longest_length(tmp_path, monkeypatch):
+    import json
+
+    from psa_vlm import vniah_train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # One curriculum length (2 frames): the first validation is at the longest length, and any
+    # accuracy reaches a target of 0.
+    summary = vniah_train.train(tmp_path, minutes=5, max_frames=2, tokens=256, max_batch=2, eval_every=2,
+                                val_samples=2, target=0.0, max_steps=50, device="cpu", progress=lambda line: None)
+    assert summary["steps"] == 2 and len(summary["history"]) == 1
+    saved = json.loads((tmp_path / "training.json").read_text())
+    assert saved["settings"]["target"] == 0.0 and saved["settings"]["max_batch"] == 2 and saved["steps"] == 2

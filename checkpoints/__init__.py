@@ -1,0 +1,1 @@
+"""Trained checkpoints shipped with psa-vlm (package data): ``vniah/``, the V-NIAH model."""
