@@ -100,10 +100,10 @@ def psa_attention_forward(
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
     text = state.text.for_keys(B, Lk) if state.text is not None else None
-    if state.tower == "text" and text is None:
+    if state.tower == "vision" or not config.dense_text:  # a frame group holds no text; or: force none
+        text = torch.zeros(B, Lk, dtype=torch.bool, device=query.device)
+    elif text is None:
         log_once("text-unknown", f"text positions unknown: the last {config.dense_tail_tokens} tokens count as text")
-    elif state.tower == "vision":
-        text = torch.zeros(B, Lk, dtype=torch.bool, device=query.device)  # a frame group holds no text
     try:
         level_map = psa_kernels.build_level_map(
             query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, compact=True,

@@ -55,6 +55,9 @@ class PSAConfig:
     ``estimator`` and its ``stride``, block sizes, ``min_full_fraction`` (level-1 blocks kept per
     row) and ``dense_tail_tokens`` (tokens treated as text when text positions are unknown).
     ``share_kv_group`` builds one level map per kv head instead of per query head.
+    ``dense_text`` (default true) keeps every block holding text at level 1 (section 7.4);
+    false forces no text block, as if the caller knew of no text: a stress setting for
+    measurements (the question's rows are then sparse too), not for serving.
     PSA runs only on ``towers`` and for keys of at least ``min_seq_len`` tokens; elsewhere
     attention is dense.
     """
@@ -73,6 +76,7 @@ class PSAConfig:
     min_full_fraction: float = 0.06
     dense_tail_tokens: int = 512
     share_kv_group: bool = False
+    dense_text: bool = True
     towers: tuple[str, ...] = ("text",)
     overrides: tuple[LayerOverride, ...] = field(default=())
 
@@ -269,8 +273,9 @@ def _validate(c: PSAConfig) -> None:
     frac = c.min_full_fraction
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
         _fail("min_full_fraction", "must be a number in [0, 1]", frac)
-    if not isinstance(c.share_kv_group, bool):
-        _fail("share_kv_group", "must be true or false", c.share_kv_group)
+    for name in ("share_kv_group", "dense_text"):
+        if not isinstance(getattr(c, name), bool):
+            _fail(name, "must be true or false", getattr(c, name))
     if not isinstance(c.towers, tuple) or any(t not in TOWERS for t in c.towers):
         _fail("towers", f"must be a list drawn from {TOWERS}", c.towers)
     if not isinstance(c.name, str) or not isinstance(c.description, str):

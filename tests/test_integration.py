@@ -158,6 +158,19 @@ def test_sparse_preset_generates_and_reports_the_density_of_its_level_maps(model
     assert any((maps[("text", s.layer)]["level_map"] != 1).any() for s in text_stats)
 
 
+def test_dense_text_false_lets_the_question_rows_go_sparse(model_dir, batch):
+    """The stress setting of V-NIAH: no text block forced to level 1, so the question's own
+    query blocks are assigned like any other (the default keeps them dense, test above)."""
+    with pytest.raises(ValueError, match="dense_text"):
+        psa_vlm.load_preset("video_mme").replace(dense_text="no")
+    psa = load(model_dir, "psa")
+    config = psa_vlm.load_preset("video_mme").at_sparsity(0.9).replace(dense_text=False)
+    psa_vlm.configure(psa, config, record_level_maps=True, **SMALL_BLOCKS)
+    logits(psa, batch)
+    maps = [rec["level_map"] for (tower, _), rec in psa_vlm.level_maps(psa).items() if tower == "text"]
+    assert maps and any((lm[:, :, -1, 1:] != 1).any() for lm in maps)
+
+
 def test_fallbacks_are_logged_once_and_keep_running(model_dir, single, caplog):
     psa = load(model_dir, "psa", "video_mme")  # min_seq_len 32768: the tiny prompts all run dense
     with caplog.at_level(logging.INFO, logger="psa_vlm"):
