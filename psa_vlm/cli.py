@@ -259,7 +259,7 @@ def _cmd_vniah(args) -> int:
     report = vniah.evaluate(model, processor, frames=[int(x) for x in args.frames.split(",")], samples=args.samples,
                             kinds=kinds, size=(height, width), batch_size=args.batch_size, progress=print,
                             attention=vniah.variants(presets, sparsities, overrides))
-    report["model"] = args.model
+    report["model"], report["overrides"] = args.model, overrides
     print()
     print(vniah.table(report))
     if args.output:
@@ -384,8 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Answer a fixed, seeded set of generated needle questions (psa_vlm.needles) at "
                         "each video length with dense attention, the PSA presets, PSA at fixed sparsities and binary "
                         "block-sparse attention at the same FLOPs; the answer is the option letter with the highest "
-                        "logit after the prompt. Prints accuracy with 95%% intervals and the sparsity reached; "
-                        "--output writes vniah.json, vniah.txt and vniah.png.")
+                        "logit after the prompt. Prints accuracy with 95% intervals and the sparsity reached; "
+                        "--output writes vniah.json, vniah.txt and vniah.png. PSA keeps every block holding "
+                        "text at level 1, so the question reads the whole video densely; --override "
+                        "dense_text=false lets the question's rows go sparse too (a stress setting).")
     vn.add_argument("--model", default="vniah", help="vniah (default: the trained V-NIAH model shipped with the "
                     "package, docs/quality.md), a checkpoint folder, or tiny (random weights: chance accuracy)")
     vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, even (default: 32)")
