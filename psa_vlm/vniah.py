@@ -154,7 +154,8 @@ def plot(report: dict):
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("sparsity (1 - density)")
         ax.set_ylabel(f"accuracy ({report['samples']} questions, 95% interval)")
-        ax.set_title(f"V-NIAH, {n} frames ({rows[0]['tokens']} tokens)")
+        changed = ", ".join(f"{k}={v}" for k, v in (report.get("overrides") or {}).items())
+        ax.set_title(f"V-NIAH, {n} frames ({rows[0]['tokens']} tokens)" + (f"\n{changed}" if changed else ""))
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
