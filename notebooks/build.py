@@ -62,7 +62,7 @@ attention, compares answers, timings and sparsity, and shows how to choose and e
 It runs offline on a CPU with the tiny random model; set `MODEL` and `DEVICE` in the first cell
 for a real checkpoint (the tiny model's answers are noise: its weights are random)."""),
     ("code", SETUP),
-    ("md", "## Install check\nThe package, its kernels (Triton on CUDA, the PyTorch reference elsewhere) and the presets."),
+    ("md", "## Install check\nThe package, its kernels (Triton on CUDA, block-by-block PyTorch SDPA elsewhere) and the presets."),
     ("code", '''\
 print("torch", torch.__version__, "| CUDA:", torch.cuda.is_available())
 print("Triton kernels on", DEVICE, ":", psa_kernels.kernels_available(DEVICE))
@@ -116,7 +116,7 @@ same = (results["sdpa"]["tokens"] == results["psa"]["tokens"]).float().mean().it
 print(f"\\ngenerated tokens identical: {same:.0%}")
 '''),
     ("md", """\
-On a CPU the PSA path runs the PyTorch reference, so it is not faster here; on a GPU the Triton
+On a CPU the PSA path runs block by block through PyTorch SDPA, so it is not faster here; on a GPU the Triton
 kernels make long prefills faster (`docs/performance.md`). Layers shorter than the preset's
 `min_seq_len` run dense attention, decode steps too; `psa_vlm.stats(model)` says which and why."""),
     ("code", '''\
