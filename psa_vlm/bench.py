@@ -95,17 +95,19 @@ def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None =
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
         # The released processor's per-frame range (preprocessor_config.json), no total budget.
         return model.eval(), build_tiny_processor(video_pixels=(56 * 56, 28 * 28 * 16384), cap_pixels_per_frame=False)
-    if spec == "vniah":
-        from .vniah import checkpoint_dir
+    from .vniah import checkpoint_dir
 
-        path = checkpoint_dir()
-    else:
-        path = tiny_model_dir() if spec == "tiny" else spec
-    if device_map is not None:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device_map)
-    else:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-    return model.eval(), AutoProcessor.from_pretrained(path)
+    path = tiny_model_dir() if spec == "tiny" else checkpoint_dir() if spec == "vniah" else spec
+    try:
+        if device_map is not None:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device_map)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as err:  # a missing folder, a hub id not cached offline: transformers says which
+        raise FileNotFoundError(f"cannot load the model {spec!r}: {err} (pass a checkpoint folder, a hub id, "
+                                f"one of {sorted(SHAPES)}, tiny or vniah)") from err
+    return model.eval(), processor
 
 
 def frames_for_tokens(tokens: int) -> tuple[int, int]:

@@ -154,3 +154,11 @@ def test_training_stops_at_the_target_accuracy_of_the_longest_length(tmp_path, m
     assert summary["steps"] == 2 and len(summary["history"]) == 1
     saved = json.loads((tmp_path / "training.json").read_text())
     assert saved["settings"]["target"] == 0.0 and saved["settings"]["max_batch"] == 2 and saved["steps"] == 2
+
+
+def test_vniah_names_a_model_it_cannot_load_in_one_line(tmp_path, capsys):
+    from psa_vlm import cli
+
+    assert cli.main(["vniah", "--model", str(tmp_path / "no_such_model"), "--samples", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the model" in err and "no_such_model" in err and "Traceback" not in err
