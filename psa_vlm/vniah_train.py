@@ -89,8 +89,13 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     levels = [f for f in (2, 4, 8, 16, 32, 64, 128, 256, 512) if f <= max_frames]
     tokens_per_frame = (size[0] // 28) * (size[1] // 28) / 2
     rng = random.Random(seed)
-    val = {f: [make_sample(10_000_000 + f * 1000 + i, frames=f, size=size, kind=kinds[i % len(kinds)])
-               for i in range(val_samples)] for f in levels}
+    val: dict[int, list] = {}  # fixed validation questions, rendered when a length is first reached
+
+    def validation_set(frames: int) -> list:
+        if frames not in val:
+            val[frames] = [make_sample(10_000_000 + frames * 1000 + i, frames=frames, size=size,
+                                       kind=kinds[i % len(kinds)]) for i in range(val_samples)]
+        return val[frames]
 
     def run(samples, train_mode: bool):
         inputs = sample_inputs(processor, samples).to(device)
@@ -101,12 +106,12 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
 
     def validate(frames: int) -> float:
         model.eval()
-        correct = 0
+        questions, correct = validation_set(frames), 0
         with torch.no_grad():
-            for i in range(0, len(val[frames]), 8):
-                correct += run(val[frames][i : i + 8], False)[1]
+            for i in range(0, len(questions), 8):
+                correct += run(questions[i : i + 8], False)[1]
         model.train()
-        return correct / len(val[frames])
+        return correct / len(questions)
 
     start, step, level, running = time.time(), 0, 0, []
     budget = minutes * 60
