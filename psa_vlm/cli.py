@@ -256,10 +256,20 @@ def _cmd_vniah(args) -> int:
     sparsities = [float(x) for x in args.sparsity.split(",") if x]
     kinds = [k for k in args.kinds.split(",") if k]
     height, width = (int(x) for x in args.size.lower().split("x"))
+    import torch
+
+    meta = dict(model=args.model, overrides=overrides, device=torch.cuda.get_device_name(device)
+                if str(device).startswith("cuda") else "cpu", dtype=str(next(model.parameters()).dtype),
+                torch=torch.__version__)
+
+    def save(report):  # after each length, so a long run that is stopped keeps what it measured
+        if args.output:
+            vniah.write({**report, **meta}, args.output)
+
     report = vniah.evaluate(model, processor, frames=[int(x) for x in args.frames.split(",")], samples=args.samples,
-                            kinds=kinds, size=(height, width), batch_size=args.batch_size, progress=print,
-                            attention=vniah.variants(presets, sparsities, overrides))
-    report["model"], report["overrides"] = args.model, overrides
+                            kinds=kinds, size=(height, width), batch_size=args.batch_size, workers=args.workers,
+                            progress=print, on_length=save, attention=vniah.variants(presets, sparsities, overrides))
+    report.update(meta)
     print()
     print(vniah.table(report))
     if args.output:
@@ -400,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fixed sparsities for PSA and binary block-sparse (default: 0.5,0.65,0.8,0.9)")
     _override_arg(vn, "a field of every PSA variant", "block_q=64")
     vn.add_argument("--batch-size", type=int, default=8, help="questions per forward (default: 8)")
+    vn.add_argument("--workers", type=int, help="processes rendering the videos ahead of the model (default: every "
+                    "core but one on a GPU, none on a CPU)")
     _device_and_dtype(vn)
     vn.add_argument("--output", help="folder for vniah.json, vniah.txt, vniah.png")
     vn.set_defaults(func=_cmd_vniah)

@@ -123,6 +123,28 @@ def test_vniah_runs_every_variant_and_matches_binary_flops(tmp_path, capsys, mon
     assert "95% interval" in capsys.readouterr().out
 
 
+def test_vniah_renders_the_same_questions_in_worker_processes(monkeypatch):
+    """The GPU path renders batches ahead in spawned processes: same questions, same order, same
+    answers and sparsity as rendering them one by one here; the set is built batch by batch."""
+    import torch
+
+    from psa_vlm import vniah
+    from psa_vlm.bench import load_model
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, processor = load_model("tiny", device="cpu", dtype=torch.float32)
+    attention = vniah.variants(presets=(), sparsities=(0.8,))
+    kwargs = dict(frames=(8,), samples=5, batch_size=2, attention=attention)
+    here = vniah.evaluate(model, processor, workers=0, **kwargs)
+    spawned = vniah.evaluate(model, processor, workers=2, **kwargs)
+    assert here["rows"] == spawned["rows"]
+    assert [r["samples"] for r in here["rows"]] == [5, 5, 5]
+    answers, inputs = vniah._render_batch((8, range(3, 5), (224, 224), ("colour",)), processor)
+    assert answers == [q.answer for q in vniah.test_set(8, 5)[3:]] and inputs["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="workers"):
+        vniah.evaluate(model, processor, workers=-1, **kwargs)
+
+
 def test_training_smoke_run_saves_a_small_checkpoint_vniah_can_read(tmp_path, monkeypatch):
     """A few CPU steps of the V-NIAH training recipe: keep-best saves an fp16 checkpoint with its
     processor, and `psa-vlm vniah` evaluates it (the real run: docs/quality.md)."""
