@@ -158,6 +158,83 @@ def sample_inputs(processor, samples, *, video_fps: float = 2.0, max_pixels: int
                         video_fps=video_fps, min_pixels=min(56 * 56, pixels), max_pixels=pixels)
 
 
+def render_batch(spec, processor=None):
+    """One batch of questions as ``(answers, inputs)``: ``spec`` is ``(frames, [(seed, kind), ...],
+    size)``; the inputs are :func:`sample_inputs`' tensors (a dict). The frames are dropped once
+    the inputs exist."""
+    frames, questions, size = spec
+    samples = [make_sample(seed, frames=frames, size=tuple(size), kind=kind) for seed, kind in questions]
+    return [s.answer for s in samples], dict(sample_inputs(processor or _WORKER_PROCESSOR, samples))
+
+
+_WORKER_PROCESSOR = None  # a rendering worker's processor, set once per process
+
+
+def _init_worker(processor) -> None:
+    global _WORKER_PROCESSOR
+    _WORKER_PROCESSOR = processor
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+
+
+class _Here:
+    """A batch rendered when asked for (no workers): the same interface as a pool's result."""
+
+    def __init__(self, spec, processor):
+        self.spec, self.processor = spec, processor
+
+    def get(self):
+        return render_batch(self.spec, self.processor)
+
+
+class BatchRenderer:
+    """Renders batches of needle questions (:func:`render_batch` specs) to processor inputs, in
+    this process or ahead in ``workers`` spawned processes. Rendering a long video costs far more
+    CPU time than the small V-NIAH model's forward on a GPU, so there the workers decide the
+    speed. Spawned, not forked: the caller may hold a CUDA context. Use as a context manager."""
+
+    def __init__(self, processor, workers: int = 0):
+        if workers < 0:
+            raise ValueError(f"workers must be 0 (render in this process) or more, got {workers}")
+        self.processor, self.workers, self._pool = processor, workers, None
+
+    def __enter__(self):
+        if self.workers:
+            import multiprocessing
+
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_init_worker,
+                                                                  initargs=(self.processor,))
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def submit(self, spec):
+        """Start rendering one batch; ``.get()`` on the result returns ``(answers, inputs)``."""
+        if self._pool is None:
+            return _Here(spec, self.processor)
+        return self._pool.apply_async(render_batch, (spec,))
+
+    def map(self, specs):
+        """``(answers, inputs)`` for each spec, in order (rendered ahead when there are workers)."""
+        if self._pool is None:
+            return (render_batch(spec, self.processor) for spec in specs)
+        return self._pool.imap(render_batch, specs)
+
+
+def default_workers(device) -> int:
+    """Rendering processes for a model on ``device``: on a GPU every core but one (the forward is
+    cheap, rendering is not); on a CPU none (the forward needs the cores)."""
+    import os
+
+    import torch
+
+    return max(0, (os.cpu_count() or 1) - 1) if torch.device(device).type == "cuda" else 0
+
+
 def write_mp4(sample: NeedleSample, path, *, fps: float = 2.0):
     """Write the sample's frames as an H.264 file (for the video loader and ``psa-vlm ask``)."""
     from .testing import write_video

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import PSAConfig, load_preset
-from .needles import LETTERS, make_sample, sample_inputs
+from .needles import LETTERS, BatchRenderer, default_workers, make_sample
 
 DEFAULT_SPARSITIES = (0.5, 0.65, 0.8, 0.9)
 TEST_SEED = 1_000_000  # the test set's seeds start here (the trainer's validation sets start at 10_000_000)
@@ -93,46 +93,12 @@ def _question(frames, i, size, kinds, seed=TEST_SEED):
     return make_sample(seed + i, frames=frames, size=size, kind=kinds[i % len(kinds)])
 
 
-_PROCESSOR = None  # a rendering worker's processor (set once per process by _init_worker)
-
-
-def _init_worker(processor) -> None:
-    global _PROCESSOR
-    _PROCESSOR = processor
-    torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
-
-
-def _render_batch(job, processor=None):
-    """Render one batch of questions and its processor inputs: ``(answers, inputs)``. Frames
-    are dropped once the inputs exist, so only the batches in flight are held in memory."""
-    frames, indices, size, kinds = job
-    questions = [_question(frames, i, size, kinds) for i in indices]
-    return [q.answer for q in questions], dict(sample_inputs(processor or _PROCESSOR, questions))
-
-
-def _batches(processor, frames, samples, *, size, kinds, batch_size, workers):
-    """Yield ``(answers, inputs)`` per batch in order. With ``workers`` > 0 the batches are rendered
-    ahead in that many processes (rendering a long video costs more than the tiny model's forward
-    on a GPU); 0 renders them here, one at a time."""
-    jobs = [(frames, range(i, min(i + batch_size, samples)), size, tuple(kinds)) for i in range(0, samples, batch_size)]
-    if workers <= 0:
-        for job in jobs:
-            yield _render_batch(job, processor)
-        return
-    import multiprocessing
-
-    # spawn, not fork: the parent may hold a CUDA context and Triton's threads
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(processor,)) as pool:
-        yield from pool.imap(_render_batch, jobs)
-
-
-def default_workers(device) -> int:
-    """Rendering processes for :func:`evaluate`: on a GPU every core but one (the forward is
-    cheap, rendering is not); on a CPU none (the forward needs the cores)."""
-    import os
-
-    return max(0, (os.cpu_count() or 1) - 1) if torch.device(device).type == "cuda" else 0
+def batch_specs(frames: int, samples: int, *, size=(224, 224), kinds=("colour",), batch_size: int = 8,
+                seed: int = TEST_SEED) -> list:
+    """The test set at one length as :func:`psa_vlm.needles.render_batch` specs: the questions of
+    :func:`test_set`, ``batch_size`` at a time."""
+    return [(frames, [(seed + i, kinds[i % len(kinds)]) for i in range(j, min(j + batch_size, samples))], tuple(size))
+            for j in range(0, samples, batch_size)]
 
 
 def evaluate(model, processor, *, frames=(32,), samples: int = 64, kinds=("colour",), size=(224, 224),
@@ -145,28 +111,45 @@ def evaluate(model, processor, *, frames=(32,), samples: int = 64, kinds=("colou
     ``workers``: rendering processes (None: :func:`default_workers`). ``progress``: a callable
     given one line per (length, variant) result. ``on_length``: called with the report after
     each length (e.g. to save partial results of a long run)."""
-    from tqdm.auto import tqdm
-
-    from . import mean_sparsity, use_attention
-
     attention = attention if attention is not None else variants()
     device = next(model.parameters()).device
     workers = default_workers(device) if workers is None else workers
-    if workers < 0:
-        raise ValueError(f"workers must be 0 (render in this process) or more, got {workers}")
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     ids = torch.tensor(letter_ids(processor.tokenizer), device=device)
     report = dict(samples=samples, kinds=list(kinds), size=list(size), variants=list(attention), rows=[], seconds={})
-    for n_frames in frames:
-        started = time.perf_counter()
-        answers: list[str] = []
-        predicted = {label: [] for label in attention}
-        weighted = {label: [0.0, 0] for label in attention}  # sparsity x questions, questions measured
-        tokens = None
-        batches = _batches(processor, n_frames, samples, size=size, kinds=kinds, batch_size=batch_size, workers=workers)
-        bar = tqdm(total=samples, desc=f"V-NIAH {n_frames} frames", unit="q", disable=progress is None)
-        for batch_answers, inputs in batches:
+    with BatchRenderer(processor, min(workers, -(-samples // batch_size))) as renderer:
+        for n_frames in frames:
+            started = time.perf_counter()
+            row_of = _answer_every_batch(model, renderer, attention, ids, device,
+                                         batch_specs(n_frames, samples, size=size, kinds=kinds, batch_size=batch_size),
+                                         desc=f"V-NIAH {n_frames} frames", show=progress is not None)
+            for label in attention:
+                row = dict(frames=n_frames, **row_of[label])
+                report["rows"].append(row)
+                if progress:
+                    sparsity = "-" if row["sparsity"] is None else format(row["sparsity"], ".3f")
+                    progress(f"{n_frames:5d} frames {row['tokens']:6d} tokens  {label:16s} accuracy {row['accuracy']:.3f} "
+                             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]  sparsity {sparsity}")
+            report["seconds"][str(n_frames)] = round(time.perf_counter() - started, 1)  # rendering + every variant
+            if on_length:
+                on_length(report)
+    return report
+
+
+def _answer_every_batch(model, renderer, attention, ids, device, specs, *, desc, show) -> dict:
+    """Every variant answers each rendered batch before the next is taken; ``{label: row}``."""
+    from tqdm.auto import tqdm
+
+    from . import mean_sparsity, use_attention
+
+    answers: list[str] = []
+    predicted = {label: [] for label in attention}
+    weighted = {label: [0.0, 0] for label in attention}  # sparsity x questions, questions measured
+    tokens = None
+    samples = sum(len(spec[1]) for spec in specs)
+    with tqdm(total=samples, desc=desc, unit="q", disable=not show) as bar:
+        for batch_answers, inputs in renderer.map(specs):
             inputs = {k: v.to(device) for k, v in inputs.items()}
             tokens = tokens or int(inputs["input_ids"].shape[1])
             answers += batch_answers
@@ -180,22 +163,15 @@ def evaluate(model, processor, *, frames=(32,), samples: int = 64, kinds=("colou
                     weighted[label][0] += sparsity * len(batch_answers)
                     weighted[label][1] += len(batch_answers)
             bar.update(len(batch_answers))
-        bar.close()
-        for label, config in attention.items():
-            correct = sum(p == a for p, a in zip(predicted[label], answers))
-            low, high = wilson_interval(correct, samples)
-            total, measured = weighted[label]
-            row = dict(frames=n_frames, tokens=tokens, variant=label, correct=correct, samples=samples,
-                       accuracy=correct / samples, ci_low=low, ci_high=high,
-                       sparsity=total / measured if measured else (0.0 if config is None else None))
-            report["rows"].append(row)
-            if progress:
-                progress(f"{n_frames:5d} frames {tokens:6d} tokens  {label:16s} accuracy {row['accuracy']:.3f} "
-                         f"[{low:.3f}, {high:.3f}]  sparsity {'-' if row['sparsity'] is None else format(row['sparsity'], '.3f')}")
-        report["seconds"][str(n_frames)] = round(time.perf_counter() - started, 1)  # rendering + every variant
-        if on_length:
-            on_length(report)
-    return report
+    rows = {}
+    for label, config in attention.items():
+        correct = sum(p == a for p, a in zip(predicted[label], answers))
+        low, high = wilson_interval(correct, samples)
+        total, measured = weighted[label]
+        rows[label] = dict(tokens=tokens, variant=label, correct=correct, samples=samples, accuracy=correct / samples,
+                           ci_low=low, ci_high=high,
+                           sparsity=total / measured if measured else (0.0 if config is None else None))
+    return rows
 
 
 def table(report: dict) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import deque
 import math
 import random
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .needles import KINDS, make_sample, sample_inputs
+from .needles import KINDS, BatchRenderer, default_workers, make_sample, sample_inputs
 
 #: The model of FIELD_NOTES' feasibility run.
 MODEL_SHAPE = dict(
@@ -71,7 +72,11 @@ def letter_loss(logits: torch.Tensor, letter_ids: torch.Tensor, answers: torch.T
 def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int = 32768, size=(224, 224),
           kinds=("colour",), lr: float = 1e-3, warmup: int = 100, eval_every: int = 50, val_samples: int = 128,
           max_batch: int = 64, target: float | None = None, device: str | None = None, seed: int = 0,
-          max_steps: int | None = None, progress=print) -> dict:
+          max_steps: int | None = None, workers: int | None = None, progress=print) -> dict:
+    """Train, keep the best model in ``output``; returns the training record (``training.json``).
+    ``workers``: processes rendering batches ahead (None: every core but one on a GPU, none on a
+    CPU). With workers the next ``workers`` batches are drawn ahead of the step that trains on
+    them, so a promotion reaches the batches a few steps later than without."""
     from . import use_attention
     from .bench import attention_variants, default_device
     from .testing import build_tiny_processor
@@ -89,29 +94,42 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     levels = [f for f in (2, 4, 8, 16, 32, 64, 128, 256, 512) if f <= max_frames]
     tokens_per_frame = (size[0] // 28) * (size[1] // 28) / 2
     rng = random.Random(seed)
-    val: dict[int, list] = {}  # fixed validation questions, rendered when a length is first reached
+    workers = default_workers(device) if workers is None else workers
+    val: dict[int, list] = {}  # without workers: validation questions, rendered when a length is first reached
 
-    def validation_set(frames: int) -> list:
-        if frames not in val:
-            val[frames] = [make_sample(10_000_000 + frames * 1000 + i, frames=frames, size=size,
-                                       kind=kinds[i % len(kinds)]) for i in range(val_samples)]
-        return val[frames]
+    def validation_specs(frames: int) -> list:
+        return [(frames, [(10_000_000 + frames * 1000 + i, kinds[i % len(kinds)]) for i in range(j, min(j + 8, val_samples))],
+                 tuple(size)) for j in range(0, val_samples, 8)]
 
-    def run(samples, train_mode: bool):
-        inputs = sample_inputs(processor, samples).to(device)
-        answers = torch.tensor(["ABCD".index(s.answer) for s in samples], device=device)
+    def validation_batches(frames: int):
+        if workers:  # rendered again each time, across the workers: no frames held between validations
+            return renderer.map(validation_specs(frames))
+        if frames not in val:  # kept as frames (uint8), a quarter of their processed size
+            val[frames] = [[make_sample(seed, frames=frames, size=size, kind=kind) for seed, kind in spec[1]]
+                           for spec in validation_specs(frames)]
+        return (([q.answer for q in questions], sample_inputs(processor, questions)) for questions in val[frames])
+
+    def run(answers, inputs, train_mode: bool):
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        answers = torch.tensor(["ABCD".index(a) for a in answers], device=device)
         with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=train_mode):
             logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         return letter_loss(logits, ids, answers)
 
     def validate(frames: int) -> float:
         model.eval()
-        questions, correct = validation_set(frames), 0
+        correct = 0
         with torch.no_grad():
-            for i in range(0, len(questions), 8):
-                correct += run(questions[i : i + 8], False)[1]
+            for answers, inputs in validation_batches(frames):
+                correct += run(answers, inputs, False)[1]
         model.train()
-        return correct / len(questions)
+        return correct / val_samples
+
+    def draw() -> tuple:
+        """The next training batch's spec at the current curriculum level."""
+        frames = levels[level] if level == 0 or rng.random() >= 0.25 else levels[rng.randrange(level)]
+        batch = min(max_batch, max(1, int(tokens // (frames * tokens_per_frame))))
+        return frames, [(rng.randrange(10**9), rng.choice(kinds)) for _ in range(batch)], tuple(size)
 
     start, step, level, running = time.time(), 0, 0, []
     budget = minutes * 60
@@ -128,37 +146,40 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
         return summary
 
     model.train()
-    while time.time() - start < budget and (max_steps is None or step < max_steps):
-        elapsed = (time.time() - start) / budget
-        scale = min(1.0, (step + 1) / warmup) * (1.0 if elapsed < 0.75 else 0.5 * (1 + math.cos(math.pi * (elapsed - 0.75) / 0.25)))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-        frames = levels[level] if level == 0 or rng.random() >= 0.25 else levels[rng.randrange(level)]
-        batch = min(max_batch, max(1, int(tokens // (frames * tokens_per_frame))))
-        samples = [make_sample(rng.randrange(10**9), frames=frames, size=size, kind=rng.choice(kinds))
-                   for _ in range(batch)]
-        loss, correct = run(samples, True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if frames == levels[level]:
-            running = (running + [correct / batch])[-20:]
-        if step % eval_every == 0 or (len(running) == 20 and sum(running) / 20 >= 0.9):
-            accuracy, running = validate(levels[level]), []  # a failed promotion waits 20 more steps
-            history.append(dict(step=step, seconds=time.time() - start, frames=levels[level], val_accuracy=accuracy,
-                                loss=float(loss.detach())))
-            progress(f"step {step:6d}  {time.time() - start:7.0f} s  frames {levels[level]:4d}  loss {float(loss.detach()):.3f}  "
-                     f"val {accuracy:.3f}  lr {lr * scale:.2e}")
-            if (level, accuracy) > (best["level"], best["accuracy"]):
-                best = dict(level=level, frames=levels[level], accuracy=accuracy, step=step)
-                save(model, processor, output)
-            if target is not None and level == len(levels) - 1 and accuracy >= target:
-                break
-            if accuracy >= 0.9 and level + 1 < len(levels):
-                level += 1
-            log()
+    pending = deque()  # (spec, batch being rendered): with workers, the next batches render ahead
+    with BatchRenderer(processor, workers) as renderer:
+        while time.time() - start < budget and (max_steps is None or step < max_steps):
+            elapsed = (time.time() - start) / budget
+            scale = min(1.0, (step + 1) / warmup) * (1.0 if elapsed < 0.75 else 0.5 * (1 + math.cos(math.pi * (elapsed - 0.75) / 0.25)))
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+            while len(pending) < max(1, workers):
+                spec = draw()
+                pending.append((spec, renderer.submit(spec)))
+            (frames, questions, _), rendering = pending.popleft()
+            batch = len(questions)
+            loss, correct = run(*rendering.get(), True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if frames == levels[level]:
+                running = (running + [correct / batch])[-20:]
+            if step % eval_every == 0 or (len(running) == 20 and sum(running) / 20 >= 0.9):
+                accuracy, running = validate(levels[level]), []  # a failed promotion waits 20 more steps
+                history.append(dict(step=step, seconds=time.time() - start, frames=levels[level], val_accuracy=accuracy,
+                                    loss=float(loss.detach())))
+                progress(f"step {step:6d}  {time.time() - start:7.0f} s  frames {levels[level]:4d}  loss {float(loss.detach()):.3f}  "
+                         f"val {accuracy:.3f}  lr {lr * scale:.2e}")
+                if (level, accuracy) > (best["level"], best["accuracy"]):
+                    best = dict(level=level, frames=levels[level], accuracy=accuracy, step=step)
+                    save(model, processor, output)
+                if target is not None and level == len(levels) - 1 and accuracy >= target:
+                    break
+                if accuracy >= 0.9 and level + 1 < len(levels):
+                    level += 1
+                log()
     return log()
 
 
@@ -183,11 +204,14 @@ def main(argv=None) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between validations (default: 50)")
     parser.add_argument("--val-samples", type=int, default=128, help="validation questions per length (default: 128)")
+    parser.add_argument("--workers", type=int, help="processes rendering batches ahead (default: every core but one "
+                        "on a GPU, none on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = train(args.output, minutes=args.minutes, max_frames=args.max_frames, tokens=args.tokens,
                     kinds=tuple(k for k in args.kinds.split(",") if k), max_batch=args.max_batch, target=args.target, device=args.device, max_steps=args.max_steps,
-                    eval_every=args.eval_every, val_samples=args.val_samples, seed=args.seed)
+                    eval_every=args.eval_every, val_samples=args.val_samples, seed=args.seed,
+                    workers=args.workers)
     print(json.dumps(summary["best"]))
 
 

@@ -139,7 +139,8 @@ def test_vniah_renders_the_same_questions_in_worker_processes(monkeypatch):
     spawned = vniah.evaluate(model, processor, workers=2, **kwargs)
     assert here["rows"] == spawned["rows"]
     assert [r["samples"] for r in here["rows"]] == [5, 5, 5]
-    answers, inputs = vniah._render_batch((8, range(3, 5), (224, 224), ("colour",)), processor)
+    spec = vniah.batch_specs(8, 5, batch_size=3)[1]
+    answers, inputs = needles.render_batch(spec, processor)
     assert answers == [q.answer for q in vniah.test_set(8, 5)[3:]] and inputs["input_ids"].shape[0] == 2
     with pytest.raises(ValueError, match="workers"):
         vniah.evaluate(model, processor, workers=-1, **kwargs)
@@ -161,6 +162,27 @@ def test_training_smoke_run_saves_a_small_checkpoint_vniah_can_read(tmp_path, mo
     assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["best"] == summary["best"]
     assert cli.main(["vniah", "--model", str(tmp_path / "ckpt"), "--frames", "4", "--samples", "4", "--presets", "",
                      "--sparsity", "0.5", "--device", "cpu", "--dtype", "fp32"]) == 0
+
+
+def test_training_with_rendering_workers_trains_on_the_same_batches(tmp_path, monkeypatch):
+    """The trainer's GPU default renders batches ahead in worker processes: with one curriculum
+    level (no promotion to race with) the run is the same as rendering here, loss for loss."""
+    import torch
+    from safetensors.torch import load_file
+
+    from psa_vlm import vniah_train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        summary = vniah_train.train(out, minutes=5, max_frames=2, tokens=128, max_steps=3, eval_every=3, val_samples=4,
+                                    device="cpu", workers=workers, progress=lambda line: None)
+        runs[workers] = summary, load_file(out / "model.safetensors")
+    (here, w_here), (ahead, w_ahead) = runs[0], runs[2]
+    assert [h["loss"] for h in here["history"]] == pytest.approx([h["loss"] for h in ahead["history"]], rel=1e-5)
+    assert [h["val_accuracy"] for h in here["history"]] == [h["val_accuracy"] for h in ahead["history"]]
+    assert all(torch.allclose(w_here[k].float(), w_ahead[k].float(), atol=1e-3) for k in w_here)
 
 
 def test_training_stops_at_the_target_accuracy_of_the_longest_length(tmp_path, monkeypatch):
