@@ -348,6 +348,16 @@ def tiny_model_dir(cache_dir=None, *, seed: int = 0) -> Path:
         return final
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under an initialized process group (accelerate launch, torchrun) transformers'
+        # save_pretrained writes only on rank 0, so another rank would stage an empty folder:
+        # build in a fresh process instead (every rank may; the rename below settles the race).
+        import subprocess
+        import sys
+
+        code = "import sys; from psa_vlm.testing import tiny_model_dir; tiny_model_dir(sys.argv[1], seed=int(sys.argv[2]))"
+        subprocess.run([sys.executable, "-c", code, str(cache_dir), str(seed)], check=True)
+        return final
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
     try:
         save_tiny_model(staging, seed=seed)

@@ -165,3 +165,36 @@ def test_tiny_model_dir_builds_once(tmp_path, monkeypatch):
     assert json.loads((first / "config.json").read_text())["model_type"] == "qwen2_5_vl"
     leftovers = [p.name for p in tmp_path.iterdir() if p != first]
     assert leftovers == []  # the staging directory was renamed away
+
+
+def test_tiny_model_dir_builds_on_every_rank_of_a_process_group(tmp_path):
+    """Under torchrun / accelerate launch transformers saves only on rank 0: the tiny model must
+    still be built whole when another rank gets there first (found on two GPUs: rank 1 failed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import sys, torch.distributed as dist\n"
+        "from psa_vlm import testing\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "if rank == 0:\n"
+        "    dist.barrier()  # rank 1 builds first, under the process group\n"
+        "path = testing.tiny_model_dir(sys.argv[1])\n"
+        "if rank == 1:\n"
+        "    dist.barrier()\n"
+        "assert (path / 'config.json').is_file() and (path / 'model.safetensors').is_file(), sorted(path.iterdir())\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n"
+    )
+    cache = tmp_path / "cache"
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(cache)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    built = [p.name for p in cache.iterdir()]
+    assert built == [f"tiny-v{testing.TINY_MODEL_VERSION}-seed0"]  # no staging folder left behind
