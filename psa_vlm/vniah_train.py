@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import deque
 import math
 import random
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
