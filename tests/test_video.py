@@ -438,6 +438,21 @@ def test_partly_readable_video_warns_that_it_is_truncated(tmp_path):
         load_video(tmp_path / "full.mkv", **SMALL)  # the complete file: no warning
 
 
+def test_without_pyav_decord_still_reads_and_the_header_check_is_skipped(tmp_path, monkeypatch):
+    """PyAV only serves the truncation check (and the fallback reader): a machine without it
+    (seen on the GPU machine) must still load videos with decord."""
+    import sys
+
+    data = write_video(tmp_path / "full.mkv", frames=60, width=64, height=48).read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 2])
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VideoWarning)
+        loaded = load_video(cut, backend="decord", **SMALL)
+    assert 0 < loaded.video_frames < 60
+
+
 def test_urls_are_refused_and_file_urls_accepted(videos):
     with pytest.raises(VideoError, match="only local files"):
         load_video("https://example.com/video.mp4")
