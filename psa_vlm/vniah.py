@@ -86,11 +86,7 @@ def letter_ids(tokenizer) -> list[int]:
 def test_set(frames: int, samples: int, *, size=(224, 224), kinds=("colour",), seed: int = TEST_SEED):
     """The fixed questions at one length: seeds ``seed + i``, kinds in turn (rendered now; the
     evaluation renders them batch by batch instead, see :func:`evaluate`)."""
-    return [_question(frames, i, size, kinds, seed) for i in range(samples)]
-
-
-def _question(frames, i, size, kinds, seed=TEST_SEED):
-    return make_sample(seed + i, frames=frames, size=size, kind=kinds[i % len(kinds)])
+    return [make_sample(seed + i, frames=frames, size=size, kind=kinds[i % len(kinds)]) for i in range(samples)]
 
 
 def batch_specs(frames: int, samples: int, *, size=(224, 224), kinds=("colour",), batch_size: int = 8,

@@ -81,6 +81,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     from . import use_attention
     from .bench import attention_variants, default_device
     from .testing import build_tiny_processor
+    from .vniah import batch_specs
     from .vniah import letter_ids as letters_of
 
     device = default_device(device)
@@ -98,9 +99,8 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     workers = default_workers(device) if workers is None else workers
     val: dict[int, list] = {}  # without workers: validation questions, rendered when a length is first reached
 
-    def validation_specs(frames: int) -> list:
-        return [(frames, [(10_000_000 + frames * 1000 + i, kinds[i % len(kinds)]) for i in range(j, min(j + 8, val_samples))],
-                 tuple(size)) for j in range(0, val_samples, 8)]
+    def validation_specs(frames: int) -> list:  # fixed per length, away from the test set's seeds
+        return batch_specs(frames, val_samples, size=size, kinds=kinds, batch_size=8, seed=10_000_000 + frames * 1000)
 
     def validation_batches(frames: int):
         if workers:  # rendered again each time, across the workers: no frames held between validations
