@@ -209,6 +209,8 @@ def main(argv=None) -> None:
                         "on a GPU, none on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be 0 (render in this process) or more, got {args.workers}")
     summary = train(args.output, minutes=args.minutes, max_frames=args.max_frames, tokens=args.tokens,
                     kinds=tuple(k for k in args.kinds.split(",") if k), max_batch=args.max_batch, target=args.target, device=args.device, max_steps=args.max_steps,
                     eval_every=args.eval_every, val_samples=args.val_samples, seed=args.seed,
