@@ -1,20 +1,21 @@
-"""Level assignment in one Triton kernel: importance scores in, level map and compact layout out.
+"""Level assignment and the compact layout in Triton: importance in, :class:`LevelMap` out.
 
-Computes exactly the tail of :func:`psa_kernels.reference.build_level_map` (after the importance
-estimate): level assignment by energy or quantile over the visible blocks, the similarity cap,
-the forced level-1 blocks (sink, first real token, diagonal, text rows and columns) and the
-minimum number of level-1 blocks per row. One program owns one row (batch, map head, query
-block) and holds its ``nk`` scores in registers:
+``_assign_kernel`` computes exactly the tail of :func:`psa_kernels.reference.build_level_map`
+(after the importance estimate): level assignment by energy or quantile over the visible
+blocks, the similarity cap, the forced level-1 blocks (sink, first real token, diagonal, text
+rows and columns) and the minimum number of level-1 blocks per row. One program owns one row
+(batch, map head, query block) and holds its ``nk`` scores in registers:
 
 1. (share_kv_group) sum the scores of the GQA group; mark the visible blocks;
 2. rank the row by one sort of packed ``(score, -index)`` keys (descending score, ascending
    index on ties: the reference's stable order); cumulative mass gives each rank's level;
 3. cap, force and promote in rank order (the promotion takes the best-ranked blocks not yet
    at level 1, as the reference's second ranking does);
-4. scatter the levels to the dense ``int8`` map, and sort once more by (level, index) to write
-   the compact :class:`LevelMap` row (counts per level and the grouped index list).
+4. write the row (:func:`_write_row`): the compact layout, its plan and cost, and optionally
+   the dense ``int8`` map.
 
-No host synchronisation, fixed launch shape: it can be captured in a CUDA graph.
+``_compact_kernel`` runs step 4 alone on a dense map (:meth:`LevelMap.from_dense`). No host
+synchronisation, fixed launch shapes: both can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -23,18 +24,57 @@ import torch
 import triton
 import triton.language as tl
 
-from .level_map import LevelMap
+from .level_map import LevelMap, index_dtype
+from .utils import on_device
+
+
+@triton.jit
+def _write_row(lvl, jr, lane_ok, row, i, b, MAP, IDX, CNT, PLAN, COST, VIS, ANY_VALID, ALL_VALID,
+               nk, Lq, Lk, block_q, block_k,
+               CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, WRITE_MAP: tl.constexpr, NK: tl.constexpr):
+    """Write one row of a :class:`LevelMap`: lane ``t`` holds key block ``jr[t]`` at level
+    ``lvl[t]`` (lanes in any order; ``lane_ok`` marks the lanes holding a block)."""
+    offset = Lk - Lq
+    first_pos = offset + i * block_q
+    last_pos = offset + tl.minimum((i + 1) * block_q, Lq) - 1
+    block_end = (jr + 1) * block_k
+    whole = lane_ok & (block_end < Lk + 1)
+    readable = lane_ok
+    if CAUSAL:
+        # `a < b + 1` rather than `a <= b` (see kernels/attention.py on a comparison Triton miscompiled).
+        readable = readable & (jr * block_k < last_pos + 1)
+        whole = whole & (block_end < first_pos + 2)
+    visible = readable
+    if HAS_PAD:
+        visible = visible & (tl.load(ANY_VALID + b * nk + jr, mask=lane_ok, other=0) != 0)
+        whole = whole & (tl.load(ALL_VALID + b * nk + jr, mask=lane_ok, other=0) != 0)
+    if WRITE_MAP:
+        tl.store(MAP + row * nk + jr, lvl.to(tl.int8), mask=lane_ok)
+    group = tl.where(lvl == 1, 0, tl.where(lvl == 2, 1, tl.where(lvl == 4, 2, tl.where(lvl == 8, 3, 4))))
+    group = tl.where(lane_ok, group, 5)  # padding lanes sort after everything
+    # Grouped by level; inside a level the whole blocks first; ascending block index in each part.
+    order = tl.sort((group * 2 + tl.where(whole, 0, 1)) * NK + jr, 0)
+    rank = tl.arange(0, NK)
+    tl.store(IDX + row * nk + rank, (order % NK).to(IDX.dtype.element_ty), mask=rank < nk)
+    for r in tl.static_range(4):
+        at = group == r
+        tl.store(CNT + row * 4 + r, tl.sum(at.to(tl.int32), 0))
+        tl.store(PLAN + row * 8 + r, tl.sum((at & readable).to(tl.int32), 0))
+        tl.store(PLAN + row * 8 + 4 + r, tl.sum((at & whole).to(tl.int32), 0))
+    inv = tl.where((group < 4) & visible, 1.0 / tl.maximum(lvl, 1).to(tl.float32), 0.0)
+    tl.store(COST + row, tl.sum(inv, 0))
+    tl.store(VIS + row, tl.sum(visible.to(tl.int32), 0))
 
 
 @triton.jit
 def _assign_kernel(
-    SCORES, CAP, FORCED_COLS, FORCED_ROWS, VALID_COLS, MAP, IDX, CNT,
+    SCORES, CAP, TEXT_COLS, TEXT_ROWS, ANY_VALID, ALL_VALID, MAP, IDX, CNT, PLAN, COST, VIS,
     tau1, tau2, tau3, tau4, min_full_fraction,
     stride_sb, stride_sh, stride_sm,
     Hm, GROUP_SUM, CAP_DIV, Hkv, nq, nk, Lq, Lk, block_q, block_k,
     LEVEL1: tl.constexpr, LEVEL2: tl.constexpr, LEVEL3: tl.constexpr, LEVEL4: tl.constexpr,
-    ENERGY: tl.constexpr, CAUSAL: tl.constexpr, HAS_CAP: tl.constexpr, HAS_VALID: tl.constexpr,
-    NK: tl.constexpr,
+    ENERGY: tl.constexpr, CAUSAL: tl.constexpr, HAS_CAP: tl.constexpr, HAS_PAD: tl.constexpr,
+    WRITE_MAP: tl.constexpr, NK: tl.constexpr,
 ):
     i = tl.program_id(0)  # query block
     bh = tl.program_id(1)
@@ -53,8 +93,11 @@ def _assign_kernel(
     last_pos = offset + tl.minimum((i + 1) * block_q, Lq) - 1
     if CAUSAL:
         visible = visible & (j * block_k < last_pos + 1)
-    if HAS_VALID:
-        visible = visible & (tl.load(VALID_COLS + b * nk + j, mask=in_row, other=0) != 0)
+    first_valid = 0
+    if HAS_PAD:
+        valid = tl.load(ANY_VALID + b * nk + j, mask=in_row, other=0) != 0
+        visible = visible & valid
+        first_valid = tl.min(tl.where(valid, j, NK), 0)  # the block of the first real token
     n_vis = tl.sum(visible.to(tl.int32), 0)
 
     # 2. Rank: descending score, ascending index on ties; invisible blocks last.
@@ -83,11 +126,13 @@ def _assign_kernel(
     lvl = tl.where(vis_r, lvl, 0)
 
     # 3. Similarity cap, forced blocks, minimum level-1 count (all in rank order).
+    lane_ok = jr < nk
     if HAS_CAP:
-        cap = tl.load(CAP + (b * Hkv + hm // CAP_DIV) * nk + jr, mask=jr < nk, other=1).to(tl.int32)
+        cap = tl.load(CAP + (b * Hkv + hm // CAP_DIV) * nk + jr, mask=lane_ok, other=1).to(tl.int32)
         lvl = tl.where(lvl > 0, tl.minimum(lvl, cap), lvl)
-    forced = tl.load(FORCED_COLS + b * nk + jr, mask=jr < nk, other=0) != 0
-    forced = forced | (tl.load(FORCED_ROWS + b * nq + i) != 0)
+    forced = (jr == 0) | (jr == first_valid)
+    forced = forced | (tl.load(TEXT_COLS + b * nk + jr, mask=lane_ok, other=0) != 0)
+    forced = forced | (tl.load(TEXT_ROWS + b * nq + i) != 0)
     if CAUSAL:
         first_pos = offset + i * block_q
         forced = forced | ((jr >= first_pos // block_k) & (jr <= last_pos // block_k))
@@ -98,15 +143,58 @@ def _assign_kernel(
     ordinal = tl.cumsum(candidate.to(tl.int32), 0)
     lvl = tl.where(candidate & (ordinal <= need - n_full), 1, lvl)
 
-    # 4. Dense map (scatter) and the compact layout (grouped by level 1, 2, 4, 8, then skipped).
-    row = (b * Hm + hm) * nq + i
-    tl.store(MAP + row * nk + jr, lvl.to(tl.int8), mask=jr < nk)
-    group = tl.where(lvl == 1, 0, tl.where(lvl == 2, 1, tl.where(lvl == 4, 2, tl.where(lvl == 8, 3, 4))))
-    group = tl.where(jr < nk, group, 5)  # padding lanes sort after everything
-    order = tl.sort(group * NK + jr, 0)
-    tl.store(IDX + row * nk + rank, order % NK, mask=rank < nk)
-    for r in tl.static_range(4):
-        tl.store(CNT + row * 4 + r, tl.sum((group == r).to(tl.int32), 0))
+    # 4. The row of the layout (and of the dense map).
+    _write_row(lvl, jr, lane_ok, (b * Hm + hm) * nq + i, i, b, MAP, IDX, CNT, PLAN, COST, VIS, ANY_VALID, ALL_VALID,
+               nk, Lq, Lk, block_q, block_k, CAUSAL, HAS_PAD, WRITE_MAP, NK)
+
+
+@triton.jit
+def _compact_kernel(DENSE, IDX, CNT, PLAN, COST, VIS, ANY_VALID, ALL_VALID, MAP,
+                    stride_db, stride_dh, stride_dm, Hm, nq, nk, Lq, Lk, block_q, block_k,
+                    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, NK: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hm
+    hm = bh % Hm
+    j = tl.arange(0, NK)
+    lane_ok = j < nk
+    lvl = tl.load(DENSE + b * stride_db + hm * stride_dh + i * stride_dm + j, mask=lane_ok, other=0).to(tl.int32)
+    lvl = tl.where((lvl == 1) | (lvl == 2) | (lvl == 4) | (lvl == 8), lvl, 0)  # anything else reads as skip
+    _write_row(lvl, j, lane_ok, (b * Hm + hm) * nq + i, i, b, MAP, IDX, CNT, PLAN, COST, VIS, ANY_VALID, ALL_VALID,
+               nk, Lq, Lk, block_q, block_k, CAUSAL, HAS_PAD, True, NK)
+
+
+def _layout_buffers(B, heads, nq, nk, device, write_map: bool):
+    return dict(
+        dense=torch.empty(B, heads, nq, nk, dtype=torch.int8, device=device) if write_map else None,
+        indices=torch.empty(B, heads, nq, nk, dtype=index_dtype(nk), device=device),
+        counts=torch.empty(B, heads, nq, 4, dtype=torch.int32, device=device),
+        plan=torch.empty(B, heads, nq, 8, dtype=torch.int32, device=device),
+        cost=torch.empty(B, heads, nq, dtype=torch.float32, device=device),
+        visible=torch.empty(B, heads, nq, dtype=torch.int32, device=device),
+    )
+
+
+def _row_launch(nk: int) -> dict:
+    return dict(NK=max(16, triton.next_power_of_2(nk)), num_warps=4 if nk <= 512 else 8)
+
+
+def compact_triton(level_map: torch.Tensor, *, block_q, block_k, q_len, k_len, causal, key_padding_mask):
+    """:meth:`LevelMap.from_dense` in one launch."""
+    from .key_blocks import padding_flags
+
+    B, Hm, nq, nk = level_map.shape
+    any_valid, all_valid = padding_flags(key_padding_mask, k_len, block_k)
+    out = _layout_buffers(B, Hm, nq, nk, level_map.device, write_map=True)
+    with on_device(level_map):
+        _compact_kernel[(nq, B * Hm)](
+            level_map, out["indices"], out["counts"], out["plan"], out["cost"], out["visible"],
+            any_valid if any_valid is not None else out["counts"], all_valid if all_valid is not None else out["counts"],
+            out["dense"], level_map.stride(0), level_map.stride(1), level_map.stride(2), Hm, nq, nk, q_len, k_len,
+            block_q, block_k, CAUSAL=causal, HAS_PAD=any_valid is not None, **_row_launch(nk),
+        )
+    return LevelMap(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, causal=causal,
+                    key_padding_mask=key_padding_mask, **out)
 
 
 def assign_levels_triton(
@@ -123,36 +211,39 @@ def assign_levels_triton(
     levels,
     thresholds,
     cap: torch.Tensor | None,
-    forced_cols: torch.Tensor,
-    forced_rows: torch.Tensor,
-    valid_cols: torch.Tensor | None,
+    text_cols: torch.Tensor,
+    text_rows: torch.Tensor,
+    any_valid: torch.Tensor | None,
+    all_valid: torch.Tensor | None,
     min_full_fraction: float,
-) -> tuple[torch.Tensor, LevelMap]:
-    """``scores [B, Hq, nq, nk]`` -> (``int8`` map ``[B, heads, nq, nk]``, its :class:`LevelMap`).
+    key_padding_mask: torch.Tensor | None = None,
+    write_map: bool = True,
+) -> LevelMap:
+    """``scores [B, Hq, nq, nk]`` -> the :class:`LevelMap` ``[B, heads, nq, nk]`` (with its dense
+    ``int8`` map when ``write_map``).
 
     ``heads`` is Hq or Hkv (then each map head sums its group's scores); ``cap [B, Hkv, nk]``
-    the similarity cap or None; ``forced_cols [B, nk]`` / ``forced_rows [B, nq]`` the forced
-    level-1 columns (sink, first real token, text) and rows (text); ``valid_cols [B, nk]`` the
-    key blocks holding a real token (None: all). Inputs validated by the caller.
+    the similarity cap or None; ``text_cols [B, nk]`` / ``text_rows [B, nq]`` the key and query
+    blocks holding text; ``any_valid`` / ``all_valid [B, nk]`` the key blocks holding some /
+    only real tokens (None: no padding). Inputs validated by the caller.
     """
     B, Hq, nq, nk = scores.shape
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
     levels = list(levels) + [0] * (4 - len(levels))
     taus = [float(t) for t in thresholds] + [float("-inf")] * (4 - len(thresholds))
-    dense = torch.empty(B, heads, nq, nk, dtype=torch.int8, device=scores.device)
-    indices = torch.empty(B, heads, nq, nk, dtype=torch.int32, device=scores.device)
-    counts = torch.empty(B, heads, nq, 4, dtype=torch.int32, device=scores.device)
-    to_i8 = lambda t: t.to(torch.int8).contiguous()  # noqa: E731
-    cap_arg = to_i8(cap) if cap is not None else dense
-    _assign_kernel[(nq, B * heads)](
-        scores, cap_arg, to_i8(forced_cols), to_i8(forced_rows),
-        to_i8(valid_cols) if valid_cols is not None else dense, dense, indices, counts,
-        *taus, float(min_full_fraction),
-        scores.stride(0), scores.stride(1), scores.stride(2),
-        heads, Hq // heads, heads // kv_heads, kv_heads, nq, nk, q_len, k_len, block_q, block_k,
-        LEVEL1=levels[0], LEVEL2=levels[1], LEVEL3=levels[2], LEVEL4=levels[3], ENERGY=mode == "energy",
-        CAUSAL=causal, HAS_CAP=cap is not None, HAS_VALID=valid_cols is not None,
-        NK=max(16, triton.next_power_of_2(nk)),
-        num_warps=4 if nk <= 512 else 8,
-    )
-    return dense, LevelMap(counts=counts, indices=indices, block_q=block_q, block_k=block_k, dense=dense)
+    out = _layout_buffers(B, heads, nq, nk, scores.device, write_map)
+    filler = out["counts"]  # stands in for the optional inputs a launch does not read
+    with on_device(scores):
+        _assign_kernel[(nq, B * heads)](
+            scores, cap if cap is not None else filler, text_cols, text_rows,
+            any_valid if any_valid is not None else filler, all_valid if all_valid is not None else filler,
+            out["dense"] if write_map else filler, out["indices"], out["counts"], out["plan"], out["cost"],
+            out["visible"], *taus, float(min_full_fraction),
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            heads, Hq // heads, heads // kv_heads, kv_heads, nq, nk, q_len, k_len, block_q, block_k,
+            LEVEL1=levels[0], LEVEL2=levels[1], LEVEL3=levels[2], LEVEL4=levels[3], ENERGY=mode == "energy",
+            CAUSAL=causal, HAS_CAP=cap is not None, HAS_PAD=any_valid is not None, WRITE_MAP=write_map,
+            **_row_launch(nk),
+        )
+    return LevelMap(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, causal=causal,
+                    key_padding_mask=key_padding_mask, **out)

@@ -1,11 +1,23 @@
 """PSA forward in Triton: one kernel body for bidirectional and causal attention.
 
-A program owns ``BLOCK_M`` query rows (``block_q`` or a power-of-two part of it, smaller for
-large head dims to keep the accumulator in registers) of one query head. For each level
-``p = 1, 2, 4, 8`` it walks that row's level-``p`` key block list (:class:`LevelMap`) in
-execution tiles of ``BLOCK_N`` keys *of that level*: a logical key block holds ``block_k / p``
-pooled keys, so at ``p = 8`` several small blocks are gathered into one full tile and at ``p = 1``
-a large block is split over several tiles; the tensor cores always see ``BLOCK_N``-wide tiles.
+A program owns ``BLOCK_M`` query rows (``block_q`` or a power-of-two part of it) of one query
+head. Its query block's key lists (:class:`LevelMap`: per level ``p = 1, 2, 4, 8`` the listed
+key blocks, whole ones first, and the plan saying how many to read and how many are whole) are
+read as one *virtual key list* of eight segments:
+
+    whole level-1 blocks | whole level-2 | whole level-4 | whole level-8 |
+    other level-1 blocks | other level-2 | other level-4 | other level-8
+
+where a level-``p`` block contributes its ``block_k / p`` pooled keys (rows of the pooled K/V,
+:mod:`psa_kernels.pyramid`; level 1 reads K/V themselves). The program walks this list in tiles
+of ``BLOCK_N`` keys, so keys of small pooled blocks of different levels share a tile and the
+tensor cores always see full tiles: the pooled levels cost per FLOP what level 1 costs. Two
+loops: the tiles made only of whole keys run without any mask (a pooled key then stands for
+exactly ``p`` tokens), the rest decode each key's count and last position and mask. Each key's
+address is decoded from the list (its segment, block and offset), so tiles are gathered with
+pointer loads that Triton turns into asynchronous copies; with ``L1_TMA`` the whole level-1
+blocks run first in a loop of their own through the tensor-memory accelerator instead.
+
 Softmax is online (flash-attention style, base 2), accumulation fp32.
 
 - GQA: query head ``h`` reads kv head ``h // GROUP`` straight from K/V; nothing is expanded.
@@ -13,10 +25,9 @@ Softmax is online (flash-attention style, base 2), accumulation fp32.
 - Causal: a key (or pooled group) is visible iff its last valid token is ``<=`` the query's
   absolute position ``Lk - Lq + i`` (bottom-right alignment), the same test at every level.
 - Rows with no visible key end with ``l = 0`` and are written as 0.
-- Tiles of whole blocks lying before every query of the program (the leading entries of each
-  level's list) run without masks; contiguous tiles are read through TMA tensor descriptors
-  (plain pointer loads were not pipelined by Triton 3.6/3.8 on sm_90), with the next block index
-  fetched one tile ahead. Measurements and open performance work: ``docs/kernel_notes.md``.
+
+Two launches per call: the pyramid and this kernel; everything the kernel needs about the map
+was written with the layout. Measurements and open performance work: ``docs/kernel_notes.md``.
 """
 
 from __future__ import annotations
@@ -28,27 +39,134 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .level_map import LevelMap
 from .pyramid import build_device_pyramid
-from .reference import block_visibility
+from .utils import dot_in_fp32, on_device, tma_ready
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _select8(seg, v0, v1, v2, v3, v4, v5, v6, v7):
+    """``[v0..v7][seg]`` for a vector of segment numbers (scalars ``v``)."""
+    lo = tl.where(seg == 0, v0, tl.where(seg == 1, v1, tl.where(seg == 2, v2, v3)))
+    hi = tl.where(seg == 4, v4, tl.where(seg == 5, v5, tl.where(seg == 6, v6, v7)))
+    return tl.where(seg < 4, lo, hi)
+
+
+@triton.jit
+def _attend_tiles(acc, m_i, l_i, q, q_pos, qk_scale, start, end, idx_row,
+                  e0, e1, e2, e3, e4, e5, e6, e7, s0, s1, s2, s3, s4, s5, s6, s7,
+                  K, V, KP, VP, PCNT, PLAST, PAD, b, hk, Lk, BASE2, BASE4, BASE8,
+                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_pb, stride_ph, stride_pn, stride_cb,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Online-softmax update with the keys ``[start, end)`` of the virtual key list.
+
+    Segment ``t`` of the list ends at ``e_t`` and starts at list entry ``s_t`` of the row's
+    index list; its level is ``p = 2^(t % 4)``. Unmasked tiles (``MASKED`` false) must hold only
+    keys of whole blocks: every key visible to every row, every pooled key standing for ``p``
+    tokens.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for t0 in range(start, end, BLOCK_N):
+        c = t0 + tl.arange(0, BLOCK_N)
+        in_list = c < end
+        seg = ((c >= e0).to(tl.int32) + (c >= e1).to(tl.int32) + (c >= e2).to(tl.int32) + (c >= e3).to(tl.int32)
+               + (c >= e4).to(tl.int32) + (c >= e5).to(tl.int32) + (c >= e6).to(tl.int32))
+        r = seg % 4  # log2 of the level
+        seg_begin = _select8(seg, 0, e0, e1, e2, e3, e4, e5, e6)
+        keys_per_block = BLOCK_K >> r
+        local = c - seg_begin
+        entry = _select8(seg, s0, s1, s2, s3, s4, s5, s6, s7) + local // keys_per_block
+        block = tl.load(idx_row + entry, mask=in_list, other=0).to(tl.int32)
+        group = block * keys_per_block + local % keys_per_block  # key position (p = 1) or pooled group
+        pooled = r > 0
+        base = tl.where(r == 1, BASE2, tl.where(r == 2, BASE4, BASE8))
+        k_rows = tl.where(pooled, KP + b * stride_pb + hk * stride_ph + (base + group).to(tl.int64) * stride_pn,
+                          K + b * stride_kb + hk * stride_kh + group.to(tl.int64) * stride_kn)
+        v_rows = tl.where(pooled, VP + b * stride_pb + hk * stride_ph + (base + group).to(tl.int64) * stride_pn,
+                          V + b * stride_vb + hk * stride_vh + group.to(tl.int64) * stride_vn)
+        if MASKED:
+            n_groups = (Lk + (1 << r) - 1) >> r  # groups of level p (p = 1: keys)
+            ok = in_list & (group < n_groups)
+            cnt = tl.load(PCNT + b * stride_cb + base + group, mask=ok & pooled, other=1)
+            last = tl.load(PLAST + b * stride_cb + base + group, mask=ok & pooled, other=0)
+            if HAS_PAD:
+                real = tl.load(PAD + b * Lk + group, mask=ok & ~pooled, other=0)
+                cnt = tl.where(pooled, cnt, real.to(tl.int32))
+            last = tl.where(pooled, last, group)
+            ok = ok & (cnt > 0)
+            bias = tl.log2(tl.maximum(cnt, 1).to(tl.float32))
+        else:
+            ok = in_list
+            bias = r.to(tl.float32)  # whole groups: every pooled key stands for p tokens
+        kv_mask = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
+        if MASKED:
+            visible = ok[None, :]
+            if CAUSAL:
+                # `last < q_pos + 1`, not `last <= q_pos`: with Lq == Lk multiples of 16, Triton
+                # 3.6's alignment analysis treated the broadcast comparison as constant over 16
+                # rows, and rows 8..15 of each 16 reused the mask of rows 0..7 (seen on an H100).
+                # The +1 makes the row positions' divisibility 1, so the mask is computed per row.
+                visible = visible & (last[None, :] < (q_pos + 1)[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        else:
+            m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_level1_tma(acc, m_i, l_i, q, qk_scale, idx_row, n_whole, K_DESC, V_DESC, b, hk,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The whole level-1 blocks (the first ``n_whole`` entries of the row's list) through the
+    tensor-memory accelerator: contiguous tiles, no masks."""
+    TILES: tl.constexpr = BLOCK_K // BLOCK_N
+    for t in range(0, n_whole * TILES):
+        block = tl.load(idx_row + t // TILES).to(tl.int32)
+        row0 = block * BLOCK_K + (t % TILES) * BLOCK_N
+        k = K_DESC.load([b, hk, row0, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = V_DESC.load([b, hk, row0, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _psa_fwd_kernel(
-    Q, K, V, KP, VP, CNT, LAST, PAD, IDX, PLAN, OUT, K_DESC, V_DESC, KP_DESC, VP_DESC,
+    Q, K, V, KP, VP, PCNT, PLAST, PAD, IDX, LCNT, PLAN, OUT, K_DESC, V_DESC,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
     stride_pb, stride_ph, stride_pn,
     stride_cb,
-    stride_ib, stride_ih, stride_im,
-    stride_nb, stride_nh, stride_nm,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, HM_DIV, Lq, Lk, BASE2, BASE4, BASE8,
+    Hq, Hm, GROUP, HM_DIV, Lq, Lk, nq, nk, BASE2, BASE4, BASE8,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    L1_TMA: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Longest query tiles first (the last ones see the most keys when causal): less tail at the end.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -72,188 +190,70 @@ def _psa_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     q_block = (pid_m * BLOCK_M) // BLOCK_Q  # BLOCK_M divides block_q: a tile never spans two query blocks
-    idx_row = IDX + b * stride_ib + hm * stride_ih + q_block * stride_im
-    # PLAN row: per level, where its list starts in idx_row, how many blocks to read, how many
-    # of those run unmasked (see _block_plan).
-    plan_row = PLAN + b * stride_nb + hm * stride_nh + q_block * stride_nm
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 0,
-                                  K, V, K_DESC, V_DESC, CNT, LAST, PAD, b, hk, Lk, 0,
-                                  stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
-                                  stride_vd, stride_cb,
-                                  1, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 1,
-                                  KP, VP, KP_DESC, VP_DESC, CNT, LAST, PAD, b, hk, Lk, BASE2,
-                                  stride_pb, stride_ph, stride_pn, 1, stride_pb, stride_ph, stride_pn, 1, stride_cb,
-                                  2, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 2,
-                                  KP, VP, KP_DESC, VP_DESC, CNT, LAST, PAD, b, hk, Lk, BASE4,
-                                  stride_pb, stride_ph, stride_pn, 1, stride_pb, stride_ph, stride_pn, 1, stride_cb,
-                                  4, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, 3,
-                                  KP, VP, KP_DESC, VP_DESC, CNT, LAST, PAD, b, hk, Lk, BASE8,
-                                  stride_pb, stride_ph, stride_pn, 1, stride_pb, stride_ph, stride_pn, 1, stride_cb,
-                                  8, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
+    row = (b * Hm + hm) * nq + q_block
+    idx_row = IDX + row.to(tl.int64) * nk
+    # Per level: listed blocks (layout counts), blocks to read and whole blocks (plan).
+    c1 = tl.load(LCNT + row * 4)
+    c2 = tl.load(LCNT + row * 4 + 1)
+    c4 = tl.load(LCNT + row * 4 + 2)
+    n1 = tl.load(PLAN + row * 8)
+    n2 = tl.load(PLAN + row * 8 + 1)
+    n4 = tl.load(PLAN + row * 8 + 2)
+    n8 = tl.load(PLAN + row * 8 + 3)
+    w1 = tl.load(PLAN + row * 8 + 4)
+    w2 = tl.load(PLAN + row * 8 + 5)
+    w4 = tl.load(PLAN + row * 8 + 6)
+    w8 = tl.load(PLAN + row * 8 + 7)
+    s2 = c1  # where each level's list starts in the row
+    s4 = c1 + c2
+    s8 = c1 + c2 + c4
+    if L1_TMA:
+        acc, m_i, l_i = _attend_level1_tma(acc, m_i, l_i, q, qk_scale, idx_row, w1, K_DESC, V_DESC, b, hk,
+                                           BLOCK_D, BLOCK_N, BLOCK_K)
+        v1 = 0  # whole level-1 blocks already read
+    else:
+        v1 = w1
+    # Segment ends of the virtual key list (keys per block: BLOCK_K >> log2 p).
+    e0 = v1 * BLOCK_K
+    e1 = e0 + w2 * (BLOCK_K // 2)
+    e2 = e1 + w4 * (BLOCK_K // 4)
+    e3 = e2 + w8 * (BLOCK_K // 8)
+    e4 = e3 + (n1 - w1) * BLOCK_K
+    e5 = e4 + (n2 - w2) * (BLOCK_K // 2)
+    e6 = e5 + (n4 - w4) * (BLOCK_K // 4)
+    e7 = e6 + (n8 - w8) * (BLOCK_K // 8)
+    unmasked_end = e3 // BLOCK_N * BLOCK_N  # a tile reaching past the whole keys runs masked
+    # Where each segment starts in the row's index list (whole blocks lead each level's list).
+    s5 = s2 + w2
+    s6 = s4 + w4
+    s7 = s8 + w8
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, qk_scale, 0, unmasked_end, idx_row,
+                                  e0, e1, e2, e3, e4, e5, e6, e7, 0, s2, s4, s8, w1, s5, s6, s7,
+                                  K, V, KP, VP, PCNT, PLAST, PAD, b, hk, Lk, BASE2, BASE4, BASE8,
+                                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                  stride_pb, stride_ph, stride_pn, stride_cb,
+                                  False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32,
+                                  DOT_PRECISION)
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, qk_scale, unmasked_end, e7, idx_row,
+                                  e0, e1, e2, e3, e4, e5, e6, e7, 0, s2, s4, s8, w1, s5, s6, s7,
+                                  K, V, KP, VP, PCNT, PLAST, PAD, b, hk, Lk, BASE2, BASE4, BASE8,
+                                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                  stride_pb, stride_ph, stride_pn, stride_cb,
+                                  True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32,
+                                  DOT_PRECISION)
 
     out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(OUT.dtype.element_ty), mask=(offs_m < Lq)[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, plan_row, level, K, V, K_DESC, V_DESC, CNT, LAST,
-                  PAD, b, hk, Lk, base,
-                  stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_vb, stride_vh, stride_vn, stride_vd, stride_cb,
-                  P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with the key blocks of this row's level-P list (``level`` = 0..3).
-
-    K/V are the original keys (P = 1) or the pooled level (rows ``base + group``); a logical block
-    holds ``BLOCK_K // P`` of them, read ``BLOCK_N`` at a time. The list's first ``n_full``
-    blocks are whole, unpadded and (causal) before every query of the program: their tiles run
-    without any mask; the rest run masked.
-    """
-    idx_list = idx_row + tl.load(plan_row + level)
-    n_blocks = tl.load(plan_row + 4 + level)
-    n_full = tl.load(plan_row + 8 + level)
-    n_keys = n_blocks * (BLOCK_K // P)
-    full_end = n_full * (BLOCK_K // P) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, 0, full_end, K, V, K_DESC, V_DESC,
-                                 CNT, LAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn, stride_kd,
-                                 stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, False,
-                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, full_end, n_keys, K, V, K_DESC,
-                                 V_DESC, CNT, LAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn, stride_kd,
-                                 stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, True,
-                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, K_DESC, V_DESC, CNT, LAST, PAD,
-                 b, hk, Lk, base,
-                 stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd, stride_cb,
-                 MASKED: tl.constexpr, P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The tiles ``[start, end)`` (in keys of level P) of one level's block list."""
-    KEYS_PER_BLOCK: tl.constexpr = BLOCK_K // P
-    CONTIGUOUS: tl.constexpr = KEYS_PER_BLOCK % BLOCK_N == 0
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    n_rows = (Lk + P - 1) // P
-    # The next tile's block index is fetched one iteration ahead, so the tile loads do not
-    # wait on it.
-    next_block = tl.load(idx_list + start // KEYS_PER_BLOCK, mask=start < end, other=0)
-    for t0 in range(start, end, BLOCK_N):
-        if CONTIGUOUS:
-            # The tile lies inside one logical block: contiguous keys, loaded by the tensor-memory
-            # accelerator (rows past the end read as zeros and are masked below).
-            block = next_block
-            next_block = tl.load(idx_list + (t0 + BLOCK_N) // KEYS_PER_BLOCK, mask=t0 + BLOCK_N < end, other=0)
-            row0 = block * KEYS_PER_BLOCK + t0 % KEYS_PER_BLOCK
-            row = row0 + tl.arange(0, BLOCK_N)
-            ok = row < n_rows
-        else:
-            # Several small (pooled) blocks share the tile: gather their keys.
-            cols = t0 + tl.arange(0, BLOCK_N)
-            in_list = cols < end
-            block = tl.load(idx_list + cols // KEYS_PER_BLOCK, mask=in_list, other=0)
-            row = block * KEYS_PER_BLOCK + cols % KEYS_PER_BLOCK  # key (P = 1) or group (P > 1) index
-            ok = in_list & (row < n_rows)
-        if MASKED:
-            if P == 1:
-                if HAS_PAD:
-                    ok = ok & (tl.load(PAD + b * Lk + row, mask=ok, other=0) != 0)
-                last = row
-            else:
-                cnt = tl.load(CNT + b * stride_cb + base + row, mask=ok, other=0)
-                last = tl.load(LAST + b * stride_cb + base + row, mask=ok, other=0)
-                ok = ok & (cnt > 0)
-        key_rows = (base + row)[:, None]
-        kv_mask = ok[:, None] & d_ok[None, :]
-        if CONTIGUOUS:
-            k = K_DESC.load([b, hk, base + row0, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = tl.load(K + b * stride_kb + hk * stride_kh + key_rows * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            if P > 1:
-                s += tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]  # a pooled key stands for cnt tokens
-            visible = ok[None, :]
-            if CAUSAL:
-                # `last < q_pos + 1`, not `last <= q_pos`: with Lq == Lk multiples of 16, Triton
-                # 3.6's alignment analysis treated the broadcast comparison as constant over 16
-                # rows, and rows 8..15 of each 16 reused the mask of rows 0..7 (seen on an H100).
-                # The +1 makes the row positions' divisibility 1, so the mask is computed per row.
-                visible = visible & (last[None, :] < (q_pos + 1)[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        elif P > 1:
-            s += tl.log2(P * 1.0)  # whole groups: every pooled key stands for P tokens
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        else:
-            m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if CONTIGUOUS:
-            v = V_DESC.load([b, hk, base + row0, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            v = tl.load(V + b * stride_vb + hk * stride_vh + key_rows * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-def _block_plan(level_map: LevelMap, *, causal: bool, q_len: int, k_len: int, padded: bool) -> torch.Tensor:
-    """What the kernel reads per query block: ``[B, Hm, nq, 12]`` int32, per level ``p = 1, 2, 4, 8``
-    (columns 0..3 of each group of four) where its list starts in the row of ``indices``, how many
-    of its ascending key blocks to read, and how many of those run unmasked.
-
-    - read: when causal, the blocks that start after the block's last query are invisible to all
-      of its rows; they trail each level's list (visibility is monotone in the block index), so
-      the kernel stops before them. A map may list them (a user's all-ones map, say): they cost
-      nothing.
-    - full: the leading blocks that are whole and end at or before the block's first query run
-      first, without masks. With key padding every tile is masked (0 full blocks).
-    """
-    nq, nk = level_map.indices.shape[-2:]
-    bq, bk = level_map.block_q, level_map.block_k
-    device = level_map.counts.device
-    dense = level_map.to_dense()
-    # Blocks visible to at least one query of the block (padding aside: the kernel masks it).
-    read = block_visibility(batch=1, q_len=q_len, k_len=k_len, block_q=bq, block_k=bk, causal=causal,
-                            device=device)[0]
-    block_end = (torch.arange(nk, device=device) + 1) * bk  # one past the block's last key
-    full = (block_end <= k_len)[None, :].expand(nq, nk)
-    if causal:
-        first_query = torch.arange(nq, device=device) * bq + (k_len - q_len)
-        full = full & (block_end[None, :] - 1 <= first_query[:, None])
-    if padded:
-        full = torch.zeros_like(full)
-    at_level = [dense == p for p in (1, 2, 4, 8)]
-    n_read = torch.stack([(m & read).sum(-1, dtype=torch.int32) for m in at_level], dim=-1)
-    n_full = torch.stack([(m & full).sum(-1, dtype=torch.int32) for m in at_level], dim=-1)
-    starts = level_map.counts.cumsum(-1, dtype=torch.int32) - level_map.counts
-    return torch.cat([starts, n_read, n_full], dim=-1).contiguous()
-
-
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when the tensor-memory accelerator can read it (16-byte aligned base and
-    strides, unit last stride), else a contiguous copy."""
-    size = t.element_size()
-    aligned = t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(st * size % 16 == 0 for st in t.stride()[:-1])
-    return t if aligned else t.contiguous()
+def launch_config(q: torch.Tensor, block_q: int) -> dict:
+    """Tile shape and launch of the kernel for these inputs (``block_n``, ``block_m``,
+    ``num_warps``, ``num_stages``, ``l1_tma``); :func:`psa_attention_triton` takes overrides."""
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    return dict(block_n=64, block_m=block_q if block_d <= 128 else min(block_q, 64), num_warps=8, num_stages=2,
+                l1_tma=False)
 
 
 def psa_attention_triton(
@@ -267,49 +267,53 @@ def psa_attention_triton(
     block_q: int = 128,
     block_k: int = 128,
     key_padding_mask: torch.Tensor | None = None,
-    block_n: int = 64,
-    block_m: int | None = None,
-    num_warps: int = 4,  # the fastest launch of benchmarks/tune_attention.py on an H100 for every map
-    num_stages: int = 2,
+    **launch,
 ) -> torch.Tensor:
-    """Run the PSA forward kernel (inputs already validated by the caller)."""
+    """Run the PSA forward kernel (inputs already validated by the caller). ``launch`` overrides
+    :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``, ``l1_tma``)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
+    geometry = dict(q_len=Lq, k_len=Lk, causal=causal, key_padding_mask=key_padding_mask)
     if not isinstance(level_map, LevelMap):
-        level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k)
-    Hm = level_map.indices.shape[1]
+        level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k, **geometry)
+    else:
+        level_map = level_map.replanned(**geometry)
+    cfg = {**launch_config(q, block_q), **launch}
+    Hm, nq, nk = level_map.indices.shape[1:]
     scale = D**-0.5 if scale is None else float(scale)
-    pyr = build_device_pyramid(k, v, key_padding_mask)
-    out = torch.empty_like(q)
-    pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else pyr.counts
-    idx = level_map.indices
-    plan = _block_plan(level_map, causal=causal, q_len=Lq, k_len=Lk, padded=key_padding_mask is not None)
     block_d = max(16, triton.next_power_of_2(D))
-    if block_m is None:
-        block_m = block_q if block_d <= 128 else min(block_q, 64)
-    grid = (triton.cdiv(Lq, block_m), B * Hq)
-    box = [1, 1, block_n, block_d]  # one tile of keys of one (batch, kv head); out of range reads as 0
-    descriptors = []
-    for t in (k, v, pyr.keys, pyr.values):
-        t = _tma_ready(t)
-        descriptors.append(TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=box))
-    _psa_fwd_kernel[grid](
-        q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, idx, plan, out, *descriptors,
-        scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(),
-        pyr.keys.stride(0), pyr.keys.stride(1), pyr.keys.stride(2),
-        pyr.counts.stride(0),
-        idx.stride(0), idx.stride(1), idx.stride(2),
-        plan.stride(0), plan.stride(1), plan.stride(2),
-        *out.stride(),
-        Hq, Hq // Hkv, Hq // Hm, Lq, Lk, pyr.base[2], pyr.base[4], pyr.base[8],
-        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_K=block_k,
-        # Triton's CPU interpreter (3.8) computes bf16 dots wrongly: it gets fp32 operands instead.
-        DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        # fp32 inputs get fp32 products (not TF32): a user who pays for fp32 wants its accuracy.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    block_n, block_m = cfg["block_n"], min(cfg["block_m"], block_q)
+    # Pointer loads need a unit last stride (vector loads); TMA needs 16-byte strides too.
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    l1_tma = cfg["l1_tma"] and block_k % block_n == 0
+    with on_device(q):
+        pyr = build_device_pyramid(k, v, key_padding_mask)
+        out = torch.empty_like(q)
+        pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else pyr.counts
+        descriptors = [None, None]
+        if l1_tma:
+            k, v = tma_ready(k), tma_ready(v)
+            box = [1, 1, block_n, block_d]  # one tile of keys of one (batch, kv head)
+            descriptors = [TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=box)
+                           for t in (k, v)]
+        grid = (triton.cdiv(Lq, block_m), B * Hq)
+        _psa_fwd_kernel[grid](
+            q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, level_map.indices, level_map.counts,
+            level_map.plan, out, *descriptors,
+            scale * _LOG2E,
+            *q.stride(), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            pyr.keys.stride(0), pyr.keys.stride(1), pyr.keys.stride(2),
+            pyr.counts.stride(0),
+            *out.stride(),
+            Hq, Hm, Hq // Hkv, Hq // Hm, Lq, Lk, nq, nk, pyr.base[2], pyr.base[4], pyr.base[8],
+            CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_K=block_k, L1_TMA=l1_tma,
+            DOT_FP32=dot_in_fp32(q.dtype),
+            # fp32 inputs: three TF32 products per dot (about fp32 accuracy on the tensor cores;
+            # IEEE fp32 dots ran on the CUDA cores: 300 s for one 16k causal call on an H100).
+            DOT_PRECISION="tf32x3" if q.dtype == torch.float32 and q.is_cuda else "tf32",
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     return out

@@ -10,8 +10,21 @@ M = 64/128) and ``BLOCK_C`` strided columns are ``s`` matrix products over the h
 The softmax needs each row's total before any probability is final, so instead of sweeping the
 columns twice, one sweep writes, per row and key block, the block's own log-sum-exp
 ``lse[r, j]`` (base 2) to a scratch strip; two cheap loops over the strip then give each row's
-total ``lse[r]`` and add ``2^(lse[r, j] - lse[r])`` per query block. The kernel is persistent (one program per slot, looping over row tiles) so the scratch is
-``slots x BLOCK_R x nk`` floats (tens of MB at 64k tokens), not ``(L/s) x nk`` per head.
+total ``lse[r]`` and add ``2^(lse[r, j] - lse[r])`` per query block. The kernel is persistent
+(one program per slot, looping over row tiles) so the scratch is ``slots x BLOCK_R x nk`` floats
+(tens of MB at 64k tokens), not ``(L/s) x nk`` per head.
+
+Two ways to feed the products:
+
+- ``full`` precision: the strided rows are gathered from Q and K with pointer loads.
+- ``fp8``: :func:`quantize_groups` first writes fp8 (e4m3) copies laid out for this kernel: row
+  ``m`` of the query copy holds the ``s`` queries of group ``m`` in reverse order, row ``n`` of
+  the key copy the ``s`` keys of group ``n`` (padded ones zeroed), each token padded to
+  ``BLOCK_D`` values, with one power-of-two scale per row (:func:`reference.quantize_fp8_rows`).
+  Product ``i`` of a tile is then chunk ``i`` of both rows: contiguous tiles the tensor-memory
+  accelerator loads, half the bytes of bf16 at twice the tensor-core rate. The estimate is
+  bound by the bytes each tile moves (its products have a contraction of ``s * D`` but only
+  ``BLOCK_R x BLOCK_C`` outputs), so halving the bytes is what pays.
 """
 
 from __future__ import annotations
@@ -19,21 +32,111 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .utils import dot_in_fp32, on_device
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _exp2_int(e):
+    """``2.0 ** e`` for int32 ``e`` in [-126, 127], exactly (built from the exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _floor_log2(a):
+    """``floor(log2(a))`` of positive normal fp32 values (the exponent field)."""
+    return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """``y`` (|y| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32 arithmetic that
+    is exact: the final cast to fp8 then has nothing to round (Triton's interpreter rounds fp8
+    casts wrongly when the mantissa carries into the exponent)."""
+    e = tl.maximum(_floor_log2(tl.abs(y)), -6)  # subnormals below 2^-6 share the spacing 2^-9
+    z = y * _exp2_int(3 - e)  # three mantissa bits: multiples of 2^(e-3)
+    f = tl.floor(z)
+    d = z - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return (f + tl.where(up, 1.0, 0.0)) * _exp2_int(e - 3)
+
+
+@triton.jit
+def _quantize_kernel(
+    X, PAD, OUT, SCALE,
+    stride_xb, stride_xh, stride_xn,
+    H, L, n_groups,
+    S: tl.constexpr, REVERSE: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = pid * GROUPS + tl.arange(0, GROUPS)
+    slot = tl.arange(0, S)
+    d = tl.arange(0, BLOCK_D)
+    if REVERSE:
+        token = g[:, None] * S + (S - 1 - slot)[None, :]
+    else:
+        token = g[:, None] * S + slot[None, :]
+    ok = (token < L) & (g < n_groups)[:, None]
+    if HAS_PAD:
+        ok = ok & (tl.load(PAD + b * L + token, mask=ok, other=0) != 0)
+    x = tl.load(X + b * stride_xb + h * stride_xh + token[:, :, None] * stride_xn + d[None, None, :],
+                mask=ok[:, :, None] & (d < HEAD_DIM)[None, None, :], other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), 2), 1)
+    tiny = amax < 7.888609052210118e-31  # 2^-100
+    safe = tl.where(tiny, 1.0, amax)
+    mant = safe.to(tl.int32, bitcast=True) & 0x7FFFFF
+    ceil_log2 = _floor_log2(safe) + tl.where(mant != 0, 1, 0)
+    inv = tl.where(tiny, 0.0, _exp2_int(8 - ceil_log2))
+    scale = tl.where(tiny, 1.0, _exp2_int(ceil_log2 - 8))
+    y = _round_to_e4m3(x * inv[:, None, None])
+    row = (b * H + h) * n_groups + g
+    dst = OUT + row.to(tl.int64)[:, None, None] * (S * BLOCK_D) + slot[None, :, None] * BLOCK_D + d[None, None, :]
+    tl.store(dst, y.to(OUT.dtype.element_ty), mask=(g < n_groups)[:, None, None])
+    # A group with no real token (all padding) gets scale 0: the estimate skips such columns.
+    any_real = tl.max(ok.to(tl.int32), 1) > 0
+    tl.store(SCALE + row, tl.where(any_real, scale, 0.0), mask=g < n_groups)
+
+
+def quantize_groups(x: torch.Tensor, stride: int, *, reverse: bool,
+                    key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, H, L, D]`` -> (``[B, H, ceil(L/s), s * BLOCK_D]`` e4m3, scales ``[B, H, ceil(L/s)]``):
+    group ``m`` of ``s`` tokens (reversed when ``reverse``), padded keys zeroed, each token padded
+    to ``BLOCK_D`` values; scale 0 marks a group with no real token."""
+    B, H, L, D = x.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    n = triton.cdiv(L, stride)
+    out = torch.empty(B, H, n, stride * block_d, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(B, H, n, dtype=torch.float32, device=x.device)
+    groups = max(1, 4096 // (stride * block_d) * 4)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else scale
+    _quantize_kernel[(triton.cdiv(n, groups), B * H)](
+        x, pad, out, scale, x.stride(0), x.stride(1), x.stride(2), H, L, n,
+        S=stride, REVERSE=reverse, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
+        GROUPS=groups, num_warps=4,
+    )
+    return out, scale
+
+
+@triton.jit
 def _antidiagonal_kernel(
-    Q, K, PAD, OUT, SCR,
+    Q, K, PAD, OUT, SCR, Q_DESC, K_DESC, SQ, SK,
     scale_log2,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_om,
-    Hq, GROUP, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+    Hq, Hkv, GROUP, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
     S: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_PER_QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
-    BLOCK_J: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_J: tl.constexpr, PREPPED: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     QBLOCKS: tl.constexpr = BLOCK_R // ROWS_PER_QBLOCK  # query blocks per row tile
     KBLOCKS: tl.constexpr = BLOCK_C // COLS_PER_BLOCK  # key blocks per column tile
@@ -57,6 +160,8 @@ def _antidiagonal_kernel(
             col_end = n_cols
         q_rows = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
         k_rows = K + b * stride_kb + hk * stride_kh + offs_d[None, :]
+        if PREPPED:
+            row_scale = tl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2
 
         logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
@@ -67,20 +172,31 @@ def _antidiagonal_kernel(
             i = step % S
             c0 = (step // S) * BLOCK_C
             cols = c0 + tl.arange(0, BLOCK_C)
-            qpos = m * S + i
-            qt = tl.load(q_rows + qpos[:, None] * stride_qm, mask=(qpos < Lq)[:, None] & d_ok[None, :], other=0.0)
-            kpos = cols * S + (S - 1 - i)
-            k_ok = kpos < Lk
-            if HAS_PAD:
-                k_ok = k_ok & (tl.load(PAD + b * Lk + kpos, mask=k_ok, other=0) != 0)
-            col_ok = col_ok | k_ok
-            kt = tl.load(k_rows + kpos[:, None] * stride_kn, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if PREPPED:
+                # Chunk i of query row m is q[m*s + s-1-i], of key row n is k[n*s + i].
+                qt = Q_DESC.load([b, h, tile * BLOCK_R, i * BLOCK_D]).reshape(BLOCK_R, BLOCK_D)
+                kt = K_DESC.load([b, hk, c0, i * BLOCK_D]).reshape(BLOCK_C, BLOCK_D)
+            else:
+                qpos = m * S + i
+                qt = tl.load(q_rows + qpos[:, None] * stride_qm, mask=(qpos < Lq)[:, None] & d_ok[None, :],
+                             other=0.0)
+                kpos = cols * S + (S - 1 - i)
+                k_ok = kpos < Lk
+                if HAS_PAD:
+                    k_ok = k_ok & (tl.load(PAD + b * Lk + kpos, mask=k_ok, other=0) != 0)
+                col_ok = col_ok | k_ok
+                kt = tl.load(k_rows + kpos[:, None] * stride_kn, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_FP32:
                 qt = qt.to(tl.float32)
                 kt = kt.to(tl.float32)
             logits = tl.dot(qt, tl.trans(kt), logits)
             if i == S - 1:
-                logits = logits * scale_log2
+                if PREPPED:
+                    col_scale = tl.load(SK + (b * Hkv + hk) * n_cols + cols, mask=cols < n_cols, other=0.0)
+                    col_ok = col_scale > 0  # scale 0: no real key in the group
+                    logits = logits * row_scale[:, None] * col_scale[None, :]
+                else:
+                    logits = logits * scale_log2
                 visible = col_ok[None, :] & row_ok[:, None]
                 if CAUSAL:
                     # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
@@ -121,6 +237,13 @@ def _antidiagonal_kernel(
         tl.debug_barrier()  # the next row tile overwrites the strip
 
 
+#: Launches per precision, from ``benchmarks/tune_importance.py`` on the GPU (see its results).
+LAUNCH = {
+    "full": dict(block_r=64, block_c=128, num_warps=8, num_stages=3),
+    "fp8": dict(block_r=128, block_c=128, num_warps=8, num_stages=3),
+}
+
+
 def antidiagonal_importance_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,18 +254,22 @@ def antidiagonal_importance_triton(
     block_k: int = 128,
     stride: int = 8,
     key_padding_mask: torch.Tensor | None = None,
-    # The fastest launch of benchmarks/tune_importance.py on an H100 at 32k and 64k tokens, stride
-    # 8 (benchmarks/results/tune_importance_h100.json); within 3% of the best at stride 16.
-    block_r: int = 64,
-    block_c: int = 128,
-    num_warps: int = 8,
-    num_stages: int = 3,
+    precision: str = "full",
+    block_r: int | None = None,
+    block_c: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     programs: int | None = None,
 ) -> torch.Tensor:
     """Block importance ``[B, Hq, nq, nk]`` (fp32); inputs validated by the caller, who also
-    checks :func:`supported`."""
+    checks :func:`supported`. Launch parameters left as None take :data:`LAUNCH`'s."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
+    launch = LAUNCH[precision]
+    block_r = block_r or launch["block_r"]
+    block_c = block_c or launch["block_c"]
+    num_warps = num_warps or launch["num_warps"]
+    num_stages = num_stages or launch["num_stages"]
     scale = D**-0.5 if scale is None else float(scale)
     nq, nk = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
     rows_per_qblock, cols_per_block = block_q // stride, block_k // stride
@@ -155,24 +282,35 @@ def antidiagonal_importance_triton(
         programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     programs = max(1, min(programs, n_work))
     nk_pad = triton.cdiv(nk, 16) * 16
-    out = torch.zeros(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
-    scratch = torch.empty(programs, block_r, nk_pad, dtype=torch.float32, device=q.device)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    pad = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else out
-    _antidiagonal_kernel[(programs,)](
-        q, k, pad, out, scratch,
-        scale / stride * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        Hq, Hq // Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
-        S=stride, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), ROWS_PER_QBLOCK=rows_per_qblock, BLOCK_R=block_r,
-        BLOCK_C=block_c, COLS_PER_BLOCK=cols_per_block, BLOCK_J=64,
-        DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    block_d = max(16, triton.next_power_of_2(D))
+    with on_device(q):
+        out = torch.zeros(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+        scratch = torch.empty(programs, block_r, nk_pad, dtype=torch.float32, device=q.device)
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else out
+        prepped = precision == "fp8"
+        descriptors, sq, sk, dot_dtype = [None, None], out, out, q.dtype
+        if prepped:
+            q8, sq = quantize_groups(q, stride, reverse=True)
+            k8, sk = quantize_groups(k, stride, reverse=False, key_padding_mask=key_padding_mask)
+            descriptors = [TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()),
+                                            block_shape=[1, 1, rows, block_d])
+                           for t, rows in ((q8, block_r), (k8, block_c))]
+            dot_dtype = q8.dtype
+        _antidiagonal_kernel[(programs,)](
+            q, k, pad, out, scratch, *descriptors, sq, sk,
+            scale / stride * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            Hq, Hkv, Hq // Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+            S=stride, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D,
+            BLOCK_D=block_d, ROWS_PER_QBLOCK=rows_per_qblock, BLOCK_R=block_r,
+            BLOCK_C=block_c, COLS_PER_BLOCK=cols_per_block, BLOCK_J=64, PREPPED=prepped,
+            DOT_FP32=dot_in_fp32(dot_dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out
 
 

@@ -1,19 +1,32 @@
-"""The compact level-map layout the kernels read.
+"""The compact level-map layout the attention kernel reads, which knows its own geometry.
 
-A dense level map ``M [B, Hm, nq, nk]`` (values 0, 1, 2, 4, 8) is the interchange form; kernels
-want, per query block, the list of key blocks to read at each level without scanning ``nk``
-entries. :class:`LevelMap` keeps, in the spirit of FlexAttention's ``BlockMask``
-(``kv_num_blocks`` + ``kv_indices``), one index list per level:
+A dense level map ``M [B, Hm, nq, nk]`` (values 0, 1, 2, 4, 8) is the interchange form. Like
+FlexAttention's ``BlockMask`` (``kv_num_blocks`` + ``kv_indices``, plus the lengths it was built
+for), :class:`LevelMap` keeps per query block one key-block list per level, the geometry those
+lists were planned for, and what the kernel needs to walk them without looking at ``nk``
+entries:
 
-- ``counts [B, Hm, nq, 4]`` (int32): how many key blocks query block ``i`` reads at level
+- ``counts [B, Hm, nq, 4]`` (int32): how many key blocks query block ``i`` lists at level
   ``p = 1, 2, 4, 8`` (columns 0..3).
-- ``indices [B, Hm, nq, nk]`` (int32): the key block indices of row ``i``, grouped by level in
-  the order 1, 2, 4, 8 and ascending within a level; the level-``p`` list of row ``i`` is
+- ``indices [B, Hm, nq, nk]`` (int16, int32 beyond 32,767 blocks): the key blocks of row ``i``
+  grouped by level in the order 1, 2, 4, 8; the level-``p`` list of row ``i`` is
   ``indices[..., i, s_p : s_p + counts[..., i, p]]`` with ``s_p`` the sum of the counts of the
-  finer levels. Entries past the total are the skipped blocks (ascending) and are never read.
+  finer levels. Inside a level, the *whole* blocks come first (every key real and, when causal,
+  at or before the block's first query: read without masks), then the others, each part
+  ascending. Entries past the total are the skipped blocks and are never read.
+- ``plan [B, Hm, nq, 8]`` (int32): per level, how many listed blocks to read (columns 0..3;
+  when causal, blocks starting after the query block's last query are listed but never read:
+  they trail the list) and how many of those are whole (columns 4..7).
+- ``cost [B, Hm, nq]`` (fp32): the row's compute, the sum of ``1/p`` over its visible pairs;
+  ``visible [B, Hm, nq]`` (int32): its visible pairs. Density and sparsity come from these two
+  without decoding the map (:meth:`density`).
+- the geometry: ``block_q``, ``block_k``, ``q_len``, ``k_len``, ``causal`` and the key padding
+  mask the plan was made for.
 
-``Hm`` is Hq (a map per query head) or Hkv (one map shared by a GQA group). Built on the device
-with a handful of tensor ops (no host synchronisation), so it can be captured in a CUDA graph.
+``Hm`` is Hq (a map per query head) or Hkv (one map shared by a GQA group). Where Triton serves
+(CUDA, or the interpreter), layouts are written by one kernel (:mod:`psa_kernels.assign`), with
+no host synchronisation, so they can be captured in a CUDA graph; elsewhere by tensor ops that
+produce the same layout.
 """
 
 from __future__ import annotations
@@ -22,32 +35,67 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validation import POOL_FACTORS
+from .utils import kernels_available
+from .validation import POOL_FACTORS, num_blocks
 
 # Rank of a level value in the layout: 1 -> 0, 2 -> 1, 4 -> 2, 8 -> 3; 0 (skip) -> 4.
 _RANK_OF_LEVEL = (4, 0, 1, 4, 2, 4, 4, 4, 3)
 
 
+def index_dtype(nk: int) -> torch.dtype:
+    """Key block indices fit int16 up to 32,767 blocks (4M tokens at 128-token blocks)."""
+    return torch.int16 if nk < 2**15 else torch.int32
+
+
 @dataclass(frozen=True)
 class LevelMap:
-    """Per-level key block lists of a level map (see the module docstring)."""
+    """Per-level key block lists of a level map, planned for one call's geometry."""
 
     counts: torch.Tensor  # [B, Hm, nq, 4] int32
-    indices: torch.Tensor  # [B, Hm, nq, nk] int32
+    indices: torch.Tensor  # [B, Hm, nq, nk] int16 / int32
+    plan: torch.Tensor  # [B, Hm, nq, 8] int32: blocks to read per level, then whole ones per level
+    cost: torch.Tensor  # [B, Hm, nq] fp32: sum of 1/p over visible pairs
+    visible: torch.Tensor  # [B, Hm, nq] int32: visible pairs
     block_q: int
     block_k: int
-    # The dense map this layout encodes, when its builder had it (saves to_dense() a pass).
+    q_len: int
+    k_len: int
+    causal: bool
+    key_padding_mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # The dense map this layout encodes, when its builder kept it (saves to_dense() a pass).
     dense: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_dense(cls, level_map: torch.Tensor, *, block_q: int, block_k: int) -> "LevelMap":
-        nk = level_map.shape[-1]
-        table = torch.tensor(_RANK_OF_LEVEL, dtype=torch.int64, device=level_map.device)
-        rank = table[level_map.long().clamp(0, 8)]  # out-of-range values read as skip (rank 4)
-        key = rank * nk + torch.arange(nk, device=level_map.device)
-        indices = torch.argsort(key, dim=-1).to(torch.int32)
-        counts = torch.stack([(rank == r).sum(-1) for r in range(len(POOL_FACTORS))], dim=-1).to(torch.int32)
-        return cls(counts=counts, indices=indices.contiguous(), block_q=block_q, block_k=block_k, dense=level_map)
+    def from_dense(cls, level_map: torch.Tensor, *, block_q: int, block_k: int, q_len: int | None = None,
+                   k_len: int | None = None, causal: bool = False,
+                   key_padding_mask: torch.Tensor | None = None) -> "LevelMap":
+        """The layout of a dense map, planned for a call with these lengths (default: whole
+        blocks), causality and key padding. Values other than 0, 1, 2, 4, 8 read as 0 (skip)."""
+        nq, nk = level_map.shape[-2:]
+        q_len = nq * block_q if q_len is None else q_len
+        k_len = nk * block_k if k_len is None else k_len
+        if (num_blocks(q_len, block_q), num_blocks(k_len, block_k)) != (nq, nk):
+            raise ValueError(f"a level map of {nq} x {nk} blocks does not cover q_len {q_len} and k_len {k_len} "
+                             f"with blocks of {block_q} x {block_k}")
+        geometry = dict(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, causal=causal,
+                        key_padding_mask=key_padding_mask)
+        if kernels_available(level_map.device):
+            from .assign import compact_triton
+
+            return compact_triton(level_map, **geometry)
+        return _compact_torch(level_map, **geometry)
+
+    def planned_for(self, *, q_len: int, k_len: int, causal: bool, key_padding_mask) -> bool:
+        """Whether this layout's plan fits a call with this geometry (else it must be re-planned)."""
+        return (self.q_len, self.k_len, self.causal) == (q_len, k_len, causal) and (
+            self.key_padding_mask is key_padding_mask
+        )
+
+    def replanned(self, *, q_len: int, k_len: int, causal: bool, key_padding_mask) -> "LevelMap":
+        if self.planned_for(q_len=q_len, k_len=k_len, causal=causal, key_padding_mask=key_padding_mask):
+            return self
+        return LevelMap.from_dense(self.to_dense(), block_q=self.block_q, block_k=self.block_k, q_len=q_len,
+                                   k_len=k_len, causal=causal, key_padding_mask=key_padding_mask)
 
     def to_dense(self) -> torch.Tensor:
         """The ``int8`` map ``[B, Hm, nq, nk]`` this layout encodes."""
@@ -62,6 +110,67 @@ class LevelMap:
         out = torch.empty_like(values)
         return out.scatter_(-1, self.indices.long(), values)
 
+    def density(self) -> torch.Tensor:
+        """Compute density per ``[B, Hm]``: the mean of ``1/p`` (0 when skipped) over the visible
+        pairs (1 for a head with none), as :func:`psa_kernels.reference.density`."""
+        n_vis = self.visible.sum(-1).float()
+        return torch.where(n_vis > 0, self.cost.sum(-1) / n_vis.clamp(min=1), torch.ones_like(n_vis))
+
+    def sparsity(self) -> torch.Tensor:
+        """``1 - density()``: the sparsity of a binary block-sparse method with the same FLOPs."""
+        return 1.0 - self.density()
+
     @property
     def shape(self) -> torch.Size:
         return self.indices.shape
+
+
+def block_flags(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool, key_padding_mask, device):
+    """Per pair ``[B, nq, nk]``: readable (not past the causal diagonal), visible (readable and
+    holding a real key) and whole (read without masks) - the geometry a plan is made of."""
+    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
+    j = torch.arange(nk, device=device)
+    i = torch.arange(nq, device=device)
+    offset = k_len - q_len
+    block_end = (j + 1) * block_k
+    readable = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    whole = (block_end <= k_len)[None, :].expand(nq, nk)
+    if causal:
+        last_pos = offset + torch.clamp((i + 1) * block_q, max=q_len) - 1
+        readable = (j[None, :] * block_k <= last_pos[:, None])
+        whole = whole & (block_end[None, :] - 1 <= (offset + i * block_q)[:, None])
+    B = 1 if key_padding_mask is None else key_padding_mask.shape[0]
+    readable, whole = readable[None].expand(B, nq, nk), whole[None].expand(B, nq, nk)
+    visible = readable
+    if key_padding_mask is not None:
+        blocks = torch.nn.functional.pad(key_padding_mask, (0, nk * block_k - k_len)).view(B, nk, block_k)
+        any_valid, all_valid = blocks.any(-1), blocks.all(-1)
+        visible = visible & any_valid[:, None, :]
+        whole = whole & all_valid[:, None, :]
+    return readable, visible, whole
+
+
+def _compact_torch(level_map: torch.Tensor, *, block_q, block_k, q_len, k_len, causal, key_padding_mask):
+    """Tensor-op twin of the Triton layout writer (devices the kernels do not serve)."""
+    B, Hm, nq, nk = level_map.shape
+    device = level_map.device
+    table = torch.tensor(_RANK_OF_LEVEL, dtype=torch.int64, device=device)
+    rank = table[level_map.long().clamp(0, 8)]  # out-of-range values read as skip (rank 4)
+    readable, visible, whole = (t[:, None] for t in block_flags(q_len, k_len, block_q, block_k, causal,
+                                                                key_padding_mask, device))
+    j = torch.arange(nk, device=device)
+    key = (rank * 2 + (~whole).long()) * nk + j
+    indices = torch.argsort(key, dim=-1).to(index_dtype(nk))
+    at = [rank == r for r in range(len(POOL_FACTORS))]
+    counts = torch.stack([m.sum(-1) for m in at], dim=-1).to(torch.int32)
+    n_read = torch.stack([(m & readable).sum(-1) for m in at], dim=-1)
+    n_whole = torch.stack([(m & whole).sum(-1) for m in at], dim=-1)
+    plan = torch.cat([n_read, n_whole], dim=-1).to(torch.int32)
+    lm = level_map.float()
+    valid_level = torch.isin(level_map, torch.tensor(POOL_FACTORS, device=device, dtype=level_map.dtype))
+    cost = torch.where(valid_level & visible, 1.0 / lm.clamp(min=1), torch.zeros_like(lm)).sum(-1)
+    n_vis = visible.sum(-1, dtype=torch.int32).expand(B, Hm, nq).contiguous()
+    clean = torch.where(valid_level, level_map, torch.zeros_like(level_map)).to(torch.int8)
+    return LevelMap(counts=counts, indices=indices.contiguous(), plan=plan, cost=cost.contiguous(), visible=n_vis,
+                    block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, causal=causal,
+                    key_padding_mask=key_padding_mask, dense=clean)

@@ -5,7 +5,8 @@ Each dispatches between the Triton kernels and the dense reference:
 - Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
   interpreter; how CI checks kernel logic without a GPU), for fp16/bf16/fp32 inputs with
   ``head_dim <= 256`` and a multiple of 8 (of 4 in fp32), a power-of-two ``block_q`` in
-  16..256 and ``block_k`` a multiple of 8.
+  16..256 and ``block_k`` a multiple of 8. Launches go to the inputs' GPU, whichever device is
+  current.
 - elsewhere (a CPU without the interpreter, Triton missing, other devices) attention runs as one
   SDPA call per query block (:mod:`psa_kernels.blockwise`), and the other ops as
   :mod:`psa_kernels.reference`;
@@ -14,10 +15,9 @@ Each dispatches between the Triton kernels and the dense reference:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import inspect
 import logging
-import os
 
 import torch
 
@@ -32,6 +32,7 @@ from .reference import (
     forced_full_blocks,
     sparsity,
 )
+from .utils import kernels_available
 from .validation import LEVEL_VALUES, POOL_FACTORS, check_attention_inputs, check_key_padding_mask, check_qkv, num_blocks
 
 __all__ = [
@@ -58,23 +59,10 @@ logger = logging.getLogger("psa_kernels")
 _warned: set[str] = set()
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means: no kernels here
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def kernels_available(device: torch.device | str) -> bool:
-    """Whether the Triton kernels serve tensors on ``device`` in this process."""
-    device = torch.device(device)
-    return _triton_importable() and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+def _warn_once(key: str, message: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
 
 
 def _use_triton(q: torch.Tensor, block_q: int, block_k: int) -> bool:
@@ -82,7 +70,7 @@ def _use_triton(q: torch.Tensor, block_q: int, block_k: int) -> bool:
         kernels_available(q.device)
         and q.dtype in _TRITON_DTYPES
         and q.shape[-1] <= 256
-        and q.shape[-1] * q.element_size() % 16 == 0  # rows of whole 16-byte units (TMA tiles)
+        and q.shape[-1] * q.element_size() % 16 == 0  # rows of whole 16-byte units (vector loads, TMA tiles)
         and 16 <= block_q <= 256
         and block_q & (block_q - 1) == 0
         and block_k % 8 == 0
@@ -97,33 +85,36 @@ def psa_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
+    block_q: int | None = None,
+    block_k: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pyramid sparse attention: ``q [B,Hq,Lq,D]``, ``k, v [B,Hkv,Lk,D]`` -> ``[B,Hq,Lq,D]``.
 
     ``level_map`` is an integer tensor ``[B, Hm, ceil(Lq/block_q), ceil(Lk/block_k)]`` with
-    values in {0, 1, 2, 4, 8} and ``Hm`` in {Hq, Hkv} (or a :class:`LevelMap` built from one);
-    ``key_padding_mask`` a bool ``[B, Lk]`` (True = real token); ``causal`` aligns queries to the
-    end of the keys. The output has q's dtype; accumulation is fp32. Semantics:
+    values in {0, 1, 2, 4, 8} and ``Hm`` in {Hq, Hkv}, or a :class:`LevelMap` (which carries its
+    block sizes; a layout planned for another geometry is re-planned). Blocks default to 128.
+    ``key_padding_mask`` is a bool ``[B, Lk]`` (True = real token); ``causal`` aligns queries to
+    the end of the keys. The output has q's dtype; accumulation is fp32. Semantics:
     :func:`psa_kernels.reference.psa_attention`.
     """
     if isinstance(level_map, LevelMap):
-        dense_map = level_map.to_dense()
-        level_map = dataclasses.replace(level_map, dense=dense_map)  # decoded once, for the kernel's plan too
-    else:
-        dense_map = level_map
-    # Checking the map's values costs a device synchronisation: done off the GPU only (on CUDA
-    # an out-of-range value reads as "skip").
-    check_attention_inputs(q, k, v, dense_map, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask,
+        for name, given, own in (("block_q", block_q, level_map.block_q), ("block_k", block_k, level_map.block_k)):
+            if given is not None and given != own:
+                raise ValueError(f"{name}={given} differs from the LevelMap's {name} ({own}); leave it out")
+        block_q, block_k = level_map.block_q, level_map.block_k
+    block_q = 128 if block_q is None else block_q
+    block_k = 128 if block_k is None else block_k
+    # Checking a dense map's values costs a device synchronisation: done off the GPU only (on
+    # CUDA an out-of-range value reads as "skip").
+    check_attention_inputs(q, k, v, level_map, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask,
                            check_values=not q.is_cuda)
+    kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask)
     if _use_triton(q, block_q, block_k):
         from .attention import psa_attention_triton
 
-        return psa_attention_triton(q, k, v, level_map, causal=causal, scale=scale, block_q=block_q,
-                                    block_k=block_k, key_padding_mask=key_padding_mask)
-    kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask)
+        return psa_attention_triton(q, k, v, level_map, **kw)
+    dense_map = level_map.to_dense() if isinstance(level_map, LevelMap) else level_map
     if q.dtype == torch.float64:
         return reference.psa_attention(q, k, v, dense_map, **kw)
     from .blockwise import psa_attention_blockwise
@@ -141,14 +132,19 @@ def antidiagonal_importance(
     block_k: int = 128,
     stride: int = 8,
     key_padding_mask: torch.Tensor | None = None,
+    precision: str = "full",
 ) -> torch.Tensor:
     """Block importance ``[B, Hq, nq, nk]`` by antidiagonal scoring (XAttention), streamed in a
     Triton kernel where kernels serve (never materialising the ``(L/s)^2`` scores); semantics:
-    :func:`psa_kernels.reference.antidiagonal_importance`."""
+    :func:`psa_kernels.reference.antidiagonal_importance` (``precision`` ``full`` or ``fp8``)."""
     check_qkv(q, k, k)
     if block_q % stride or block_k % stride:
         raise ValueError(f"stride {stride} must divide block_q ({block_q}) and block_k ({block_k})")
+    if precision not in reference.ESTIMATE_PRECISIONS:
+        raise ValueError(f"estimate precision must be one of {reference.ESTIMATE_PRECISIONS}, got {precision!r}")
     check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], k.device)
+    kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, stride=stride,
+              key_padding_mask=key_padding_mask, precision=precision)
     if _use_triton(q, block_q, block_k):
         from triton.runtime.errors import OutOfResources
 
@@ -156,67 +152,81 @@ def antidiagonal_importance(
 
         if supported(block_q, block_k, stride):
             try:
-                return antidiagonal_importance_triton(q, k, causal=causal, scale=scale, block_q=block_q,
-                                                      block_k=block_k, stride=stride,
-                                                      key_padding_mask=key_padding_mask)
+                return antidiagonal_importance_triton(q, k, **kw)
             except OutOfResources as err:  # a GPU with less shared memory than the launch asks for
-                if "importance" not in _warned:
-                    _warned.add("importance")
-                    logger.warning("antidiagonal importance kernel does not fit this GPU (%s); using the reference",
-                                   err)
-    return reference.antidiagonal_importance(q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-                                             stride=stride, key_padding_mask=key_padding_mask)
+                _warn_once("importance", "antidiagonal importance kernel does not fit this GPU (%s); using the "
+                           "reference", err)
+    return reference.antidiagonal_importance(q, k, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_defaults() -> dict:
+    """The keyword defaults of :func:`reference.build_level_map` (their one home), read once:
+    binding a signature on every call cost tens of microseconds per layer."""
+    params = inspect.signature(reference.build_level_map).parameters
+    return {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, **kwargs):
-    """The mask generator (PSA_SEMANTICS.md section 7): an ``int8`` level map ``[B, Hm, nq, nk]``,
-    or with ``compact=True`` its :class:`LevelMap` (which keeps the dense map too).
+    """The mask generator (section 7 of the semantics): an ``int8`` level map ``[B, Hm, nq, nk]``,
+    or with ``compact=True`` its :class:`LevelMap` planned for this call (``q``'s and ``k``'s
+    lengths, ``causal``, ``key_padding_mask``), which :func:`psa_attention` reads directly.
 
-    Keyword arguments as :func:`psa_kernels.reference.build_level_map`. Where kernels serve, the
-    importance is the streamed Triton kernel and everything after it (assignment, similarity
-    cap, forced blocks, minimum level-1 count, the compact layout) one Triton kernel
-    (:mod:`psa_kernels.assign`), after the similarity cap's own kernel. No host synchronisation.
+    Keyword arguments as :func:`psa_kernels.reference.build_level_map`. Where kernels serve:
+    the importance kernel (with the fp8 copies' quantisation first when
+    ``estimate_precision="fp8"``), one kernel for the similarity cap and the block flags, and
+    one for the assignment and the layout: three or four launches, no host synchronisation.
     """
-    import inspect
-
-    bound = inspect.signature(reference.build_level_map).bind(q, k, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
+    defaults = _mask_defaults()
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"build_level_map() got unexpected keyword argument(s) {sorted(unknown)}")
+    a = {**defaults, **kwargs}
     block_q, block_k = a["block_q"], a["block_k"]
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    geometry = dict(q_len=Lq, k_len=Lk, causal=a["causal"], key_padding_mask=a["key_padding_mask"])
     if not (kernels_available(q.device) and q.dtype in _TRITON_DTYPES and a["mode"] != "dense"
             and a["antidiagonal"] is None and 0 < len(a["levels"]) <= 4):
-        level_map = reference.build_level_map(**{**a, "antidiagonal": a["antidiagonal"] or antidiagonal_importance})
-        return LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k) if compact else level_map
+        level_map = reference.build_level_map(q, k, **{**a, "antidiagonal": a["antidiagonal"] or antidiagonal_importance})
+        if not compact:
+            return level_map
+        return LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k, **geometry)
 
     from .assign import assign_levels_triton
+    from .key_blocks import key_blocks
+    from .utils import on_device
     from .validation import check_block_sizes
 
     check_qkv(q, k, k)
     check_block_sizes(block_q, block_k)
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     pad = a["key_padding_mask"]
     check_key_padding_mask(pad, B, Lk, k.device)
+    text = a["text_mask"]
+    if text is not None and tuple(text.shape) != (B, Lk):
+        raise ValueError(f"text_mask must have shape [B, Lk] = {(B, Lk)}, got {tuple(text.shape)}")
     reference.check_assignment(a["mode"], a["levels"], a["thresholds"])
-    scores = reference.block_importance(q, k, scores=a["scores"], estimator=a["estimator"], causal=a["causal"],
-                                        scale=a["scale"], block_q=block_q, block_k=block_k, stride=a["stride"],
-                                        key_padding_mask=pad, generator=a["generator"],
-                                        antidiagonal=antidiagonal_importance)
-    cap = None
-    if a["similarity"] is not None:
-        cap = similarity_cap(k, block_k=block_k, thresholds=a["similarity"], key_padding_mask=pad)
-    cols, rows = reference.forced_columns_and_rows(batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k,
-                                                   text_mask=a["text_mask"],
-                                                   dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad,
-                                                   device=q.device)
-    valid_cols = reference.valid_key_blocks(pad, Lk, block_k) if pad is not None else None
-    dense, layout = assign_levels_triton(
-        scores.float(), heads=Hkv if a["share_kv_group"] else Hq, kv_heads=Hkv, causal=a["causal"], q_len=Lq,
-        k_len=Lk, block_q=block_q, block_k=block_k, mode=a["mode"], levels=a["levels"],
-        thresholds=a["thresholds"], cap=cap, forced_cols=cols, forced_rows=rows, valid_cols=valid_cols,
-        min_full_fraction=a["min_full_fraction"],
-    )
-    return layout if compact else dense
+    with on_device(q):
+        scores = reference.block_importance(q, k, scores=a["scores"], estimator=a["estimator"], causal=a["causal"],
+                                            scale=a["scale"], block_q=block_q, block_k=block_k, stride=a["stride"],
+                                            key_padding_mask=pad, generator=a["generator"],
+                                            antidiagonal=antidiagonal_importance,
+                                            estimate_precision=a["estimate_precision"])
+        similarity = a["similarity"]
+        if similarity is not None and not isinstance(similarity, dict):
+            similarity = dict(zip((2, 4, 8), similarity))
+        blocks = key_blocks(k, q_len=Lq, block_q=block_q, block_k=block_k, thresholds=similarity, text_mask=text,
+                            dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad)
+        return_layout = assign_levels_triton(
+            scores if scores.dtype == torch.float32 else scores.float(), heads=Hkv if a["share_kv_group"] else Hq,
+            kv_heads=Hkv, causal=a["causal"], q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k,
+            mode=a["mode"], levels=a["levels"], thresholds=a["thresholds"], cap=blocks["cap"],
+            text_cols=blocks["text_cols"], text_rows=blocks["text_rows"], any_valid=blocks["any_valid"],
+            all_valid=blocks["all_valid"], min_full_fraction=a["min_full_fraction"], key_padding_mask=pad,
+            write_map=not compact,
+        )
+    return return_layout if compact else return_layout.dense
 
 
 def similarity_cap(
@@ -234,10 +244,12 @@ def similarity_cap(
     check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[2], k.device)
     table = dict(thresholds) if isinstance(thresholds, Mapping) else dict(zip((2, 4, 8), thresholds))
     if (kernels_available(k.device) and k.dtype in _TRITON_DTYPES and k.shape[-1] <= 256 and block_k % 8 == 0
-            and set(table) <= {2, 4, 8}):
-        from .similarity import similarity_cap_triton
+            and table and set(table) <= {2, 4, 8}):
+        from .key_blocks import similarity_cap_triton
+        from .utils import on_device
 
-        return similarity_cap_triton(k, block_k=block_k, thresholds=table, key_padding_mask=key_padding_mask)
+        with on_device(k):
+            return similarity_cap_triton(k, block_k=block_k, thresholds=table, key_padding_mask=key_padding_mask)
     return reference.similarity_cap(k, block_k=block_k, thresholds=thresholds, key_padding_mask=key_padding_mask)
 
 
@@ -256,8 +268,10 @@ def build_pyramid(
     if not (kernels_available(k.device) and k.dtype in _TRITON_DTYPES and k.shape[-1] <= 256):
         return reference.build_pyramid(k, v, key_padding_mask)
     from .pyramid import build_device_pyramid
+    from .utils import on_device
 
-    pyr = build_device_pyramid(k, v, key_padding_mask)
+    with on_device(k):
+        pyr = build_device_pyramid(k, v, key_padding_mask)
     Lk = k.shape[2]
     valid = key_padding_mask if key_padding_mask is not None else torch.ones_like(k[:, 0, :, 0], dtype=torch.bool)
     positions = torch.arange(Lk, device=k.device).expand_as(valid)

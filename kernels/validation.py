@@ -68,6 +68,11 @@ def check_key_padding_mask(mask: torch.Tensor | None, batch: int, k_len: int, de
         raise ValueError(f"key_padding_mask is on {mask.device}, the keys on {device}")
 
 
+def _is_layout(level_map) -> bool:
+    """A :class:`LevelMap` (duck-typed: this module sits below level_map.py)."""
+    return not isinstance(level_map, torch.Tensor) and hasattr(level_map, "plan")
+
+
 def check_level_map(
     level_map: torch.Tensor,
     *,
@@ -78,7 +83,10 @@ def check_level_map(
     n_k_blocks: int,
     check_values: bool = True,
 ) -> None:
-    """``level_map [B, Hm, nq, nk]`` with ``Hm`` in ``{Hq, Hkv}`` and values in ``LEVEL_VALUES``."""
+    """``level_map [B, Hm, nq, nk]`` with ``Hm`` in ``{Hq, Hkv}`` and values in ``LEVEL_VALUES``
+    (a :class:`LevelMap`'s shape is its index lists'; its values were written by a builder)."""
+    if _is_layout(level_map):
+        level_map, check_values = level_map.indices, False
     if not isinstance(level_map, torch.Tensor) or level_map.is_floating_point() or level_map.dtype == torch.bool:
         raise ValueError("level_map must be an integer tensor [B, Hm, nq, nk] with values in {0, 1, 2, 4, 8}")
     if level_map.dim() != 4:
@@ -113,6 +121,7 @@ def check_attention_inputs(q, k, v, level_map, *, block_q, block_k, key_padding_
     check_level_map(
         level_map, batch=B, q_heads=Hq, kv_heads=Hkv, n_q_blocks=nq, n_k_blocks=nk, check_values=check_values
     )
-    if level_map.device != q.device:
-        raise ValueError(f"level_map is on {level_map.device}, q on {q.device}")
+    device = level_map.indices.device if _is_layout(level_map) else level_map.device
+    if device != q.device:
+        raise ValueError(f"level_map is on {device}, q on {q.device}")
     return nq, nk

@@ -99,19 +99,22 @@ def psa_attention_forward(
 
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
+    mask_kwargs = config.mask_kwargs()
     text = state.text.for_keys(B, Lk) if state.text is not None else None
     if state.tower == "vision" or not config.dense_text:  # a frame group holds no text; or: force none
-        text = torch.zeros(B, Lk, dtype=torch.bool, device=query.device)
+        text, mask_kwargs["dense_tail_tokens"] = None, 0
     elif text is None:
         log_once("text-unknown", f"text positions unknown: the last {config.dense_tail_tokens} tokens count as text")
+    if query.dtype == torch.float32 and query.is_cuda:
+        log_once("fp32-cuda", "fp32 PSA on CUDA: the kernels use three TF32 products per dot (about fp32 accuracy "
+                 "on the tensor cores); bf16 is several times faster")
     try:
         level_map = psa_kernels.build_level_map(
             query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, compact=True,
-            **config.mask_kwargs()
+            **mask_kwargs
         )
         out = psa_kernels.psa_attention(
-            query, key, value, level_map, causal=causal, scale=scaling, block_q=config.block_q,
-            block_k=config.block_k, key_padding_mask=padding,
+            query, key, value, level_map, causal=causal, scale=scaling, key_padding_mask=padding,
         )
     except Exception as err:  # noqa: BLE001 - a model must keep running; PSA_VLM_STRICT=1 makes it loud
         if os.environ.get(STRICT_ENV) == "1":
@@ -122,8 +125,7 @@ def psa_attention_forward(
                  logging.WARNING)
         out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
-    state.record_psa(level_map.to_dense(), causal=causal, q_len=Lq, k_len=Lk, block_q=config.block_q, block_k=config.block_k,
-                     key_padding_mask=padding)
+    state.record_psa(level_map)
     return out.transpose(1, 2).contiguous(), None
 
 

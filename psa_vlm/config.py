@@ -20,6 +20,7 @@ import yaml
 
 MODES = ("energy", "quantile", "dense")
 ESTIMATORS = ("antidiagonal", "sampled")
+ESTIMATE_PRECISIONS = ("full", "fp8")
 POOL_LEVELS = (1, 2, 4, 8)
 # Tile sizes the kernels take (issue: block_q 64/128, logical block_k 32/64/128).
 BLOCK_Q_SIZES = (64, 128)
@@ -52,7 +53,8 @@ class PSAConfig:
     Fields mirror PSA_SEMANTICS.md section 7: ``mode`` (``energy`` mass thresholds, ``quantile``
     rank thresholds, or ``dense``: every pair at level 1), ``levels`` and one threshold per level,
     ``similarity`` (cap thresholds for p = 2, 4, 8; ``None`` disables the cap), the importance
-    ``estimator`` and its ``stride``, block sizes, ``min_full_fraction`` (level-1 blocks kept per
+    ``estimator``, its ``stride`` and ``estimate_precision`` (``fp8``: the antidiagonal logits
+    from fp8 copies of Q and K, half the bytes of bf16), block sizes, ``min_full_fraction`` (level-1 blocks kept per
     row) and ``dense_tail_tokens`` (tokens treated as text when text positions are unknown).
     ``share_kv_group`` builds one level map per kv head instead of per query head.
     ``dense_text`` (default true) keeps every block holding text at level 1 (section 7.4);
@@ -70,6 +72,7 @@ class PSAConfig:
     similarity: tuple[float, float, float] | None = (0.75, 0.70, 0.70)
     estimator: str = "antidiagonal"
     stride: int = 8
+    estimate_precision: str = "full"
     block_q: int = 128
     block_k: int = 128
     min_seq_len: int = 32768  # the H100 crossover (docs/performance.md)
@@ -161,6 +164,7 @@ class PSAConfig:
             similarity=self.similarity,
             estimator=self.estimator,
             stride=self.stride,
+            estimate_precision=self.estimate_precision,
             dense_tail_tokens=self.dense_tail_tokens,
             min_full_fraction=self.min_full_fraction,
             share_kv_group=self.share_kv_group,
@@ -258,6 +262,8 @@ def _validate(c: PSAConfig) -> None:
             _fail("similarity", "values must be numbers in [0, 1]", sim)
     if c.estimator not in ESTIMATORS:
         _fail("estimator", f"must be one of {ESTIMATORS}", c.estimator)
+    if c.estimate_precision not in ESTIMATE_PRECISIONS:
+        _fail("estimate_precision", f"must be one of {ESTIMATE_PRECISIONS}", c.estimate_precision)
     if c.stride not in STRIDES:
         _fail("stride", f"must be one of {STRIDES}", c.stride)
     if c.block_q not in BLOCK_Q_SIZES:

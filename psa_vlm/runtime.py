@@ -123,13 +123,18 @@ class LayerState:
     def record_dense(self, reason: str, count: int = 1) -> None:
         self.dense_calls[reason] += count
 
-    def record_psa(self, level_map: torch.Tensor, **geometry) -> torch.Tensor:
-        """Account one PSA call; returns its per-head sparsity ``[Hm]`` (mean over the batch)."""
-        per_head = psa_kernels.sparsity(level_map, **geometry).mean(0)
+    def record_psa(self, layout: psa_kernels.LevelMap) -> torch.Tensor:
+        """Account one PSA call; returns its per-head sparsity ``[Hm]`` (mean over the batch).
+
+        The sparsity comes from the layout's per-row cost (two small reductions, no decoding and
+        no host synchronisation); the dense map is decoded only when level maps are recorded."""
+        per_head = layout.sparsity().mean(0)
         self.sparsity_sum = per_head if self.sparsity_sum is None else self.sparsity_sum + per_head
         self.psa_calls += 1
         if self.record_level_maps:
-            self.last = {"level_map": level_map.detach().cpu(), **_to_cpu(geometry)}
+            geometry = dict(causal=layout.causal, q_len=layout.q_len, k_len=layout.k_len, block_q=layout.block_q,
+                            block_k=layout.block_k, key_padding_mask=layout.key_padding_mask)
+            self.last = {"level_map": layout.to_dense().detach().cpu(), **_to_cpu(geometry)}
         return per_head
 
     def reset(self) -> None:

@@ -92,6 +92,24 @@ def test_matrix_against_reference(causal, ratio, D, block_k):
     check(seed, causal, block_q, block_k, B=2, Hq=ratio, Hkv=1, Lq=Lq, Lk=Lk, D=D, padded=padded, heads=heads)
 
 
+@pytest.mark.parametrize("launch", [dict(l1_tma=True), dict(block_m=32, block_n=32), dict(block_n=16, l1_tma=True)],
+                         ids=["l1-tma", "small-tiles", "narrow-tma"])
+def test_launch_variants_compute_the_same(launch):
+    """Every launch the tuning sweep may choose (whole level-1 blocks through the tensor-memory
+    accelerator, other tile shapes) computes the reference's output."""
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    for causal in (False, True):
+        Lk = rnd.randrange(200, 400) | 1
+        Lq = rnd.randrange(40, Lk) if causal else rnd.randrange(100, 300)
+        q, k, v, lm, pad = make_case(seed, B=2, Hq=7, Hkv=1, Lq=Lq, Lk=Lk, D=80, block_q=64, block_k=64,
+                                     padded=rnd.random() < 0.5)
+        kw = dict(causal=causal, block_q=64, block_k=64, key_padding_mask=pad)
+        out = psa_attention_triton(q, k, v, lm, **kw, **launch)
+        ref = reference.psa_attention(q.double(), k.double(), v.double(), lm, **kw)
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL, f"seed {seed}, causal={causal}"
+
+
 @pytest.mark.parametrize("rows", ["full", "pooled", "empty"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_full_pooled_and_empty_maps(causal, rows):
@@ -204,9 +222,10 @@ def test_level_map_layout_round_trips_and_groups_by_level():
     assert layout.indices[0, 0, 0, : len(expected)].tolist() == expected
 
 
+@pytest.mark.parametrize("precision", ["full", "fp8"])
 @pytest.mark.parametrize("stride", [4, 8, 16])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_antidiagonal_importance_kernel_matches_reference(causal, stride):
+def test_antidiagonal_importance_kernel_matches_reference(causal, stride, precision):
     from psa_kernels.importance import antidiagonal_importance_triton
 
     seed = fresh_seed()
@@ -217,13 +236,45 @@ def test_antidiagonal_importance_kernel_matches_reference(causal, stride):
     ratio = rnd.choice([1, 2, 7])
     q, k, _, _, pad = make_case(seed, B=2, Hq=ratio, Hkv=1, Lq=Lq, Lk=Lk, D=rnd.choice([64, 80]), block_q=block_q,
                                 block_k=block_k, padded=rnd.random() < 0.5)
-    kw = dict(causal=causal, block_q=block_q, block_k=block_k, stride=stride, key_padding_mask=pad)
+    kw = dict(causal=causal, block_q=block_q, block_k=block_k, stride=stride, key_padding_mask=pad,
+              precision=precision)
     # Small row tiles and few persistent programs: several row tiles per head, each program
     # reusing its scratch strip for several tiles.
     got = antidiagonal_importance_triton(q, k, **kw, block_r=rnd.choice([16, 32, 128]), programs=rnd.choice([1, 3]))
     want = reference.antidiagonal_importance(q.double(), k.double(), **kw)
     assert rel_err(got, want) < 1e-4, f"seed {seed}"
     assert torch.allclose(psa_kernels.antidiagonal_importance(q, k, **kw), got)  # the public entry dispatches
+    if precision == "fp8":  # the fp8 estimate is an estimate of the same scores
+        full = reference.antidiagonal_importance(q.double(), k.double(), **{**kw, "precision": "full"})
+        assert rel_err(got, full) < 0.1, f"seed {seed}"
+
+
+def test_fp8_copies_match_the_reference_quantisation_bit_for_bit():
+    """kernels/importance.quantize_groups against reference.quantize_fp8_rows: values spanning
+    many magnitudes (subnormal e4m3 included), exact ties, a group of zeros, padded keys."""
+    from psa_kernels.importance import quantize_groups
+    from psa_kernels.reference import _strided_keys, _strided_queries, quantize_fp8_rows
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, H, L, D, S = 2, 3, 203, 80, 8
+    x = torch.randn(B, H, L, D, generator=g) * torch.exp2(torch.randint(-12, 12, (B, H, L, 1), generator=g).float())
+    x[0, 0, :5] = torch.tensor([1.0625, 1.1875, 0.0, 3.25, 2.0 ** -9 * 1.5])[:, None]  # ties and tiny values
+    x[1, 2, 8:16] = 0.0  # a group of zeros
+    pad = torch.ones(B, L, dtype=torch.bool)
+    pad[1, :37] = False
+    for reverse, mask in ((True, None), (False, pad)):
+        got, scale = quantize_groups(x.to(DEVICE), S, reverse=reverse, key_padding_mask=None if mask is None else
+                                     mask.to(DEVICE))
+        block_d = got.shape[-1] // S
+        deq = (got.float().view(B, H, -1, S, block_d)[..., :D] * scale[..., None, None]).reshape(B, H, -1, S * D)
+        xs = x * mask[:, None, :, None] if mask is not None else x
+        strided = (_strided_queries if reverse else _strided_keys)(xs.double(), S)
+        want = quantize_fp8_rows(strided)
+        assert torch.equal(deq.double().cpu(), want), f"seed {seed}, reverse={reverse}"
+        if mask is not None:  # groups holding no real key are marked with scale 0
+            real = torch.nn.functional.pad(mask, (0, -L % S)).view(B, -1, S).any(-1)
+            assert torch.equal(scale.cpu() > 0, real[:, None, :].expand_as(scale)), f"seed {seed}"
 
 
 def test_public_mask_generator_agrees_with_the_reference():
@@ -274,11 +325,67 @@ def test_fused_assignment_matches_the_reference_exactly(case):
               thresholds=(0.3, 0.5, 0.7, 0.9)[:n_levels])
     got = psa_kernels.build_level_map(q, k, compact=True, **kw)
     want = reference.build_level_map(q, k, **kw)
-    expected = LevelMap.from_dense(want, block_q=bq, block_k=bk)
-    assert torch.equal(got.dense, want), f"seed {seed}"
-    assert torch.equal(got.counts, expected.counts), f"seed {seed}"
-    assert torch.equal(got.indices, expected.indices), f"seed {seed}"
+    expected = LevelMap.from_dense(want, block_q=bq, block_k=bk, q_len=Lq, k_len=Lk, causal=causal,
+                                   key_padding_mask=pad)
+    assert got.dense is None  # the compact form alone: the attention reads only the lists
+    assert torch.equal(got.to_dense(), want), f"seed {seed}"
+    assert_same_layout(got, expected, f"seed {seed}")
     assert torch.equal(psa_kernels.build_level_map(q, k, **kw), want)  # the dense form alone
+
+
+def assert_same_layout(got, want, msg):
+    for name in ("counts", "indices", "plan", "cost", "visible"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), f"{msg}: {name}"
+    for name in ("block_q", "block_k", "q_len", "k_len", "causal"):
+        assert getattr(got, name) == getattr(want, name), f"{msg}: {name}"
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_layout_writers_agree_and_plan_what_the_geometry_allows(case):
+    """The Triton layout writer and its tensor-op twin give the same LevelMap for random maps,
+    lengths, causality and padding; each level list holds its whole blocks first, then the
+    readable others, then the blocks past the causal diagonal; cost and visible give the
+    reference's density."""
+    from psa_kernels.level_map import _compact_torch, block_flags
+
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, Hm, bq, bk = 2, rnd.choice([1, 3]), rnd.choice([32, 64]), rnd.choice([16, 32, 64])
+    causal = rnd.random() < 0.6
+    Lk = rnd.randrange(100, 600)
+    Lq = rnd.randrange(20, Lk + 1) if causal else rnd.randrange(20, 400)
+    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    lm = LEVELS[torch.randint(0, 5, (B, Hm, nq, nk), generator=g)].to(DEVICE)
+    pad = None
+    if rnd.random() < 0.5:
+        pad = torch.ones(B, Lk, dtype=torch.bool)
+        pad[0, : rnd.randrange(1, Lk // 2)] = False
+        pad = pad.to(DEVICE)
+    geometry = dict(block_q=bq, block_k=bk, q_len=Lq, k_len=Lk, causal=causal, key_padding_mask=pad)
+    got = LevelMap.from_dense(lm, **geometry)
+    twin = _compact_torch(lm, **geometry)
+    assert_same_layout(got, twin, f"seed {seed}")
+    assert torch.equal(got.to_dense(), lm) and torch.equal(dataclasses.replace(got, dense=None).to_dense(), lm)
+    readable, visible, whole = (t.expand(B, nq, nk) for t in block_flags(Lq, Lk, bq, bk, causal, pad, lm.device))
+    for b in range(B):
+        for h in range(Hm):
+            for i in range(nq):
+                row = got.indices[b, h, i].long().tolist()
+                start = 0
+                for r, p in enumerate((1, 2, 4, 8)):
+                    n, n_read, n_whole = (int(got.counts[b, h, i, r]), int(got.plan[b, h, i, r]),
+                                          int(got.plan[b, h, i, 4 + r]))
+                    listed = row[start : start + n]
+                    assert sorted(listed) == [j for j in range(nk) if lm[b, h, i, j] == p], f"seed {seed}"
+                    flags = [(bool(whole[b, i, j]), bool(readable[b, i, j])) for j in listed]
+                    assert all(w for w, _ in flags[:n_whole]) and not any(w for w, _ in flags[n_whole:])
+                    assert all(rd for _, rd in flags[:n_read]) and not any(rd for _, rd in flags[n_read:])
+                    assert listed[:n_whole] == sorted(listed[:n_whole])
+                    assert listed[n_whole:] == sorted(listed[n_whole:])
+                    start += n
+    density = reference.density(lm, causal=causal, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk, key_padding_mask=pad)
+    assert torch.allclose(got.density(), density.float(), atol=1e-6), f"seed {seed}"
 
 
 @pytest.mark.parametrize("case", range(4))
