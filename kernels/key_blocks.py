@@ -96,7 +96,7 @@ def _key_blocks_kernel(
                     real = tl.load(PAD + b * Lk + pos, mask=in_seq, other=0) != 0
                     tl.store(ANY_VALID + b * nk + t, tl.max(real.to(tl.int8), 0))
                     # A block is whole when every key it spans (up to the block size) is real.
-                    tl.store(ALL_VALID + b * nk + t, tl.min((real | (pos >= Lk)).to(tl.int8), 0))
+                    tl.store(ALL_VALID + b * nk + t, tl.min(tl.where(in_seq, real, True).to(tl.int8), 0))
             if t < nq:
                 offs_q = tl.arange(0, BLOCK_Q_POW2)
                 qi = t * block_q + offs_q

@@ -390,7 +390,7 @@ def test_layout_writers_agree_and_plan_what_the_geometry_allows(case):
 
 @pytest.mark.parametrize("case", range(4))
 def test_similarity_cap_kernel_matches_the_reference(case):
-    from psa_kernels.similarity import similarity_cap_triton
+    from psa_kernels.key_blocks import similarity_cap_triton
 
     seed = fresh_seed()
     rnd = random.Random(seed)
@@ -414,3 +414,40 @@ def test_similarity_cap_kernel_matches_the_reference(case):
     assert torch.equal(got, want), f"seed {seed}"
     assert torch.equal(psa_kernels.similarity_cap(k, block_k=block_k, thresholds=thresholds, key_padding_mask=pad),
                        got)
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_block_flags_kernel_matches_the_reference(case):
+    """kernels/key_blocks.py's flags against the reference's forced columns and rows and valid
+    key blocks: text given or as a tail, padding, causal queries shorter than the keys."""
+    from psa_kernels.key_blocks import key_blocks, padding_flags
+
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, bq, bk = 2, rnd.choice([32, 64]), rnd.choice([16, 24, 64])
+    Lk = rnd.randrange(100, 500)
+    Lq = rnd.randrange(10, Lk + 1)
+    k = torch.randn(B, 2, Lk, 64, generator=g).to(DEVICE)
+    pad = None
+    if case > 0:
+        pad = torch.ones(B, Lk, dtype=torch.bool)
+        pad[1, : rnd.randrange(1, Lk // 2)] = False
+        pad = pad.to(DEVICE)
+    text = (torch.rand(B, Lk, generator=g) < 0.05).to(DEVICE) if case != 1 else None
+    tail = rnd.choice([0, 40])
+    got = key_blocks(k, q_len=Lq, block_q=bq, block_k=bk, thresholds=None, text_mask=text, dense_tail_tokens=tail,
+                     key_padding_mask=pad)
+    cols, rows = reference.forced_columns_and_rows(batch=B, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk,
+                                                   text_mask=text, dense_tail_tokens=tail, key_padding_mask=pad,
+                                                   device=DEVICE)
+    # The assignment adds the sink and the first real token's block to the text columns.
+    j = torch.arange(cols.shape[1], device=DEVICE)
+    first_real = torch.argmax(pad.int(), -1) // bk if pad is not None else torch.zeros(B, dtype=torch.long,
+                                                                                        device=DEVICE)
+    assert torch.equal(got["text_cols"].bool() | (j == 0) | (j[None, :] == first_real[:, None]), cols), f"seed {seed}"
+    assert torch.equal(got["text_rows"].bool(), rows), f"seed {seed}"
+    if pad is not None:
+        assert torch.equal(got["any_valid"].bool(), reference.valid_key_blocks(pad, Lk, bk)), f"seed {seed}"
+        any_valid, all_valid = padding_flags(pad, Lk, bk)
+        assert torch.equal(got["any_valid"], any_valid) and torch.equal(got["all_valid"], all_valid), f"seed {seed}"
