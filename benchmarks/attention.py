@@ -7,9 +7,12 @@ For each length and shape (causal 28/4 heads D=128, the Qwen2.5-VL-7B text tower
 
 - dense: ``F.scaled_dot_product_attention`` (GQA through ``enable_gqa``);
 - PSA at each preset (``video_mme``, ``fast``) and at fixed sparsities 0.5 / 0.65 / 0.8 / 0.9 /
-  0.95 (quantile mode, level fractions 1:1:1:2 for p = 1, 2, 4, 8 while they fit): time of the
-  importance estimate, the level assignment (with the compact layout), the attention, and the
-  total; relative error vs dense on the same inputs; achieved sparsity; peak memory;
+  0.95 (quantile mode, level fractions 1:1:1:2 for p = 1, 2, 4, 8 while they fit; the
+  ``video_mme`` preset's estimator): time of the importance estimate, the level assignment (with
+  the compact layout), the attention, their sum, and the whole call as the ``"psa"`` hook makes
+  it (``call``: mask generation from q and k, then the attention, timed as one, so Python and
+  launch costs count); relative error vs dense on the same inputs; achieved sparsity; peak
+  memory and the call's own increment;
 - binary block-sparse at the same FLOPs as each PSA run: the top blocks per query row by the
   same importance, through FlexAttention with a ``BlockMask`` (compiled; the tool a user would
   pick instead), attend-only time and relative error.
@@ -87,6 +90,18 @@ def peak_mb(fn, device):
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def increment_mb(fn, device):
+    """Peak memory above what was allocated before the call (the call's own footprint)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -159,14 +174,14 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
                                                       enable_gqa=shape["Hq"] != shape["Hkv"])
     dense = dense_fn()
     row = dict(kind=kind, shape=shape_name, L=L, dense_ms=bench(dense_fn, device), dense_peak_mb=peak_mb(dense_fn, device),
-               variants=[])
+               dense_increment_mb=increment_mb(dense_fn, device), variants=[])
     bq = bk = 128
     text = torch.zeros(1, L, dtype=torch.bool, device=device)
     text[:, L - 256:] = kind == "video-like" and causal
     for name, kw in psa_variants(presets):
-        stride = kw["stride"]
+        stride, precision = kw["stride"], kw["estimate_precision"]
         estimate = lambda: psa_kernels.antidiagonal_importance(q, k, causal=causal, block_q=bq,  # noqa: E731
-                                                               block_k=bk, stride=stride)
+                                                               block_k=bk, stride=stride, precision=precision)
         scores = estimate()
         if kw["share_kv_group"]:
             scores_h = scores.view(1, shape["Hkv"], -1, *scores.shape[-2:]).sum(2)
@@ -177,22 +192,30 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
             return psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, scores=scores, compact=True,
                                                **kw)
 
+        def call():  # what the "psa" hook runs per layer: mask generation from q, k and the attention
+            layout = psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, compact=True, **kw)
+            return psa_kernels.psa_attention(q, k, v, layout, causal=causal)
+
         layout = assign()
-        level_map = layout.dense
-        attend = lambda: psa_kernels.psa_attention(q, k, v, layout, causal=causal, block_q=bq,  # noqa: E731
-                                                   block_k=bk)
+        level_map = layout.to_dense()
+        attend = lambda: psa_kernels.psa_attention(q, k, v, layout, causal=causal)  # noqa: E731
         out = attend()
-        t_est, t_assign, t_attend = bench(estimate, device), bench(assign, device), bench(attend, device)
-        sp = psa_kernels.sparsity(level_map, causal=causal, q_len=L, k_len=L, block_q=bq, block_k=bk).mean().item()
+        t_est, t_assign, t_attend, t_call = (bench(f, device) for f in (estimate, assign, attend, call))
+        sp = layout.sparsity().mean().item()
         variant = dict(name=name, sparsity=sp, estimate_ms=t_est, assign_ms=t_assign, attend_ms=t_attend,
-                       total_ms=t_est + t_assign + t_attend, rel_err=rel_err(out, dense),
-                       peak_mb=peak_mb(lambda: (estimate(), assign(), attend()), device))
+                       total_ms=t_est + t_assign + t_attend, call_ms=t_call, rel_err=rel_err(out, dense),
+                       peak_mb=peak_mb(call, device), call_increment_mb=increment_mb(call, device))
         # Binary block-sparse at the same FLOPs, from the same importance.
         visible = psa_kernels.block_visibility(batch=1, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
                                                device=device)[:, None]
         forced = psa_kernels.forced_full_blocks(batch=1, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
                                                 text_mask=text, device=device)[:, None]
         binary = binary_map_like(scores_h, visible.expand_as(scores_h), 1.0 - sp, forced.expand_as(scores_h))
+        # The same binary map through the PSA kernel: its speed on level-1 work beside Flex's.
+        binary_layout = psa_kernels.LevelMap.from_dense(binary, block_q=bq, block_k=bk, q_len=L, k_len=L,
+                                                        causal=causal)
+        variant["psa_binary_ms"] = bench(lambda: psa_kernels.psa_attention(q, k, v, binary_layout, causal=causal),
+                                         device)
         try:
             per_q_head = binary.repeat_interleave(shape["Hq"] // binary.shape[1], dim=1).contiguous()
             flex = flex_runner(q, k, v, per_q_head, causal=causal, block=bk, compile_=compile_flex)
@@ -204,7 +227,7 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
             variant.update(flex_error=f"{type(err).__name__}: {err}"[:200])
         row["variants"].append(variant)
         print(f"{kind:10s} {shape_name:12s} {L:7d} {name:16s} {sp:6.3f} {t_est:8.2f} {t_assign:8.2f} "
-              f"{t_attend:8.2f} {variant['total_ms']:8.2f} {row['dense_ms']:8.2f} "
+              f"{t_attend:8.2f} {t_call:8.2f} {row['dense_ms']:8.2f} "
               f"{variant.get('flex_ms', float('nan')):8.2f} {variant['rel_err']:9.2e} "
               f"{variant.get('flex_rel_err', float('nan')):9.2e}", flush=True)
     return row
@@ -258,7 +281,7 @@ def main(argv=None):
             s.update(Hq=2 * (s["Hq"] // s["Hkv"] if s["Hq"] != s["Hkv"] else 1), Hkv=2)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(f"{'inputs':10s} {'shape':12s} {'L':>7s} {'variant':16s} {'sparse':>6s} {'est ms':>8s} {'assign':>8s} "
-          f"{'attend':>8s} {'total':>8s} {'dense':>8s} {'flex':>8s} {'psa err':>9s} {'flex err':>9s}")
+          f"{'attend':>8s} {'call':>8s} {'dense':>8s} {'flex':>8s} {'psa err':>9s} {'flex err':>9s}")
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

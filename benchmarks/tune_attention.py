@@ -1,30 +1,47 @@
-"""Sweep the PSA attention kernel's launch parameters on a GPU (prints a table, writes JSON).
+"""Sweep the PSA attention kernel's launches on a GPU (prints a table, writes JSON).
 
-    python benchmarks/tune_attention.py [--L 32768] [--out DIR]
+    python benchmarks/tune_attention.py [--lengths 32768] [--out DIR]
 
-Times ``psa_attention_triton`` for every (block_n, num_warps, num_stages) on three level maps
-(all level 1, a pyramid mix, binary 20%) against dense SDPA, with CUDA events (median of repeats,
-warm-up excluded). Use it to choose the defaults in kernels/attention.py.
+Causal 28/4 heads, D=128, bf16, video-like inputs (``psa_vlm.compare``). Level maps: every pair
+at level 1 (dense work), the mask generator's maps at fixed sparsities 0.65 and 0.9, and the
+binary block-sparse map of the same FLOPs as the 0.9 one. For every launch of :data:`VARIANTS`
+(``block_m`` x ``num_warps``, ``num_stages``, whole level-1 blocks through TMA or not) the time of
+``psa_attention_triton`` with the layout prebuilt (pyramid and launch included), CUDA-event
+medians with warm-up excluded, against dense SDPA, FlexAttention on the binary map, and a plain
+causal flash-attention kernel in Triton (the ceiling this Triton reaches). Every variant's output
+is checked against the first one's. Use it to choose :func:`psa_kernels.attention.launch_config`.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
-
 import triton
 import triton.language as tl
+from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from psa_kernels.attention import psa_attention_triton
-from psa_kernels.level_map import LevelMap
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import psa_kernels  # noqa: E402
+from psa_kernels.attention import psa_attention_triton  # noqa: E402
+from psa_vlm.compare import binary_map_like, video_like_qkv  # noqa: E402
+from psa_vlm.config import load_preset  # noqa: E402
+
+VARIANTS = [
+    dict(block_m=128, num_warps=8, num_stages=2, l1_tma=False),
+    dict(block_m=128, num_warps=8, num_stages=3, l1_tma=False),
+    dict(block_m=128, num_warps=8, num_stages=3, l1_tma=True),
+    dict(block_m=64, num_warps=4, num_stages=2, l1_tma=False),
+    dict(block_m=64, num_warps=4, num_stages=3, l1_tma=True),
+    dict(block_m=128, num_warps=4, num_stages=2, l1_tma=False),
+]
 
 
 @triton.jit
@@ -68,68 +85,80 @@ def _plain_step(q, K_DESC, V_DESC, b, hk, start, offs_m, acc, m_i, l_i, qk_scale
 
 def plain_flash(q, k, v, block_n=64, num_warps=8, num_stages=3):
     B, Hq, L, D = q.shape
+    q = q.contiguous()
     out = torch.empty_like(q)
+    k, v = k.contiguous(), v.contiguous()
     desc = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, D]) for t in (k, v)]
     _plain_flash[(L // 128, B * Hq)](q, *desc, out, D**-0.5 * 1.4426950408889634, Hq, Hq // k.shape[1], L,
                                      BLOCK_M=128, BLOCK_N=block_n, D=D, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-def level_maps(nq, nk, heads, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.arange(nq)
-    u = torch.rand(1, heads, nq, nk, generator=g)
-    yield "all level 1", torch.ones(1, heads, nq, nk, dtype=torch.int8)
-    mix = torch.where(u < 0.1, 1, torch.where(u < 0.2, 2, torch.where(u < 0.3, 4, torch.where(u < 0.5, 8, 0))))
-    mix = mix.to(torch.int8)
-    mix[..., 0] = 1
-    mix[..., idx, idx] = 1
-    yield "pyramid mix", mix
-    binary = (u < 0.2).to(torch.int8)
-    binary[..., 0] = 1
-    binary[..., idx, idx] = 1
-    yield "binary 20%", binary
+def maps(q, k, L):
+    """(name, LevelMap) pairs: all level 1, generated at 0.65 and 0.9, binary at 0.9's FLOPs."""
+    nq = nk = L // 128
+    text = torch.zeros(1, L, dtype=torch.bool, device=q.device)
+    text[:, L - 256:] = True
+    ones = torch.ones(1, 4, nq, nk, dtype=torch.int8, device=q.device)
+    yield "all level 1", psa_kernels.LevelMap.from_dense(ones, block_q=128, block_k=128, q_len=L, k_len=L, causal=True)
+    for s in (0.65, 0.9):
+        kw = load_preset("video_mme").at_sparsity(s).mask_kwargs()
+        layout = psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw)
+        yield f"pyramid {s}", layout
+    scores = psa_kernels.antidiagonal_importance(q, k, causal=True, precision="fp8")
+    visible = psa_kernels.block_visibility(batch=1, q_len=L, k_len=L, block_q=128, block_k=128, causal=True,
+                                           device=q.device)[:, None].expand_as(scores)
+    forced = psa_kernels.forced_full_blocks(batch=1, q_len=L, k_len=L, block_q=128, block_k=128, causal=True,
+                                            text_mask=text, device=q.device)[:, None].expand_as(scores)
+    binary = binary_map_like(scores, visible, 1.0 - layout.sparsity().mean().item(), forced)
+    yield "binary @0.9 FLOPs", psa_kernels.LevelMap.from_dense(binary, block_q=128, block_k=128, q_len=L, k_len=L,
+                                                               causal=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--L", type=int, default=32768)
+    parser.add_argument("--lengths", default="32768")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--plain-flash", action="store_true", help="also time the plain Triton flash kernel")
     args = parser.parse_args()
-    L, Hq, Hkv, D = args.L, 28, 4, 128
-    q = torch.randn(1, Hq, L, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
-    dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                     warmup=50, rep=200, return_mode="median")
     rows = []
-    print(f"L={L} dense SDPA {dense:.2f} ms")
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    for bn, warps, stages in itertools.product((64, 128), (4, 8), (2, 3)):
-        try:
-            err = ((plain_flash(q, k, v, bn, warps, stages).float() - ref.float()).norm() / ref.float().norm()).item()
-            ms = do_bench(lambda: plain_flash(q, k, v, bn, warps, stages), warmup=25, rep=100, return_mode="median")
-        except Exception as exc:  # noqa: BLE001
-            print(f"plain flash bn={bn} warps={warps} stages={stages} failed: {type(exc).__name__}")
-            continue
-        rows.append(dict(map="plain flash (no PSA)", block_n=bn, num_warps=warps, num_stages=stages, ms=ms,
-                         dense_ms=dense, rel_err=err))
-        print(f"plain flash  {bn:4d} {warps:5d} {stages:6d} {ms:8.2f} {ms / dense:8.2f}  err {err:.1e}", flush=True)
-    print(f"{'map':12s} {'bn':>4s} {'warps':>5s} {'stages':>6s} {'ms':>8s} {'x dense':>8s}")
-    for name, lm in level_maps(L // 128, L // 128, Hq):
-        layout = LevelMap.from_dense(lm.cuda(), block_q=128, block_k=128)
-        for bn, warps, stages in itertools.product((64, 128), (4, 8), (2, 3)):
-            try:
-                ms = do_bench(lambda: psa_attention_triton(q, k, v, layout, causal=True, block_n=bn, num_warps=warps,
-                                                           num_stages=stages), warmup=25, rep=100,
-                              return_mode="median")
-            except Exception as err:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
-                print(f"{name:12s} {bn:4d} {warps:5d} {stages:6d}  failed: {type(err).__name__}")
-                continue
-            rows.append(dict(map=name, block_n=bn, num_warps=warps, num_stages=stages, ms=ms, dense_ms=dense))
-            print(f"{name:12s} {bn:4d} {warps:5d} {stages:6d} {ms:8.2f} {ms / dense:8.2f}", flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "tune_attention.json").write_text(json.dumps(rows, indent=1))
+    for L in (int(x) for x in args.lengths.split(",")):
+        q, k, v = video_like_qkv(L, 28, 4, 128, seed=0, device="cuda", dtype=torch.bfloat16)
+        bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+        dense = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        print(f"L={L} dense SDPA {dense:.2f} ms", flush=True)
+        if args.plain_flash:
+            for bn, warps, stages in ((64, 8, 2), (64, 8, 3), (128, 8, 2)):
+                try:
+                    ms = bench(lambda: plain_flash(q, k, v, bn, warps, stages))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"plain flash {bn}/{warps}/{stages} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                rows.append(dict(L=L, map="plain flash (no PSA)", block_n=bn, num_warps=warps, num_stages=stages,
+                                 ms=ms, dense_ms=dense))
+                print(f"L={L} plain flash bn={bn} warps={warps} stages={stages}: {ms:.2f} ms ({ms / dense:.2f}x)",
+                      flush=True)
+        for name, layout in maps(q, k, L):
+            sparsity = layout.sparsity().mean().item()
+            reference = None
+            for cfg in VARIANTS:
+                try:
+                    out = psa_attention_triton(q, k, v, layout, causal=True, **cfg)
+                    if reference is None:
+                        reference = out
+                    diff = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+                    ms = bench(lambda: psa_attention_triton(q, k, v, layout, causal=True, **cfg))
+                except Exception as exc:  # noqa: BLE001 - a launch that does not fit is reported and skipped
+                    print(f"L={L} {name:18s} {cfg} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                    continue
+                rows.append(dict(L=L, map=name, sparsity=sparsity, **cfg, ms=ms, dense_ms=dense, diff=diff))
+                print(f"L={L} {name:18s} sp {sparsity:.3f} m{cfg['block_m']:3d} w{cfg['num_warps']} "
+                      f"s{cfg['num_stages']} tma={int(cfg['l1_tma'])}: {ms:7.2f} ms  {ms / dense:5.2f}x dense  "
+                      f"ideal {(1 - sparsity):.2f}x  diff {diff:.1e}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "tune_attention.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

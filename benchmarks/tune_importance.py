@@ -2,11 +2,12 @@
 
     python benchmarks/tune_importance.py [--lengths 32768,65536] [--out DIR]
 
-Causal Qwen2.5-VL-7B text shape (28/4 heads, D=128, bf16), strides 8 and 16: the time of
-``antidiagonal_importance_triton`` for each (block_r, block_c, num_warps, num_stages) against dense
-SDPA (CUDA-event medians, warm-up excluded), and the largest difference from the default
-configuration's result (all configurations compute the same thing). Use it to choose the defaults
-in kernels/importance.py.
+Causal Qwen2.5-VL-7B text shape (28/4 heads, D=128, bf16), strides 8 and 16, both estimate
+precisions (``full``: bf16 products; ``fp8``: the fp8 copies, their quantisation included): the
+time of ``antidiagonal_importance_triton`` for each (block_r, block_c, num_warps, num_stages)
+against dense SDPA (CUDA-event medians, warm-up excluded), and the largest difference from the
+default launch's result (all launches compute the same thing). Use it to choose
+``kernels/importance.py``'s ``LAUNCH``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from triton.testing import do_bench
 
 from psa_kernels.importance import antidiagonal_importance_triton
 
+#: (block_r, block_c, num_warps, num_stages): the best of the H100 sweep and its neighbours.
+CONFIGS = [(64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3),
+           (128, 128, 4, 3)]
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="32768,65536")
+    parser.add_argument("--strides", default="8,16")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     rows = []
-    print(f"{'L':>6s} {'stride':>6s} {'block_r':>7s} {'block_c':>7s} {'warps':>5s} {'stages':>6s} {'ms':>8s} "
+    print(f"{'L':>6s} {'stride':>6s} {'prec':5s} {'block_r':>7s} {'block_c':>7s} {'warps':>5s} {'stages':>6s} {'ms':>8s} "
           f"{'x dense':>8s} {'max diff':>9s}")
     for L in (int(x) for x in args.lengths.split(",")):
         q = torch.randn(1, 28, L, 128, device="cuda", dtype=torch.bfloat16)
@@ -38,21 +44,23 @@ def main():
         v = torch.randn_like(k)
         dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                          warmup=25, rep=100, return_mode="median")
-        for stride in (8, 16):
-            ref = antidiagonal_importance_triton(q, k, causal=True, stride=stride)
-            for br, bc, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
-                kw = dict(causal=True, stride=stride, block_r=br, block_c=bc, num_warps=warps, num_stages=stages)
+        for stride, precision in itertools.product((int(x) for x in args.strides.split(",")), ("full", "fp8")):
+            ref = antidiagonal_importance_triton(q, k, causal=True, stride=stride, precision=precision)
+            for br, bc, warps, stages in CONFIGS:
+                kw = dict(causal=True, stride=stride, block_r=br, block_c=bc, num_warps=warps, num_stages=stages,
+                          precision=precision)
                 try:
                     diff = (antidiagonal_importance_triton(q, k, **kw) - ref).abs().max().item()
                     ms = do_bench(lambda: antidiagonal_importance_triton(q, k, **kw), warmup=10, rep=50,
                                   return_mode="median")
                 except Exception as err:  # noqa: BLE001 - a config that does not fit is skipped
-                    print(f"{L:6d} {stride:6d} {br:7d} {bc:7d} {warps:5d} {stages:6d}  failed: {type(err).__name__}")
+                    print(f"{L:6d} {stride:6d} {precision:5s} {br:7d} {bc:7d} {warps:5d} {stages:6d}  failed: "
+                          f"{type(err).__name__}: {str(err)[:100]}", flush=True)
                     continue
-                rows.append(dict(L=L, stride=stride, block_r=br, block_c=bc, num_warps=warps, num_stages=stages,
-                                 ms=ms, dense_ms=dense, max_diff=diff))
-                print(f"{L:6d} {stride:6d} {br:7d} {bc:7d} {warps:5d} {stages:6d} {ms:8.3f} {ms / dense:8.3f} "
-                      f"{diff:9.1e}", flush=True)
+                rows.append(dict(L=L, stride=stride, precision=precision, block_r=br, block_c=bc, num_warps=warps,
+                                 num_stages=stages, ms=ms, dense_ms=dense, max_diff=diff))
+                print(f"{L:6d} {stride:6d} {precision:5s} {br:7d} {bc:7d} {warps:5d} {stages:6d} {ms:8.3f} "
+                      f"{ms / dense:8.3f} {diff:9.1e}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -234,6 +234,10 @@ def _antidiagonal_kernel(
             sums = tl.sum(tl.reshape(p, (QBLOCKS, ROWS_PER_QBLOCK, BLOCK_J)), 1)
             tl.store(OUT + b * stride_ob + h * stride_oh + qb[:, None] * stride_om + j[None, :], sums,
                      mask=(qb < nq)[:, None] & (j < j_end)[None, :])
+        for j0 in range(j_end, nk, BLOCK_J):  # blocks no row of the tile sees (causal): importance 0
+            j = j0 + tl.arange(0, BLOCK_J)
+            tl.store(OUT + b * stride_ob + h * stride_oh + qb[:, None] * stride_om + j[None, :],
+                     tl.zeros([QBLOCKS, BLOCK_J], dtype=tl.float32), mask=(qb < nq)[:, None] & (j < nk)[None, :])
         tl.debug_barrier()  # the next row tile overwrites the strip
 
 
@@ -284,7 +288,7 @@ def antidiagonal_importance_triton(
     nk_pad = triton.cdiv(nk, 16) * 16
     block_d = max(16, triton.next_power_of_2(D))
     with on_device(q):
-        out = torch.zeros(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+        out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)  # every entry written
         scratch = torch.empty(programs, block_r, nk_pad, dtype=torch.float32, device=q.device)
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()

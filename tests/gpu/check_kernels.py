@@ -8,7 +8,8 @@
    (Lq < Lk); a left-padded batch; the vision-tower shape (16/16 heads, D=80, bidirectional);
    other head dims. Pass: relative error < 1e-2, no NaN/Inf.
 2. The streamed antidiagonal importance kernel vs the reference (and its time vs dense SDPA).
-   Memory: peak GPU memory of one PSA call at 32k tokens vs the dense SDPA call (< 1.3x).
+   Memory: peak GPU memory above the inputs of one whole PSA call (mask generation + attention)
+   at 64k tokens vs the dense SDPA call's (<= 1.3x).
 3. Mask generation + attention captured in a CUDA graph and replayed (same output as eager).
    Kernel times vs dense SDPA (informative; benchmarks/ holds the real benchmark).
 4. The tiny Qwen2.5-VL end to end on the GPU: "psa" with the dense preset vs "sdpa".
@@ -107,7 +108,8 @@ def dense_map_vs_sdpa(L=8192, device="cuda"):
 
 
 def importance_check(L, device="cuda"):
-    """The streamed antidiagonal kernel vs the reference, and its time vs dense SDPA."""
+    """The streamed antidiagonal kernel vs the reference at both precisions, and its time vs
+    dense SDPA; the fused assignment against the reference's tensor ops on the same scores."""
     from triton.testing import do_bench
 
     from psa_kernels.importance import antidiagonal_importance_triton
@@ -118,24 +120,26 @@ def importance_check(L, device="cuda"):
     dense_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                         warmup=25, rep=100, return_mode="median")
     rows = []
-    for stride in (8, 16):
-        got = antidiagonal_importance_triton(q, k, causal=True, stride=stride)
-        want = reference.antidiagonal_importance(q.float(), k.float(), causal=True, stride=stride) if L <= 16384 \
-            else None
+    for stride, precision in ((8, "full"), (8, "fp8"), (16, "fp8")):
+        got = antidiagonal_importance_triton(q, k, causal=True, stride=stride, precision=precision)
+        want = reference.antidiagonal_importance(q.float(), k.float(), causal=True, stride=stride,
+                                                 precision=precision) if L <= 16384 else None
         err = rel_err(got, want) if want is not None else float("nan")
-        ms = do_bench(lambda: antidiagonal_importance_triton(q, k, causal=True, stride=stride), warmup=10, rep=50,
-                      return_mode="median")
+        ms = do_bench(lambda: antidiagonal_importance_triton(q, k, causal=True, stride=stride, precision=precision),
+                      warmup=10, rep=50, return_mode="median")
         # The fused assignment kernel vs the reference's tensor ops on the same scores (the paper's
         # preset; the only differences can come from summing a GQA group in another order).
         kw = dict(causal=True, scores=got, mode="energy", thresholds=(0.7, 0.8, 0.9, 0.9),
                   similarity=(0.75, 0.70, 0.70), share_kv_group=stride == 16)
         fused = psa_kernels.build_level_map(q, k, compact=True, **kw)
-        agree = (fused.dense == reference.build_level_map(q, k, **kw)).float().mean().item()
+        agree = (fused.to_dense() == reference.build_level_map(q, k, **kw)).float().mean().item()
         assign_ms = do_bench(lambda: psa_kernels.build_level_map(q, k, compact=True, **kw), warmup=10, rep=50,
                              return_mode="median")
-        rows.append(dict(L=L, stride=stride, rel_err=err, ms=ms, dense_ms=dense_ms, ratio=ms / dense_ms,
-                         assign_agreement=agree, assign_ms=assign_ms,
-                         ok=(want is None or err < 1e-2) and bool(torch.isfinite(got).all()) and agree > 0.999))
+        # fp8 products on the tensor cores accumulate in reduced precision: a looser bound there.
+        tol = 1e-2 if precision == "full" else 3e-2
+        rows.append(dict(L=L, stride=stride, precision=precision, rel_err=err, ms=ms, dense_ms=dense_ms,
+                         ratio=ms / dense_ms, assign_agreement=agree, assign_ms=assign_ms,
+                         ok=(want is None or err < tol) and bool(torch.isfinite(got).all()) and agree > 0.999))
     return rows
 
 
@@ -145,7 +149,8 @@ def graph_check(L=8192, device="cuda"):
     q = video_like(1, 28, L, 128, 11, device).to(torch.bfloat16)
     k = video_like(1, 4, L, 128, 12, device).to(torch.bfloat16)
     v = torch.randn_like(k)
-    kw = dict(causal=True, mode="energy", thresholds=(0.7, 0.8, 0.9, 0.9), similarity=(0.75, 0.70, 0.70))
+    kw = dict(causal=True, mode="energy", thresholds=(0.7, 0.8, 0.9, 0.9), similarity=(0.75, 0.70, 0.70),
+              estimate_precision="fp8")
 
     def step():
         layout = psa_kernels.build_level_map(q, k, compact=True, **kw)
@@ -181,16 +186,26 @@ def peak_memory(fn):
 
 
 def memory_check(L=32768, device="cuda"):
-    Hq, Hkv, D, bq, bk = 28, 4, 128, 128, 128
-    q = torch.randn(1, Hq, L, D, device=device, dtype=torch.bfloat16)
-    k = torch.randn(1, Hkv, L, D, device=device, dtype=torch.bfloat16)
-    v = torch.randn(1, Hkv, L, D, device=device, dtype=torch.bfloat16)
-    lm = random_map(1, Hq, L // bq, L // bk, 0, device)
+    """Peak memory above the inputs of one whole PSA call as the "psa" hook makes it (mask
+    generation with the video_mme preset, then the attention) against the dense SDPA call's."""
+    from psa_vlm.config import load_preset
+
+    Hq, Hkv, D = 28, 4, 128
+    q = video_like(1, Hq, L, D, 21, device).to(torch.bfloat16)
+    k = video_like(1, Hkv, L, D, 22, device).to(torch.bfloat16)
+    v = torch.randn_like(k)
+    kw = load_preset("video_mme").mask_kwargs()
+
+    def psa_call():
+        layout = psa_kernels.build_level_map(q, k, causal=True, compact=True, **kw)
+        return psa_kernels.psa_attention(q, k, v, layout, causal=True)
+
+    psa_call()  # compile outside the measurement
     dense_peak, base = peak_memory(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    psa_peak, _ = peak_memory(lambda: psa_kernels.psa_attention(q, k, v, lm, causal=True, block_q=bq, block_k=bk))
-    ratio = psa_peak / dense_peak
-    return dict(L=L, inputs_mb=base / 2**20, dense_peak_mb=dense_peak / 2**20, psa_peak_mb=psa_peak / 2**20,
-                ratio=ratio, ok=ratio < 1.3)
+    psa_peak, _ = peak_memory(psa_call)
+    ratio = (psa_peak - base) / (dense_peak - base)
+    return dict(L=L, inputs_mb=base / 2**20, dense_increment_mb=(dense_peak - base) / 2**20,
+                psa_increment_mb=(psa_peak - base) / 2**20, ratio=ratio, ok=ratio <= 1.3)
 
 
 def timing(L, density_levels, device="cuda"):
@@ -261,6 +276,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for check_kernels.json")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
+    parser.add_argument("--memory-length", type=int, default=0, help="tokens of the memory check (default 64k; "
+                        "16k with --quick)")
     parser.add_argument("--sections", default="accuracy,importance,graph,memory,timing,tiny",
                         help="comma-separated subset of: accuracy,importance,graph,memory,timing,tiny")
     args = parser.parse_args()
@@ -299,19 +316,22 @@ def main():
     report["dense_vs_sdpa"] = dense
     print(f"{dense['case']:34s} {dense['L']:6d} {dense['L']:6d} {0.0:8.3f} {dense['rel_err']:9.2e}  {dense['ok']}")
     report["importance"] = []
-    print(f"\n{'antidiagonal importance':24s} {'L':>6s} {'stride':>6s} {'rel_err':>9s} {'ms':>7s} {'x sdpa':>7s}")
+    print(f"\n{'antidiagonal importance':24s} {'L':>6s} {'stride':>6s} {'prec':>5s} {'rel_err':>9s} {'ms':>7s} "
+          f"{'x sdpa':>7s}")
     for L in ([8192] if args.quick else [16384, 32768]) if "importance" in sections else []:
         for r in importance_check(L):
             report["importance"].append(r)
-            print(f"{'':24s} {r['L']:6d} {r['stride']:6d} {r['rel_err']:9.2e} {r['ms']:7.2f} {r['ratio']:7.2f}"
+            print(f"{'':24s} {r['L']:6d} {r['stride']:6d} {r['precision']:>5s} {r['rel_err']:9.2e} {r['ms']:7.2f} "
+                  f"{r['ratio']:7.2f}"
                   f"  assign {r['assign_ms']:.2f} ms, agreement {r['assign_agreement']:.5f}  {r['ok']}", flush=True)
     report["graph"] = graph_check() if "graph" in sections else {"ok": True, "skipped": True}
     print(f"\nCUDA graph capture: {report['graph']}", flush=True)
-    mem = memory_check(big) if "memory" in sections else dict(L=0, inputs_mb=0, dense_peak_mb=0, psa_peak_mb=0,
-                                                               ratio=0, ok=True)
+    mem = memory_check(args.memory_length or 2 * big) if "memory" in sections else dict(
+        L=0, inputs_mb=0, dense_increment_mb=0, psa_increment_mb=0, ratio=0, ok=True)
     report["memory"] = mem
-    print(f"\nmemory at {mem['L']} tokens: inputs {mem['inputs_mb']:.0f} MB, dense SDPA peak {mem['dense_peak_mb']:.0f} "
-          f"MB, PSA peak {mem['psa_peak_mb']:.0f} MB, ratio {mem['ratio']:.3f} (< 1.3: {mem['ok']})", flush=True)
+    print(f"\nmemory at {mem['L']} tokens: inputs {mem['inputs_mb']:.0f} MB, dense SDPA call +{mem['dense_increment_mb']:.0f} "
+          f"MB, whole PSA call +{mem['psa_increment_mb']:.0f} MB, ratio {mem['ratio']:.3f} (<= 1.3: {mem['ok']})",
+          flush=True)
     print(f"\n{'L':>6s} {'map':16s} {'sparsity':>8s} {'psa ms':>8s} {'sdpa ms':>8s} {'ratio':>6s}")
     for L in ([8192] if args.quick else [16384, 32768]) if "timing" in sections else []:
         for r in timing(L, maps_for_timing):
