@@ -9,8 +9,9 @@ tower spends seconds launching kernels (FIELD_NOTES: 0.87 s vs 0.10 s batched).
 A forward pre-hook on each vision attention module (installed by ``psa_vlm.configure``) hands the
 module one segment spanning the whole sequence and keeps the real ``cu_seqlens`` in the layer's
 state; the ``"psa"`` attention function then calls :func:`attend_segments`, which groups the
-segments by length and runs each group as one batch. Segments that PSA serves (long frame groups
-with a preset that runs on the vision tower) still go one by one through the PSA path.
+segments by length and runs each group as one batch: batched SDPA for segments PSA does not
+serve, and one batched PSA call (one mask generation, one attention launch) for the frame groups
+of a preset that runs on the vision tower.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def attend_segments(query, key, value, cu_seqlens, *, scale, reason_for: Callabl
     """Bidirectional attention within each ``cu_seqlens`` segment of ``query/key/value
     [1, H, N, D]``; returns ``[1, N, H, D]`` (the layout attention functions return).
 
-    ``reason_for(length)`` says why segments of that length run dense (``None``: PSA serves
-    them, one at a time through ``one_segment(q, k, v) -> [1, L, H, D]``); dense ones run as
-    batched SDPA, ``record_dense(reason, count)`` accounting them.
+    Segments are grouped by length and each group runs as one batch (``[n, H, L, D]``, at most
+    :data:`CHUNK_TOKENS` tokens per call). ``reason_for(length)`` says why segments of that length
+    run dense (batched SDPA, ``record_dense(reason, count)`` accounting them); ``None`` means PSA
+    serves them: the whole batch goes through ``one_segment(q, k, v) -> [n, L, H, D]`` in one
+    call (one mask generation and one attention launch for all the frame groups of a video, not
+    one per group).
     """
     if query.shape[0] != 1:
         raise ValueError(f"segmented attention takes one packed sequence, got batch {query.shape[0]}")
@@ -76,18 +80,17 @@ def attend_segments(query, key, value, cu_seqlens, *, scale, reason_for: Callabl
         raise ValueError(f"cu_seqlens covers {sum(lengths)} tokens, the sequence has {q.shape[0]}")
     for length, starts in length_groups(lengths).items():
         reason = reason_for(length)
-        if reason is None:
-            for s in starts:
-                sl = slice(s, s + length)
-                out[sl] = one_segment(query[:, :, sl], key[:, :, sl], value[:, :, sl])[0]
-            continue
-        record_dense(reason, len(starts))
+        if reason is not None:
+            record_dense(reason, len(starts))
         per_chunk = max(1, CHUNK_TOKENS // length)
         offsets = torch.arange(length, device=q.device)
         for i in range(0, len(starts), per_chunk):
             first = torch.tensor(starts[i : i + per_chunk], device=q.device)
             index = (first[:, None] + offsets).reshape(-1)
             batch = [t.index_select(0, index).unflatten(0, (-1, length)).transpose(1, 2) for t in (q, k, v)]
-            o = psa_kernels.dense_attention(*batch, causal=False, scale=scale)  # [n, H, L, D]
-            out.index_copy_(0, index, o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1]))
+            if reason is None:
+                o = one_segment(*batch)  # [n, L, H, D]
+            else:
+                o = psa_kernels.dense_attention(*batch, causal=False, scale=scale).transpose(1, 2)
+            out.index_copy_(0, index, o.reshape(-1, *o.shape[2:]))
     return out.unsqueeze(0)

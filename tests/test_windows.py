@@ -40,19 +40,19 @@ def test_segments_match_one_call_per_segment(chunk_tokens, monkeypatch):
     assert sum(c for _, c in dense) == 9  # every non-empty segment accounted for
 
 
-def test_long_segments_go_one_by_one_to_the_psa_path():
-    lengths = [8, 24, 8, 24]
+def test_long_segments_go_to_the_psa_path_in_one_batch_per_length():
+    lengths = [8, 24, 8, 24, 40]
     q, k, v = packed(sum(lengths), 2, 16, seed=int(torch.seed() % 2**31))
-    cu = torch.tensor([0, 8, 32, 40, 64])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     seen = []
 
     def one(qs, ks, vs):
-        seen.append(qs.shape[2])
+        seen.append(tuple(qs.shape[:3]))
         return F.scaled_dot_product_attention(qs, ks, vs, scale=0.25).transpose(1, 2)
 
     out = windows.attend_segments(q, k, v, cu, scale=0.25, reason_for=lambda n: None if n >= 16 else "short",
                                   one_segment=one, record_dense=lambda r, c: None)
-    assert seen == [24, 24]
+    assert sorted(seen) == [(1, 2, 40), (2, 2, 24)]  # one call per length: both 24-token segments together
     torch.testing.assert_close(out, per_segment(q, k, v, lengths, 0.25), rtol=1e-5, atol=1e-5)
 
 
