@@ -196,8 +196,11 @@ def attention_variants(preset="video_mme", overrides=None, sparsities=()) -> dic
 
 
 def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=(), device="cuda",
-        dtype=torch.bfloat16, repeats: int = 3, out_dir=None, progress=print) -> dict:
+        dtype=torch.bfloat16, repeats: int = 3, out_dir=None, progress=print, only=None) -> dict:
     """Benchmark ``spec`` at each target length; returns (and writes, with ``out_dir``) the report.
+
+    ``only`` (labels of :func:`attention_variants`) runs a subset; an unknown label is a
+    ``ValueError`` naming the available ones, raised before the model is built.
 
     Each row holds one entry per attention variant (see :func:`attention_variants`) with
     ``vision_ms``, ``ttft_ms``, ``language_ms``, ``peak_mb``, ``sparsity`` and, for PSA variants,
@@ -207,6 +210,12 @@ def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=()
     from .testing import make_video_frames, video_inputs
 
     variants = attention_variants(preset, overrides, sparsities)  # fails early on a bad preset
+    if only is not None:
+        unknown = [label for label in only if label not in variants]
+        if unknown:
+            raise ValueError(f"unknown attention(s) {unknown}; available: {', '.join(variants)} "
+                             "(psa@S needs --sparsity S)")
+        variants = {label: config for label, config in variants.items() if label in only}
     model, processor = load_model(spec, device=device, dtype=dtype)
     cuda = device.startswith("cuda")
     report = dict(model=spec, device=torch.cuda.get_device_name() if cuda else device,

@@ -201,8 +201,9 @@ def _cmd_bench(args) -> int:
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
     overrides.update(_overrides(args.override))
+    only = [x.strip() for x in args.attentions.split(",") if x.strip()] if args.attentions else None
     report = run(args.model, lengths, preset=args.preset, overrides=overrides, sparsities=args.sparsity or (),
-                 device=device, dtype=dtype, repeats=args.repeats, out_dir=args.output)
+                 device=device, dtype=dtype, repeats=args.repeats, out_dir=args.output, only=only)
     print()
     print(table(report))
     if args.output:
@@ -352,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(the paper's Qwen2.5-VL-7B on Video-MME: 0.65)")
     _device_and_dtype(bench, default="bf16", what="weights and activations")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default: 3)")
+    bench.add_argument("--attentions", metavar="LABELS",
+                       help="comma-separated subset of the attentions to run, e.g. psa-off,psa@0.9 (default: all: "
+                       "sdpa, psa-off, psa and psa@S per --sparsity); sdpa's slow per-window vision tower takes "
+                       "most of a long run")
     bench.add_argument("--output", help="folder for bench.json")
     bench.set_defaults(func=_cmd_bench)
 

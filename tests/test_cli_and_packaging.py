@@ -138,6 +138,20 @@ def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys, monkeypa
     assert "TTFT/sdpa" in out and "psa@0.7" in out
 
 
+def test_bench_runs_the_attentions_asked_for_and_names_unknown_ones(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["bench", "--model", "tiny", "--lengths", "256", "--attentions", "psa-off,psa@0.5",
+                     "--device", "cpu"]) == 2  # psa@0.5 without --sparsity 0.5
+    assert "psa@0.5" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", "tiny", "--lengths", "256", "--device", "cpu", "--dtype", "fp32",
+                     "--repeats", "1", "--sparsity", "0.5", "--attentions", "psa-off,psa@0.5",
+                     "--output", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["attentions"] == ["psa-off", "psa@0.5"]
+    (row,) = report["rows"]
+    assert "sdpa" not in row and row["psa@0.5"]["ttft_vs_off"] > 0
+
+
 def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeypatch):
     from psa_vlm.testing import make_video, save_tiny_model
 
