@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .level_map import LevelMap, index_dtype
-from .utils import on_device
+from .utils import next_pow2, on_device
 
 
 @triton.jit
@@ -176,7 +176,7 @@ def _layout_buffers(B, heads, nq, nk, device, write_map: bool):
 
 
 def _row_launch(nk: int) -> dict:
-    return dict(NK=max(16, triton.next_power_of_2(nk)), num_warps=4 if nk <= 512 else 8)
+    return dict(NK=max(16, next_pow2(nk)), num_warps=4 if nk <= 512 else 8)
 
 
 def compact_triton(level_map: torch.Tensor, *, block_q, block_k, q_len, k_len, causal, key_padding_mask):

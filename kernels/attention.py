@@ -39,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .level_map import LevelMap
 from .pyramid import build_device_pyramid
-from .utils import dot_in_fp32, on_device, tma_ready
+from .utils import cdiv, dot_in_fp32, next_pow2, on_device, tma_ready
 
 _LOG2E = 1.4426950408889634
 
@@ -251,7 +251,7 @@ def launch_config(q: torch.Tensor, block_q: int) -> dict:
     """Tile shape and launch of the kernel for these inputs (``block_n``, ``block_m``,
     ``num_warps``, ``num_stages``, ``l1_tma``); :func:`psa_attention_triton` takes overrides."""
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     return dict(block_n=64, block_m=block_q if block_d <= 128 else min(block_q, 64), num_warps=8, num_stages=2,
                 l1_tma=False)
 
@@ -281,7 +281,7 @@ def psa_attention_triton(
     cfg = {**launch_config(q, block_q), **launch}
     Hm, nq, nk = level_map.indices.shape[1:]
     scale = D**-0.5 if scale is None else float(scale)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     block_n, block_m = cfg["block_n"], min(cfg["block_m"], block_q)
     # Pointer loads need a unit last stride (vector loads); TMA needs 16-byte strides too.
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -297,7 +297,7 @@ def psa_attention_triton(
             box = [1, 1, block_n, block_d]  # one tile of keys of one (batch, kv head)
             descriptors = [TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=box)
                            for t in (k, v)]
-        grid = (triton.cdiv(Lq, block_m), B * Hq)
+        grid = (cdiv(Lq, block_m), B * Hq)
         _psa_fwd_kernel[grid](
             q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, level_map.indices, level_map.counts,
             level_map.plan, out, *descriptors,

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .utils import dot_in_fp32, on_device
+from .utils import cdiv, dot_in_fp32, next_pow2, on_device
 
 _LOG2E = 1.4426950408889634
 
@@ -111,14 +111,14 @@ def quantize_groups(x: torch.Tensor, stride: int, *, reverse: bool,
     group ``m`` of ``s`` tokens (reversed when ``reverse``), padded keys zeroed, each token padded
     to ``BLOCK_D`` values; scale 0 marks a group with no real token."""
     B, H, L, D = x.shape
-    block_d = max(16, triton.next_power_of_2(D))
-    n = triton.cdiv(L, stride)
+    block_d = max(16, next_pow2(D))
+    n = cdiv(L, stride)
     out = torch.empty(B, H, n, stride * block_d, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(B, H, n, dtype=torch.float32, device=x.device)
     groups = max(1, 4096 // (stride * block_d) * 4)
     x = x if x.stride(-1) == 1 else x.contiguous()
     pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else scale
-    _quantize_kernel[(triton.cdiv(n, groups), B * H)](
+    _quantize_kernel[(cdiv(n, groups), B * H)](
         x, pad, out, scale, x.stride(0), x.stride(1), x.stride(2), H, L, n,
         S=stride, REVERSE=reverse, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
         GROUPS=groups, num_warps=4,
@@ -275,18 +275,18 @@ def antidiagonal_importance_triton(
     num_warps = num_warps or launch["num_warps"]
     num_stages = num_stages or launch["num_stages"]
     scale = D**-0.5 if scale is None else float(scale)
-    nq, nk = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
+    nq, nk = cdiv(Lq, block_q), cdiv(Lk, block_k)
     rows_per_qblock, cols_per_block = block_q // stride, block_k // stride
     block_c = max(block_c, cols_per_block)
     block_r = max(block_r, rows_per_qblock)
-    n_rows, n_cols = triton.cdiv(Lq, stride), triton.cdiv(Lk, stride)
-    n_row_tiles = triton.cdiv(n_rows, block_r)
+    n_rows, n_cols = cdiv(Lq, stride), cdiv(Lk, stride)
+    n_row_tiles = cdiv(n_rows, block_r)
     n_work = B * Hq * n_row_tiles
     if programs is None:
         programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     programs = max(1, min(programs, n_work))
-    nk_pad = triton.cdiv(nk, 16) * 16
-    block_d = max(16, triton.next_power_of_2(D))
+    nk_pad = cdiv(nk, 16) * 16
+    block_d = max(16, next_pow2(D))
     with on_device(q):
         out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)  # every entry written
         scratch = torch.empty(programs, block_r, nk_pad, dtype=torch.float32, device=q.device)

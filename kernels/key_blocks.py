@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import on_device
+from .utils import cdiv, next_pow2, on_device
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def key_blocks(k: torch.Tensor, *, q_len: int, block_q: int, block_k: int, thres
     (None without padding). ``thresholds`` maps factors (a subset of 2, 4, 8) to thresholds.
     Inputs validated by the caller; ``block_k`` a multiple of 8."""
     B, H, Lk, D = k.shape
-    nk, nq = triton.cdiv(Lk, block_k), triton.cdiv(q_len, block_q)
+    nk, nq = cdiv(Lk, block_k), cdiv(q_len, block_q)
     device = k.device
     thresholds = thresholds or {}
     cap = torch.empty(B, H, nk, dtype=torch.int8, device=device) if thresholds else None
@@ -134,7 +134,7 @@ def key_blocks(k: torch.Tensor, *, q_len: int, block_q: int, block_k: int, thres
     int8 = lambda t: t if t is None or t.dtype == torch.int8 else t.to(torch.int8)  # noqa: E731
     pad, text = int8(key_padding_mask), int8(text_mask)
     filler = next(t for t in (cap, out["text_cols"]) if t is not None)
-    pairs = {p: triton.next_power_of_2(max(1, block_k // p)) for p in (2, 4, 8)}
+    pairs = {p: next_pow2(max(1, block_k // p)) for p in (2, 4, 8)}
     grid = (max(nk, nq) if flags else nk, B * H)
     with on_device(k):
         _key_blocks_kernel[grid](
@@ -144,9 +144,9 @@ def key_blocks(k: torch.Tensor, *, q_len: int, block_q: int, block_k: int, thres
             k.stride(0), k.stride(1), k.stride(2),
             H, q_len, Lk, nq, nk, block_q, int(dense_tail_tokens),
             USE2=2 in thresholds, USE4=4 in thresholds, USE8=8 in thresholds, HAS_PAD=pad is not None,
-            HAS_TEXT=text is not None, FLAGS=flags, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_K=block_k, BLOCK_K_POW2=triton.next_power_of_2(block_k),
-            BLOCK_Q_POW2=triton.next_power_of_2(block_q),
+            HAS_TEXT=text is not None, FLAGS=flags, HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)),
+            BLOCK_K=block_k, BLOCK_K_POW2=next_pow2(block_k),
+            BLOCK_Q_POW2=next_pow2(block_q),
             PAIRS2=pairs[2], PAIRS4=pairs[4], PAIRS8=pairs[8],
             num_warps=4,
         )
@@ -164,7 +164,7 @@ def padding_flags(key_padding_mask: torch.Tensor | None, k_len: int, block_k: in
     """``(any_valid, all_valid)`` int8 ``[B, nk]``: key blocks holding some / only real tokens."""
     if key_padding_mask is None:
         return None, None
-    nk = triton.cdiv(k_len, block_k)
+    nk = cdiv(k_len, block_k)
     blocks = F.pad(key_padding_mask, (0, nk * block_k - k_len), value=True).view(-1, nk, block_k)
     any_valid = F.pad(key_padding_mask, (0, nk * block_k - k_len)).view(-1, nk, block_k).any(-1)
     return any_valid.to(torch.int8), blocks.all(-1).to(torch.int8)

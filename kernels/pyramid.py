@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import cdiv, next_pow2
+
+
 POOLED_FACTORS = (2, 4, 8)
 
 
@@ -113,14 +116,14 @@ def build_device_pyramid(k: torch.Tensor, v: torch.Tensor, key_padding_mask: tor
     counts = torch.empty(B, total, dtype=torch.int32, device=k.device)
     last = torch.empty(B, total, dtype=torch.int32, device=k.device)
     pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else counts
-    grid = (triton.cdiv(Lk, block_t), B * H)
+    grid = (cdiv(Lk, block_t), B * H)
     _pyramid_kernel[grid](
         k, v, pad, keys, values, counts, last,
         *k.stride(), *v.stride(),
         keys.stride(0), keys.stride(1), keys.stride(2),
         counts.stride(0),
         H, Lk,
-        HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=block_t,
+        HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=next_pow2(D), BLOCK_T=block_t,
         num_warps=4,  # 32-token tiles: 168 registers, no spills on sm_90 (64-token tiles spilled 640 bytes)
     )
     return DevicePyramid(keys=keys, values=values, counts=counts, last=last, base=base, groups=groups)

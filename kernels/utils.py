@@ -49,3 +49,13 @@ def tma_ready(t: torch.Tensor) -> torch.Tensor:
     size = t.element_size()
     aligned = t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(st * size % 16 == 0 for st in t.stride()[:-1])
     return t if aligned else t.contiguous()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` is a jit function: microseconds per Python call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n >= 1``)."""
+    return 1 << (int(n) - 1).bit_length()
