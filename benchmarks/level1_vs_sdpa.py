@@ -27,7 +27,7 @@ def main():
         q = torch.randn(1, 28, L, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, 4, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         layout = LevelMap.from_dense(torch.ones(1, 4, L // 128, L // 128, dtype=torch.int8, device="cuda"),
-                                     block_q=128, block_k=128)
+                                     block_q=128, block_k=128, q_len=L, k_len=L, causal=True)
         out = psa_kernels.psa_attention(q, k, v, layout, causal=True)
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -5,7 +5,7 @@
 Causal 28/4 heads, D=128, bf16, video-like inputs (``psa_vlm.compare``). Level maps: every pair
 at level 1 (dense work), the mask generator's maps at fixed sparsities 0.65 and 0.9, and the
 binary block-sparse map of the same FLOPs as the 0.9 one. For every launch of :data:`VARIANTS`
-(``block_m`` x ``num_warps``, ``num_stages``, whole level-1 blocks through TMA or not) the time of
+(``block_m`` x ``num_warps``, ``num_stages``, ``block_n``) the time of
 ``psa_attention_triton`` with the layout prebuilt (pyramid and launch included), CUDA-event
 medians with warm-up excluded, against dense SDPA, FlexAttention on the binary map, and a plain
 causal flash-attention kernel in Triton (the ceiling this Triton reaches). Every variant's output
@@ -35,12 +35,11 @@ from psa_vlm.compare import binary_map_like, video_like_qkv  # noqa: E402
 from psa_vlm.config import load_preset  # noqa: E402
 
 VARIANTS = [
-    dict(block_m=128, num_warps=8, num_stages=2, l1_tma=False),
-    dict(block_m=128, num_warps=8, num_stages=3, l1_tma=False),
-    dict(block_m=128, num_warps=8, num_stages=3, l1_tma=True),
-    dict(block_m=64, num_warps=4, num_stages=2, l1_tma=False),
-    dict(block_m=64, num_warps=4, num_stages=3, l1_tma=True),
-    dict(block_m=128, num_warps=4, num_stages=2, l1_tma=False),
+    dict(block_m=128, num_warps=8, num_stages=3, block_n=64),
+    dict(block_m=128, num_warps=8, num_stages=2, block_n=64),
+    dict(block_m=128, num_warps=4, num_stages=2, block_n=64),
+    dict(block_m=64, num_warps=4, num_stages=3, block_n=64),
+    dict(block_m=128, num_warps=8, num_stages=2, block_n=128),
 ]
 
 
@@ -153,7 +152,7 @@ def main():
                     continue
                 rows.append(dict(L=L, map=name, sparsity=sparsity, **cfg, ms=ms, dense_ms=dense, diff=diff))
                 print(f"L={L} {name:18s} sp {sparsity:.3f} m{cfg['block_m']:3d} w{cfg['num_warps']} "
-                      f"s{cfg['num_stages']} tma={int(cfg['l1_tma'])}: {ms:7.2f} ms  {ms / dense:5.2f}x dense  "
+                      f"s{cfg['num_stages']} n{cfg['block_n']}: {ms:7.2f} ms  {ms / dense:5.2f}x dense  "
                       f"ideal {(1 - sparsity):.2f}x  diff {diff:.1e}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()

@@ -244,7 +244,7 @@ def _antidiagonal_kernel(
 #: Launches per precision, from ``benchmarks/tune_importance.py`` on the GPU (see its results).
 LAUNCH = {
     "full": dict(block_r=64, block_c=128, num_warps=8, num_stages=3),
-    "fp8": dict(block_r=128, block_c=128, num_warps=8, num_stages=3),
+    "fp8": dict(block_r=128, block_c=128, num_warps=4, num_stages=3),
 }
 
 

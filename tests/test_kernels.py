@@ -92,16 +92,15 @@ def test_matrix_against_reference(causal, ratio, D, block_k):
     check(seed, causal, block_q, block_k, B=2, Hq=ratio, Hkv=1, Lq=Lq, Lk=Lk, D=D, padded=padded, heads=heads)
 
 
-@pytest.mark.parametrize("launch", [dict(l1_tma=True), dict(block_m=32, block_n=32), dict(block_n=16, l1_tma=True)],
-                         ids=["l1-tma", "small-tiles", "narrow-tma"])
+@pytest.mark.parametrize("launch", [dict(block_m=32, block_n=32), dict(block_n=16)], ids=["small-tiles", "narrow"])
 def test_launch_variants_compute_the_same(launch):
-    """Every launch the tuning sweep may choose (whole level-1 blocks through the tensor-memory
-    accelerator, other tile shapes) computes the reference's output."""
+    """Every launch the tuning sweep may choose (other tile shapes, so other boxes per level and
+    gathered tiles where a block holds fewer keys than a tile) computes the reference's output."""
     seed = fresh_seed()
     rnd = random.Random(seed)
     for causal in (False, True):
-        Lk = rnd.randrange(200, 400) | 1
-        Lq = rnd.randrange(40, Lk) if causal else rnd.randrange(100, 300)
+        Lk = rnd.randrange(130, 260) | 1
+        Lq = rnd.randrange(40, Lk) if causal else rnd.randrange(70, 200)
         q, k, v, lm, pad = make_case(seed, B=2, Hq=7, Hkv=1, Lq=Lq, Lk=Lk, D=80, block_q=64, block_k=64,
                                      padded=rnd.random() < 0.5)
         kw = dict(causal=causal, block_q=64, block_k=64, key_padding_mask=pad)

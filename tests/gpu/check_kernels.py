@@ -12,7 +12,8 @@
    at 64k tokens vs the dense SDPA call's (<= 1.3x).
 3. Mask generation + attention captured in a CUDA graph and replayed (same output as eager).
    Kernel times vs dense SDPA (informative; benchmarks/ holds the real benchmark).
-4. The tiny Qwen2.5-VL end to end on the GPU: "psa" with the dense preset vs "sdpa".
+4. fp32 on the GPU: a whole 16k causal PSA call (3xTF32 dots) against bf16, fp32 SDPA and fp64.
+5. The tiny Qwen2.5-VL end to end on the GPU: "psa" with the dense preset vs "sdpa".
 
 Prints a table and writes ``check_kernels.json`` to ``--out`` (default: $OUT or the cwd).
 """
@@ -246,6 +247,38 @@ def maps_for_timing(nq, nk):
     yield "binary 20%", binary
 
 
+def fp32_check(L=16384, device="cuda"):
+    """A whole fp32 PSA call on the GPU (3xTF32 dots) against the same call in bf16, dense fp32 SDPA,
+    and the fp64-accurate reference's output on the same level map."""
+    from triton.testing import do_bench
+
+    from psa_vlm.config import load_preset
+
+    q = video_like(1, 28, L, 128, 31, device)
+    k = video_like(1, 4, L, 128, 32, device)
+    v = torch.randn_like(k)
+    kw = load_preset("video_mme").mask_kwargs()
+    rows = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        qq, kk, vv = q.to(dtype), k.to(dtype), v.to(dtype)
+
+        def call():
+            layout = psa_kernels.build_level_map(qq, kk, causal=True, compact=True, **kw)
+            return psa_kernels.psa_attention(qq, kk, vv, layout, causal=True), layout
+
+        out, layout = call()
+        ms = do_bench(lambda: call(), warmup=5, rep=50, return_mode="median")
+        rows[name] = dict(ms=ms, out=out, layout=layout)
+    layout = rows["fp32"]["layout"]
+    ref = psa_kernels.psa_attention(q[:, :, -2048:].double(), k.double(), v.double(), layout.to_dense()[:, :, -16:],
+                                    causal=True)  # the last 2,048 queries, in fp64
+    err = rel_err(rows["fp32"]["out"][:, :, -2048:], ref)
+    dense_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), warmup=5,
+                        rep=50, return_mode="median")
+    return dict(L=L, fp32_call_ms=rows["fp32"]["ms"], bf16_call_ms=rows["bf16"]["ms"], dense_fp32_ms=dense_ms,
+                fp32_rel_err_vs_fp64=err, ok=err < 1e-4 and rows["fp32"]["ms"] < 10 * rows["bf16"]["ms"])
+
+
 def tiny_model_check(device="cuda"):
     import psa_vlm
     from psa_vlm import testing
@@ -278,8 +311,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
     parser.add_argument("--memory-length", type=int, default=0, help="tokens of the memory check (default 64k; "
                         "16k with --quick)")
-    parser.add_argument("--sections", default="accuracy,importance,graph,memory,timing,tiny",
-                        help="comma-separated subset of: accuracy,importance,graph,memory,timing,tiny")
+    parser.add_argument("--sections", default="accuracy,importance,graph,memory,timing,fp32,tiny",
+                        help="comma-separated subset of: accuracy,importance,graph,memory,timing,fp32,tiny")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("check_kernels.py needs a CUDA GPU")
@@ -339,13 +372,15 @@ def main():
             print(f"{r['L']:6d} {r['map']:16s} {r['sparsity']:8.3f} {r['psa_ms']:8.2f} {r['dense_ms']:8.2f} "
                   f"{r['ratio']:6.2f}", flush=True)
         torch.cuda.empty_cache()
+    report["fp32"] = fp32_check() if "fp32" in sections else {"ok": True, "skipped": True}
+    print(f"\nfp32 on the GPU: {report['fp32']}", flush=True)
     try:
         report["tiny_model"] = tiny_model_check() if "tiny" in sections else {"ok": True, "skipped": True}
     except ImportError as err:  # qwen-vl-utils missing on the machine
         report["tiny_model"] = {"ok": False, "error": str(err)}
     print(f"\ntiny model on GPU, dense preset vs sdpa: {report['tiny_model']}")
     ok = (all(r["ok"] for r in report["accuracy"] + report["importance"]) and dense["ok"] and mem["ok"]
-          and report["graph"]["ok"]
+          and report["graph"]["ok"] and report["fp32"]["ok"]
           and report["tiny_model"]["ok"])
     report["all_ok"] = ok
     report["seconds"] = time.time() - t0
