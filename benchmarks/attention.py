@@ -11,8 +11,9 @@ For each length and shape (causal 28/4 heads D=128, the Qwen2.5-VL-7B text tower
   ``video_mme`` preset's estimator): time of the importance estimate, the level assignment (with
   the compact layout), the attention, their sum, and the whole call as the ``"psa"`` hook makes
   it (``call``: mask generation from q and k, then the attention, timed as one, so Python and
-  launch costs count); relative error vs dense on the same inputs; achieved sparsity; peak
-  memory and the call's own increment;
+  launch costs count), and that call captured in a CUDA graph and replayed (``call_graph_ms``: the
+  GPU's own time); relative error vs dense on the same inputs; achieved sparsity; peak memory and
+  the call's own increment;
 - binary block-sparse at the same FLOPs as each PSA run: the top blocks per query row by the
   same importance, through FlexAttention with a ``BlockMask`` (compiled; the tool a user would
   pick instead), attend-only time and relative error.
@@ -166,6 +167,22 @@ def flex_runner(q, k, v, binary_map, *, causal, block, compile_):
 # ------------------------------------------------------------------------------------------
 
 
+def graph_ms(fn, device):
+    """Median time of ``fn`` captured in a CUDA graph and replayed: the GPU's own time, without the
+    Python and launch cost of each call (what a caller that captures its forward pays)."""
+    if device.type != "cuda":
+        return float("nan")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay, device)
+
+
 def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=0):
     shape = SHAPES[shape_name]
     causal = shape["causal"]
@@ -174,10 +191,14 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
                                                       enable_gqa=shape["Hq"] != shape["Hkv"])
     dense = dense_fn()
     row = dict(kind=kind, shape=shape_name, L=L, dense_ms=bench(dense_fn, device), dense_peak_mb=peak_mb(dense_fn, device),
-               dense_increment_mb=increment_mb(dense_fn, device), variants=[])
+               dense_increment_mb=increment_mb(dense_fn, device), dense_graph_ms=graph_ms(dense_fn, device),
+               variants=[])
     bq = bk = 128
     text = torch.zeros(1, L, dtype=torch.bool, device=device)
     text[:, L - 256:] = kind == "video-like" and causal
+    binaries = []
+    # Every PSA timing first, FlexAttention's compilations after: torch.compile's worker
+    # processes would otherwise compete for the CPU with the PSA calls being timed.
     for name, kw in psa_variants(presets):
         stride, precision = kw["stride"], kw["estimate_precision"]
         estimate = lambda: psa_kernels.antidiagonal_importance(q, k, causal=causal, block_q=bq,  # noqa: E731
@@ -197,14 +218,14 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
             return psa_kernels.psa_attention(q, k, v, layout, causal=causal)
 
         layout = assign()
-        level_map = layout.to_dense()
         attend = lambda: psa_kernels.psa_attention(q, k, v, layout, causal=causal)  # noqa: E731
         out = attend()
         t_est, t_assign, t_attend, t_call = (bench(f, device) for f in (estimate, assign, attend, call))
         sp = layout.sparsity().mean().item()
         variant = dict(name=name, sparsity=sp, estimate_ms=t_est, assign_ms=t_assign, attend_ms=t_attend,
-                       total_ms=t_est + t_assign + t_attend, call_ms=t_call, rel_err=rel_err(out, dense),
-                       peak_mb=peak_mb(call, device), call_increment_mb=increment_mb(call, device))
+                       total_ms=t_est + t_assign + t_attend, call_ms=t_call, call_graph_ms=graph_ms(call, device),
+                       rel_err=rel_err(out, dense), peak_mb=peak_mb(call, device),
+                       call_increment_mb=increment_mb(call, device))
         # Binary block-sparse at the same FLOPs, from the same importance.
         visible = psa_kernels.block_visibility(batch=1, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
                                                device=device)[:, None]
@@ -216,6 +237,9 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
                                                         causal=causal)
         variant["psa_binary_ms"] = bench(lambda: psa_kernels.psa_attention(q, k, v, binary_layout, causal=causal),
                                          device)
+        binaries.append(binary)
+        row["variants"].append(variant)
+    for variant, binary in zip(row["variants"], binaries):
         try:
             per_q_head = binary.repeat_interleave(shape["Hq"] // binary.shape[1], dim=1).contiguous()
             flex = flex_runner(q, k, v, per_q_head, causal=causal, block=bk, compile_=compile_flex)
@@ -225,10 +249,10 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
                                                               block_k=bk).mean().item())
         except Exception as err:  # noqa: BLE001 - report, keep benchmarking the rest
             variant.update(flex_error=f"{type(err).__name__}: {err}"[:200])
-        row["variants"].append(variant)
-        print(f"{kind:10s} {shape_name:12s} {L:7d} {name:16s} {sp:6.3f} {t_est:8.2f} {t_assign:8.2f} "
-              f"{t_attend:8.2f} {t_call:8.2f} {row['dense_ms']:8.2f} "
-              f"{variant.get('flex_ms', float('nan')):8.2f} {variant['rel_err']:9.2e} "
+        print(f"{kind:10s} {shape_name:12s} {L:7d} {variant['name']:16s} {variant['sparsity']:6.3f} "
+              f"{variant['estimate_ms']:8.2f} {variant['assign_ms']:8.2f} {variant['attend_ms']:8.2f} "
+              f"{variant['call_ms']:8.2f} {variant['call_graph_ms']:8.2f} {row['dense_ms']:8.2f} "
+              f"{variant.get('flex_ms', float('nan')):8.2f} {variant['psa_binary_ms']:8.2f} {variant['rel_err']:9.2e} "
               f"{variant.get('flex_rel_err', float('nan')):9.2e}", flush=True)
     return row
 
@@ -281,7 +305,8 @@ def main(argv=None):
             s.update(Hq=2 * (s["Hq"] // s["Hkv"] if s["Hq"] != s["Hkv"] else 1), Hkv=2)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(f"{'inputs':10s} {'shape':12s} {'L':>7s} {'variant':16s} {'sparse':>6s} {'est ms':>8s} {'assign':>8s} "
-          f"{'attend':>8s} {'call':>8s} {'dense':>8s} {'flex':>8s} {'psa err':>9s} {'flex err':>9s}")
+          f"{'attend':>8s} {'call':>8s} {'graph':>8s} {'dense':>8s} {'flex':>8s} {'psa-bin':>8s} {'psa err':>9s} "
+          f"{'flex err':>9s}")
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
