@@ -75,7 +75,7 @@ class PSAConfig:
     estimate_precision: str = "full"
     block_q: int = 128
     block_k: int = 128
-    min_seq_len: int = 32768  # the H100 crossover (docs/performance.md)
+    min_seq_len: int = 16384  # the H200 break-even of the whole call (docs/performance.md)
     min_full_fraction: float = 0.06
     dense_tail_tokens: int = 512
     share_kv_group: bool = False
