@@ -120,3 +120,29 @@ def test_an_unconfigured_model_batches_its_windows_from_the_second_forward():
     handle.remove()
     assert calls == [2]  # the module saw one segment: [0, N]
     torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+
+
+def test_a_preset_on_the_vision_tower_runs_its_frame_groups_in_one_psa_call_per_length(monkeypatch):
+    """The dense preset puts PSA on the vision tower: every segment long enough for a block goes
+    through the PSA path, and segments of one length go together (one mask generation and one
+    attention launch per length and layer, not one per frame group); the result equals sdpa."""
+    import psa_kernels
+
+    processor = testing.build_tiny_processor()
+    frames = testing.make_video_frames(8, 224, 224, seed=int(torch.seed() % 2**31))
+    inputs = testing.video_inputs(processor, frames, "What colour?", max_pixels=224 * 224)
+    sdpa = testing.build_tiny_model(seed=0, attn_implementation="sdpa")
+    psa = testing.build_tiny_model(seed=0, attn_implementation="psa")
+    psa_vlm.configure(psa, "dense", block_q=64, block_k=32)
+    launches = []
+    real = psa_kernels.psa_attention
+    monkeypatch.setattr(psa_kernels, "psa_attention", lambda q, *a, **kw: launches.append(q.shape[0]) or real(q, *a,
+                                                                                                         **kw))
+    out = vision(psa, inputs)
+    torch.testing.assert_close(out, vision(sdpa, inputs), rtol=1e-4, atol=1e-4)
+    groups = int(inputs["video_grid_thw"][0, 0])  # temporal patches: the full-attention segments
+    full_layers = len(psa.config.vision_config.fullatt_block_indexes)
+    assert groups > 1 and launches.count(groups) == full_layers  # one batched call per full-attention layer
+    assert len(launches) == full_layers  # and no per-segment calls
+    psa_calls = sum(s.psa_calls for s in psa_vlm.stats(psa) if s.tower == "vision")
+    assert psa_calls == full_layers
