@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .level_map import LevelMap, index_dtype
+from .reference import BUDGET_STEPS
 from .utils import next_pow2, on_device
 
 
@@ -67,13 +68,36 @@ def _write_row(lvl, jr, lane_ok, row, i, b, MAP, IDX, CNT, PLAN, COST, VIS, ANY_
 
 
 @triton.jit
+def _budget_choice(s, q1, q2, q4, q8, lam):
+    """Per lane, the level maximising ``s * q(p) - lam / p`` (skip: 0), cheapest first so that ties
+    keep the cheaper level, as :func:`psa_kernels.reference._budget_choice`; (level, cost)."""
+    best = tl.zeros_like(s)
+    level = tl.zeros(s.shape, dtype=tl.int32)
+    cost = tl.zeros_like(s)
+    v = s * q8 - lam * 0.125
+    better = v > best
+    best, level, cost = tl.where(better, v, best), tl.where(better, 8, level), tl.where(better, 0.125, cost)
+    v = s * q4 - lam * 0.25
+    better = v > best
+    best, level, cost = tl.where(better, v, best), tl.where(better, 4, level), tl.where(better, 0.25, cost)
+    v = s * q2 - lam * 0.5
+    better = v > best
+    best, level, cost = tl.where(better, v, best), tl.where(better, 2, level), tl.where(better, 0.5, cost)
+    v = s * q1 - lam
+    better = v > best
+    level, cost = tl.where(better, 1, level), tl.where(better, 1.0, cost)
+    return level, cost
+
+
+@triton.jit
 def _assign_kernel(
-    SCORES, CAP, TEXT_COLS, TEXT_ROWS, ANY_VALID, ALL_VALID, MAP, IDX, CNT, PLAN, COST, VIS,
-    tau1, tau2, tau3, tau4, min_full_fraction,
+    SCORES, CAP, SIMS, TEXT_COLS, TEXT_ROWS, ANY_VALID, ALL_VALID, MAP, IDX, CNT, PLAN, COST, VIS,
+    tau1, tau2, tau3, tau4, min_full_fraction, density,
     stride_sb, stride_sh, stride_sm,
     Hm, GROUP_SUM, CAP_DIV, Hkv, nq, nk, Lq, Lk, block_q, block_k,
     LEVEL1: tl.constexpr, LEVEL2: tl.constexpr, LEVEL3: tl.constexpr, LEVEL4: tl.constexpr,
-    ENERGY: tl.constexpr, CAUSAL: tl.constexpr, HAS_CAP: tl.constexpr, HAS_PAD: tl.constexpr,
+    ENERGY: tl.constexpr, BUDGET: tl.constexpr, ALLOW2: tl.constexpr, ALLOW4: tl.constexpr, ALLOW8: tl.constexpr,
+    BUDGET_STEPS: tl.constexpr, CAUSAL: tl.constexpr, HAS_CAP: tl.constexpr, HAS_PAD: tl.constexpr,
     WRITE_MAP: tl.constexpr, NK: tl.constexpr,
 ):
     i = tl.program_id(0)  # query block
@@ -110,33 +134,77 @@ def _assign_kernel(
     vis_r = hr > 0
     ranked = tl.where(vis_r, (hr - 1).to(tl.float32, bitcast=True), 0.0)
     rank = tl.arange(0, NK)
-    if ENERGY:
-        total = tl.sum(ranked, 0)
-        uniform = total <= 0  # no mass at all: uniform over the visible blocks
-        ranked = tl.where(uniform, tl.where(vis_r, 1.0, 0.0), ranked)
-        total = tl.where(uniform, n_vis.to(tl.float32), total)
-        preceding = (tl.cumsum(ranked, 0) - ranked) / tl.maximum(total, 1e-30)
-    else:
-        preceding = rank.to(tl.float32) / tl.maximum(n_vis, 1).to(tl.float32)
-    lvl = tl.zeros([NK], dtype=tl.int32)
-    lvl = tl.where(preceding < tau4, LEVEL4, lvl)  # the finest satisfied level wins
-    lvl = tl.where(preceding < tau3, LEVEL3, lvl)
-    lvl = tl.where(preceding < tau2, LEVEL2, lvl)
-    lvl = tl.where(preceding < tau1, LEVEL1, lvl)
-    lvl = tl.where(vis_r, lvl, 0)
-
-    # 3. Similarity cap, forced blocks, minimum level-1 count (all in rank order).
     lane_ok = jr < nk
+    kv_row = (b * Hkv + hm // CAP_DIV) * nk + jr
     if HAS_CAP:
-        cap = tl.load(CAP + (b * Hkv + hm // CAP_DIV) * nk + jr, mask=lane_ok, other=1).to(tl.int32)
-        lvl = tl.where(lvl > 0, tl.minimum(lvl, cap), lvl)
+        cap = tl.load(CAP + kv_row, mask=lane_ok, other=1).to(tl.int32)
     forced = (jr == 0) | (jr == first_valid)
     forced = forced | (tl.load(TEXT_COLS + b * nk + jr, mask=lane_ok, other=0) != 0)
     forced = forced | (tl.load(TEXT_ROWS + b * nq + i) != 0)
     if CAUSAL:
         first_pos = offset + i * block_q
         forced = forced | ((jr >= first_pos // block_k) & (jr <= last_pos // block_k))
-    lvl = tl.where(forced & vis_r, 1, lvl)
+    forced = forced & vis_r
+    if BUDGET:
+        # The budget policy (reference.assign_budget): per lane the level maximising
+        # s q(p) - lambda / p, lambda the smallest multiplier whose choices fit the budget.
+        total = tl.sum(ranked, 0)
+        s_r = tl.where(total > 0, ranked, tl.where(vis_r, 1.0, 0.0))  # no mass at all: uniform
+        free = vis_r & ~forced
+        s_r = tl.where(free, s_r, 0.0)
+        q1 = tl.where(lane_ok, 1.0, 0.0)
+        q2 = tl.zeros([NK], dtype=tl.float32)
+        q4 = tl.zeros([NK], dtype=tl.float32)
+        q8 = tl.zeros([NK], dtype=tl.float32)
+        if ALLOW2:
+            q2 = tl.minimum(tl.maximum(tl.load(SIMS + kv_row * 3, mask=lane_ok, other=0.0), 0.0), 1.0)
+            if HAS_CAP:
+                q2 = tl.where(cap >= 2, q2, 0.0)
+        if ALLOW4:
+            q4 = tl.minimum(tl.maximum(tl.load(SIMS + kv_row * 3 + 1, mask=lane_ok, other=0.0), 0.0), 1.0)
+            if HAS_CAP:
+                q4 = tl.where(cap >= 4, q4, 0.0)
+        if ALLOW8:
+            q8 = tl.minimum(tl.maximum(tl.load(SIMS + kv_row * 3 + 2, mask=lane_ok, other=0.0), 0.0), 1.0)
+            if HAS_CAP:
+                q8 = tl.where(cap >= 8, q8, 0.0)
+        budget = density * n_vis.to(tl.float32) - tl.sum(forced.to(tl.float32), 0)
+        lo = 0.0
+        hi = 8.0 * tl.max(s_r, 0)
+        for _ in tl.static_range(BUDGET_STEPS):
+            mid = (lo + hi) * 0.5
+            _, cost = _budget_choice(s_r, q1, q2, q4, q8, mid)
+            fits = tl.sum(tl.where(free, cost, 0.0), 0) <= budget
+            hi = tl.where(fits, mid, hi)
+            lo = tl.where(fits, lo, mid)
+        lvl, cost = _budget_choice(s_r, q1, q2, q4, q8, hi)
+        # The budget tied blocks leave goes to those one step finer at the smaller multiplier,
+        # in rank order (the lanes are ranked: importance descending, index ascending).
+        finer, finer_cost = _budget_choice(s_r, q1, q2, q4, q8, lo)
+        extra = tl.where(free, finer_cost - cost, 0.0)
+        left = budget - tl.sum(tl.where(free, cost, 0.0), 0)
+        upgrade = (tl.cumsum(extra, 0) <= left) & (extra > 0)
+        lvl = tl.where(upgrade, finer, lvl)
+        lvl = tl.where(free, lvl, 0)
+    else:
+        if ENERGY:
+            total = tl.sum(ranked, 0)
+            uniform = total <= 0  # no mass at all: uniform over the visible blocks
+            ranked = tl.where(uniform, tl.where(vis_r, 1.0, 0.0), ranked)
+            total = tl.where(uniform, n_vis.to(tl.float32), total)
+            preceding = (tl.cumsum(ranked, 0) - ranked) / tl.maximum(total, 1e-30)
+        else:
+            preceding = rank.to(tl.float32) / tl.maximum(n_vis, 1).to(tl.float32)
+        lvl = tl.zeros([NK], dtype=tl.int32)
+        lvl = tl.where(preceding < tau4, LEVEL4, lvl)  # the finest satisfied level wins
+        lvl = tl.where(preceding < tau3, LEVEL3, lvl)
+        lvl = tl.where(preceding < tau2, LEVEL2, lvl)
+        lvl = tl.where(preceding < tau1, LEVEL1, lvl)
+        lvl = tl.where(vis_r, lvl, 0)
+        # 3. Similarity cap, forced blocks, minimum level-1 count (all in rank order).
+        if HAS_CAP:
+            lvl = tl.where(lvl > 0, tl.minimum(lvl, cap), lvl)
+    lvl = tl.where(forced, 1, lvl)
     need = tl.ceil(min_full_fraction * n_vis.to(tl.float32)).to(tl.int32)
     n_full = tl.sum((lvl == 1).to(tl.int32), 0)
     candidate = vis_r & (lvl != 1)
@@ -211,7 +279,9 @@ def assign_levels_triton(
     levels,
     thresholds,
     cap: torch.Tensor | None,
-    text_cols: torch.Tensor,
+    sims: torch.Tensor | None = None,
+    target_sparsity: float | None = None,
+    text_cols: torch.Tensor = None,
     text_rows: torch.Tensor,
     any_valid: torch.Tensor | None,
     all_valid: torch.Tensor | None,
@@ -223,7 +293,8 @@ def assign_levels_triton(
     ``int8`` map when ``write_map``).
 
     ``heads`` is Hq or Hkv (then each map head sums its group's scores); ``cap [B, Hkv, nk]``
-    the similarity cap or None; ``text_cols [B, nk]`` / ``text_rows [B, nq]`` the key and query
+    the similarity cap or None; ``sims [B, Hkv, nk, 3]`` the block similarities (mode ``budget``:
+    its pooling fidelity; ``target_sparsity`` its budget); ``text_cols [B, nk]`` / ``text_rows [B, nq]`` the key and query
     blocks holding text; ``any_valid`` / ``all_valid [B, nk]`` the key blocks holding some /
     only real tokens (None: no padding). Inputs validated by the caller.
     """
@@ -235,13 +306,16 @@ def assign_levels_triton(
     filler = out["counts"]  # stands in for the optional inputs a launch does not read
     with on_device(scores):
         _assign_kernel[(nq, B * heads)](
-            scores, cap if cap is not None else filler, text_cols, text_rows,
+            scores, cap if cap is not None else filler, sims if sims is not None else filler, text_cols, text_rows,
             any_valid if any_valid is not None else filler, all_valid if all_valid is not None else filler,
             out["dense"] if write_map else filler, out["indices"], out["counts"], out["plan"], out["cost"],
             out["visible"], *taus, float(min_full_fraction),
+            float(1.0 - target_sparsity) if mode == "budget" else 1.0,
             scores.stride(0), scores.stride(1), scores.stride(2),
             heads, Hq // heads, heads // kv_heads, kv_heads, nq, nk, q_len, k_len, block_q, block_k,
             LEVEL1=levels[0], LEVEL2=levels[1], LEVEL3=levels[2], LEVEL4=levels[3], ENERGY=mode == "energy",
+            BUDGET=mode == "budget", ALLOW2=2 in levels, ALLOW4=4 in levels, ALLOW8=8 in levels,
+            BUDGET_STEPS=BUDGET_STEPS,
             CAUSAL=causal, HAS_CAP=cap is not None, HAS_PAD=any_valid is not None, WRITE_MAP=write_map,
             **_row_launch(nk),
         )

@@ -174,8 +174,9 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
 
     Keyword arguments as :func:`psa_kernels.reference.build_level_map`. Where kernels serve:
     the importance kernel (with the fp8 copies' quantisation first when
-    ``estimate_precision="fp8"``), one kernel for the similarity cap and the block flags, and
-    one for the assignment and the layout: three or four launches, no host synchronisation.
+    ``estimate_precision="fp8"``), one kernel for the similarity cap, the block similarities
+    (``mode="budget"``) and the block flags, and one for the assignment and the layout: three
+    to five launches, no host synchronisation.
     """
     defaults = _mask_defaults()
     unknown = set(kwargs) - set(defaults)
@@ -206,7 +207,12 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
     text = a["text_mask"]
     if text is not None and tuple(text.shape) != (B, Lk):
         raise ValueError(f"text_mask must have shape [B, Lk] = {(B, Lk)}, got {tuple(text.shape)}")
-    reference.check_assignment(a["mode"], a["levels"], a["thresholds"])
+    reference.check_assignment(a["mode"], a["levels"], a["thresholds"], a["target_sparsity"])
+    budget = a["mode"] == "budget"
+    given_sims = a["block_sims"]
+    if given_sims is not None and tuple(given_sims.shape) != (B, k.shape[1], -(-Lk // block_k), 3):
+        raise ValueError(f"block_sims must have shape [B, Hkv, nk, 3] = {(B, k.shape[1], -(-Lk // block_k), 3)}, "
+                         f"got {tuple(given_sims.shape)}")
     with on_device(q):
         scores = reference.block_importance(q, k, scores=a["scores"], estimator=a["estimator"], causal=a["causal"],
                                             scale=a["scale"], block_q=block_q, block_k=block_k, stride=a["stride"],
@@ -217,11 +223,14 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
         if similarity is not None and not isinstance(similarity, dict):
             similarity = dict(zip((2, 4, 8), similarity))
         blocks = key_blocks(k, q_len=Lq, block_q=block_q, block_k=block_k, thresholds=similarity, text_mask=text,
-                            dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad)
+                            dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad,
+                            sims=budget and given_sims is None)
         return_layout = assign_levels_triton(
             scores if scores.dtype == torch.float32 else scores.float(), heads=Hkv if a["share_kv_group"] else Hq,
             kv_heads=Hkv, causal=a["causal"], q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k,
             mode=a["mode"], levels=a["levels"], thresholds=a["thresholds"], cap=blocks["cap"],
+            sims=given_sims.float().contiguous() if given_sims is not None else blocks["sims"],
+            target_sparsity=a["target_sparsity"],
             text_cols=blocks["text_cols"], text_rows=blocks["text_rows"], any_valid=blocks["any_valid"],
             all_valid=blocks["all_valid"], min_full_fraction=a["min_full_fraction"], key_padding_mask=pad,
             write_map=not compact,

@@ -430,10 +430,19 @@ def sampled_importance(
     return probs.amax(dim=(4, 6)).view(B, Hq, nq, nk)
 
 
-def check_assignment(mode: str, levels: Sequence[int], thresholds: Sequence[float]) -> None:
-    """Reject an assignment mode other than energy/quantile, or levels and thresholds that do not pair up."""
-    if mode not in ("energy", "quantile"):
-        raise ValueError(f"mode must be 'energy' or 'quantile' (or 'dense' for build_level_map), got {mode!r}")
+def check_assignment(mode: str, levels: Sequence[int], thresholds: Sequence[float],
+                     target_sparsity: float | None = None) -> None:
+    """Reject an assignment mode other than energy/quantile/budget, levels and thresholds that do
+    not pair up, or a budget mode without a target sparsity in [0, 1)."""
+    if mode not in ("energy", "quantile", "budget"):
+        raise ValueError(f"mode must be 'energy', 'quantile' or 'budget' (or 'dense' for build_level_map), got {mode!r}")
+    if mode == "budget":
+        if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
+                or not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"mode 'budget' needs target_sparsity in [0, 1), got {target_sparsity!r}")
+        if not levels or 1 not in levels:
+            raise ValueError(f"mode 'budget' needs level 1 among the levels, got {list(levels)}")
+        return
     if len(levels) != len(thresholds):
         raise ValueError(f"{len(levels)} levels need {len(levels)} thresholds, got {len(thresholds)}")
 
@@ -452,8 +461,10 @@ def assign_levels(
     block whose *preceding* normalised mass (the mass ranked above it) is ``< thresholds[0]``
     gets ``levels[0]``, ``< thresholds[1]`` gets ``levels[1]`` ... else 0. ``quantile``: the same
     with the block's rank fraction (rank / number of visible blocks) instead of the mass.
-    Invisible blocks get 0.
+    Invisible blocks get 0. (The budget mode is :func:`assign_budget`.)
     """
+    if mode == "budget":
+        raise ValueError("mode 'budget' assigns with assign_budget (it needs the pooling fidelity and forced blocks)")
     check_assignment(mode, levels, thresholds)
     visible = visible.expand_as(scores)
     s = torch.where(visible, scores.clamp(min=0).float(), torch.full_like(scores, -1.0, dtype=torch.float32))
@@ -476,6 +487,33 @@ def assign_levels(
     return torch.where(visible, out, torch.zeros_like(out))
 
 
+def block_similarity(
+    k: torch.Tensor,
+    *,
+    block_k: int = 128,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, Hkv, nk, 3]``: for key block ``j`` and pooling factor ``p = 2, 4, 8`` (last axis), the
+    mean cosine similarity ``sim_p`` of the token pairs ``(t*p, t*p + p - 1)`` inside the block
+    (pairs with both tokens valid); ``-inf`` where the block has no such pair. How alike the
+    tokens a level-``p`` mean stands for are: the similarity cap and the budget policy read it."""
+    B, H, Lk, D = k.shape
+    nk = num_blocks(Lk, block_k)
+    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    kf = F.pad(k.to(_acc_dtype(k.dtype)), (0, 0, 0, nk * block_k - Lk))
+    vf = F.pad(valid, (0, nk * block_k - Lk))
+    out = []
+    for p in POOL_FACTORS[1:]:
+        first, last = kf[..., 0::p, :], kf[..., p - 1 :: p, :]
+        ok = (vf[:, 0::p] & vf[:, p - 1 :: p]).float()  # [B, groups]
+        sim = F.cosine_similarity(first, last, dim=-1)  # [B, H, groups]
+        per_block = block_k // p  # groups per key block (block_k is a multiple of 8)
+        num = (sim * ok[:, None]).view(B, H, nk, per_block).sum(-1)
+        cnt = ok.view(B, 1, nk, per_block).sum(-1).expand(B, H, nk)
+        out.append(torch.where(cnt > 0, num / cnt.clamp(min=1), torch.full_like(num, float("-inf"))))
+    return torch.stack(out, dim=-1)
+
+
 def similarity_cap(
     k: torch.Tensor,
     *,
@@ -485,29 +523,109 @@ def similarity_cap(
 ) -> torch.Tensor:
     """Largest pooling factor each key block allows, ``[B, Hkv, nk]`` (paper appendix B.1).
 
-    For block ``j`` and factor ``p``, ``sim_p`` is the mean cosine similarity of the token pairs
-    ``(t*p, t*p + p - 1)`` inside it (pairs with both tokens valid). ``p`` is allowed iff
-    ``sim_p > thresholds[p]``; the cap is the largest allowed ``p``, 1 if none.
-    ``thresholds`` maps p -> threshold, or lists them for p = 2, 4, 8.
+    ``p`` is allowed iff the block's ``sim_p`` (:func:`block_similarity`) exceeds
+    ``thresholds[p]``; the cap is the largest allowed ``p``, 1 if none. ``thresholds`` maps
+    p -> threshold, or lists them for p = 2, 4, 8.
     """
     if not isinstance(thresholds, Mapping):
         thresholds = dict(zip((2, 4, 8), thresholds))
-    B, H, Lk, D = k.shape
-    nk = num_blocks(Lk, block_k)
-    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
-    kf = F.pad(k.to(_acc_dtype(k.dtype)), (0, 0, 0, nk * block_k - Lk))
-    vf = F.pad(valid, (0, nk * block_k - Lk))
-    cap = torch.ones(B, H, nk, dtype=torch.int8, device=k.device)
-    for p in sorted(thresholds):
-        first, last = kf[..., 0::p, :], kf[..., p - 1 :: p, :]
-        ok = (vf[:, 0::p] & vf[:, p - 1 :: p]).float()  # [B, groups]
-        sim = F.cosine_similarity(first, last, dim=-1)  # [B, H, groups]
-        per_block = block_k // p  # groups per key block (block_k is a multiple of 8)
-        num = (sim * ok[:, None]).view(B, H, nk, per_block).sum(-1)
-        cnt = ok.view(B, 1, nk, per_block).sum(-1)
-        allowed = (cnt > 0) & (num / cnt.clamp(min=1) > thresholds[p])
-        cap = torch.where(allowed, torch.tensor(p, dtype=torch.int8, device=k.device), cap)
+    sims = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask)
+    cap = torch.ones(sims.shape[:-1], dtype=torch.int8, device=k.device)
+    for r, p in enumerate(POOL_FACTORS[1:]):
+        if p in thresholds:
+            cap = torch.where(sims[..., r] > thresholds[p], torch.tensor(p, dtype=torch.int8, device=k.device), cap)
     return cap
+
+
+def pooling_fidelity(sims: torch.Tensor, levels: Sequence[int], cap: torch.Tensor | None = None) -> torch.Tensor:
+    """``[..., nk, 4]``: how much of a block's attention each level keeps, for p = 1, 2, 4, 8 (the
+    budget policy's utility per unit of importance): 1 at level 1, ``clamp(sim_p, 0, 1)`` at a
+    pooled level (a mean of dissimilar keys keeps little), 0 for a level not in ``levels`` or
+    above the block's similarity ``cap``."""
+    q = torch.cat([torch.ones_like(sims[..., :1]), sims.clamp(0.0, 1.0)], dim=-1)
+    for r, p in enumerate(POOL_FACTORS):
+        allowed = p in levels
+        if cap is not None and p > 1:
+            allowed = (cap >= p) & allowed
+        q[..., r] = torch.where(torch.as_tensor(allowed, device=q.device), q[..., r], torch.zeros_like(q[..., r]))
+    return q
+
+
+_LEVEL_COST = {1: 1.0, 2: 0.5, 4: 0.25, 8: 0.125}
+#: Bisection steps of the budget policy's multiplier (relative precision 2^-32 of its range).
+BUDGET_STEPS = 32
+
+
+def _budget_choice(s: torch.Tensor, fidelity: torch.Tensor, lam: torch.Tensor):
+    """Per block, the level maximising ``s * q(p) - lam * cost(p)`` (skip: 0), cheapest first so
+    that ties keep the cheaper level; returns (level int8, cost)."""
+    level = torch.zeros(s.shape, dtype=torch.int8, device=s.device)
+    cost = torch.zeros_like(s)
+    best = torch.zeros_like(s)
+    for r, p in reversed(list(enumerate(POOL_FACTORS))):
+        value = s * fidelity[..., r] - lam * _LEVEL_COST[p]
+        better = value > best
+        best = torch.where(better, value, best)
+        level = torch.where(better, torch.tensor(p, dtype=torch.int8, device=s.device), level)
+        cost = torch.where(better, torch.full_like(cost, _LEVEL_COST[p]), cost)
+    return level, cost
+
+
+def assign_budget(
+    scores: torch.Tensor,
+    visible: torch.Tensor,
+    forced: torch.Tensor,
+    fidelity: torch.Tensor,
+    *,
+    sparsity: float,
+) -> torch.Tensor:
+    """Budget-aware levels (``mode="budget"``): per query-block row, the levels that keep the most
+    of the row's attention for a compute budget of ``(1 - sparsity)`` of its visible pairs.
+
+    A block ``j`` at level ``p`` costs ``1/p`` (skipped: 0) and keeps ``s_j * q_j(p)`` of the
+    attention, ``s_j`` its importance and ``q_j(p)`` the level's fidelity (:func:`pooling_fidelity`).
+    The forced blocks (``forced``, level 1) spend their cost first; the rest maximises the kept
+    attention under the remaining budget. Each block independently takes the level maximising
+    ``s_j q_j(p) - lambda / p``, and ``lambda`` is the smallest multiplier (bisection, 32 steps)
+    whose choices fit the budget: the optimum on the upper hull of each block's (cost, kept
+    attention) options; the budget that tied blocks leave then goes to them in rank order (the
+    blocks one step finer at a slightly smaller multiplier, best-ranked first). With
+    ``levels=(1,)`` it is binary top-k block-sparse
+    attention; where importance is flat and the keys alike, coarse levels spread the budget
+    over more blocks. A row with no importance at all is uniform over its visible blocks.
+    """
+    visible = visible.expand_as(scores)
+    forced = forced.expand_as(scores) & visible
+    s = torch.where(visible, scores.float().clamp(min=0), torch.zeros_like(scores, dtype=torch.float32))
+    total = s.sum(-1, keepdim=True)
+    s = torch.where(total > 0, s, visible.float())
+    free = visible & ~forced
+    s = torch.where(free, s, torch.zeros_like(s))
+    fidelity = fidelity.expand(*scores.shape, 4).float()
+    density = torch.tensor(1.0 - sparsity, dtype=torch.float32, device=s.device)
+    budget = density * visible.sum(-1, keepdim=True).float() - forced.sum(-1, keepdim=True).float()
+    lo = torch.zeros_like(total)
+    hi = 8.0 * s.amax(-1, keepdim=True)
+    for _ in range(BUDGET_STEPS):
+        mid = (lo + hi) * 0.5
+        _, cost = _budget_choice(s, fidelity, mid)
+        fits = torch.where(free, cost, torch.zeros_like(cost)).sum(-1, keepdim=True) <= budget
+        hi = torch.where(fits, mid, hi)
+        lo = torch.where(fits, lo, mid)
+    level, cost = _budget_choice(s, fidelity, hi)
+    # Blocks tied at the multiplier (equal importance, say) move together, so the last step may
+    # leave budget unused: upgrade the blocks that a slightly smaller multiplier would upgrade,
+    # best-ranked first (importance descending, index ascending), while the budget allows.
+    finer, finer_cost = _budget_choice(s, fidelity, lo)
+    extra = torch.where(free, finer_cost - cost, torch.zeros_like(cost))
+    left = budget - torch.where(free, cost, torch.zeros_like(cost)).sum(-1, keepdim=True)
+    priority = torch.where(free, scores.float().clamp(min=0), torch.full_like(s, -1.0))
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+    upgrade = torch.gather(extra, -1, order).cumsum(-1) <= left
+    upgrade = torch.empty_like(upgrade).scatter_(-1, order, upgrade) & (extra > 0)
+    level = torch.where(upgrade, finer, level)
+    level = torch.where(free, level, torch.zeros_like(level))
+    return torch.where(forced, torch.ones_like(level), level)
 
 
 def forced_full_blocks(
@@ -631,6 +749,8 @@ def build_level_map(
     antidiagonal=None,
     scores: torch.Tensor | None = None,
     estimate_precision: str = "full",
+    target_sparsity: float | None = None,
+    block_sims: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full mask generator of section 7: an ``int8`` level map ``[B, Hm, nq, nk]``.
 
@@ -642,7 +762,10 @@ def build_level_map(
     ``antidiagonal`` replaces the importance function (same signature), e.g. by a kernel;
     ``scores [B, Hq, nq, nk]`` skips the estimate altogether (already computed importance);
     ``estimate_precision`` (``full`` or ``fp8``) is the antidiagonal estimate's
-    (:func:`antidiagonal_importance`).
+    (:func:`antidiagonal_importance`). ``mode='budget'`` spends a compute budget of
+    ``1 - target_sparsity`` per row (:func:`assign_budget`; ``thresholds`` unused; the similarity
+    thresholds, when given, forbid a pooled level to a block as the cap does); ``block_sims
+    [B, Hkv, nk, 3]`` replaces its :func:`block_similarity` (already computed).
     """
     check_qkv(q, k, k)
     check_block_sizes(block_q, block_k)
@@ -654,6 +777,8 @@ def build_level_map(
         key_padding_mask=key_padding_mask, device=q.device,
     )[:, None]
     Hm = Hkv if share_kv_group else Hq
+    if mode != "dense":
+        check_assignment(mode, levels, thresholds, target_sparsity)
     if mode == "dense":
         return visible.expand(B, Hm, -1, -1).to(torch.int8)
 
@@ -663,16 +788,24 @@ def build_level_map(
     if share_kv_group:
         scores = scores.view(B, Hkv, Hq // Hkv, *scores.shape[-2:]).sum(2)
 
-    level_map = assign_levels(scores, visible, mode=mode, levels=levels, thresholds=thresholds)
-    if similarity is not None:
-        cap = similarity_cap(k, block_k=block_k, thresholds=similarity, key_padding_mask=key_padding_mask)
-        cap = cap.repeat_interleave(Hm // Hkv, dim=1)[:, :, None, :]  # per level-map head
-        level_map = torch.where(level_map > 0, torch.minimum(level_map, cap), level_map)
-
     forced = forced_full_blocks(
         batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k, causal=causal, text_mask=text_mask,
         dense_tail_tokens=dense_tail_tokens, key_padding_mask=key_padding_mask, device=q.device,
     )[:, None]
+    cap = None
+    if similarity is not None:
+        cap = similarity_cap(k, block_k=block_k, thresholds=similarity, key_padding_mask=key_padding_mask)
+        cap = cap.repeat_interleave(Hm // Hkv, dim=1)[:, :, None, :]  # per level-map head
+    if mode == "budget":
+        sims = block_sims if block_sims is not None else block_similarity(k, block_k=block_k,
+                                                                           key_padding_mask=key_padding_mask)
+        sims = sims.repeat_interleave(Hm // Hkv, dim=1)[:, :, None]  # [B, Hm, 1, nk, 3]
+        fidelity = pooling_fidelity(sims, levels, cap)
+        level_map = assign_budget(scores, visible, forced, fidelity, sparsity=target_sparsity)
+    else:
+        level_map = assign_levels(scores, visible, mode=mode, levels=levels, thresholds=thresholds)
+        if cap is not None:
+            level_map = torch.where(level_map > 0, torch.minimum(level_map, cap), level_map)
     level_map = torch.where(forced & visible, torch.ones_like(level_map), level_map)
 
     # Keep at least ceil(min_full_fraction * n_visible) level-1 blocks per row: the blocks

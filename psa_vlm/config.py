@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-MODES = ("energy", "quantile", "dense")
+MODES = ("energy", "quantile", "budget", "dense")
 ESTIMATORS = ("antidiagonal", "sampled")
 ESTIMATE_PRECISIONS = ("full", "fp8")
 POOL_LEVELS = (1, 2, 4, 8)
@@ -51,7 +51,9 @@ class PSAConfig:
     """Everything that decides how one attention call is sparsified.
 
     Fields mirror PSA_SEMANTICS.md section 7: ``mode`` (``energy`` mass thresholds, ``quantile``
-    rank thresholds, or ``dense``: every pair at level 1), ``levels`` and one threshold per level,
+    rank thresholds, ``budget``: the levels that keep the most attention for the FLOPs of
+    ``target_sparsity``, or ``dense``: every pair at level 1), ``levels`` and one threshold per
+    level (unused by ``budget``),
     ``similarity`` (cap thresholds for p = 2, 4, 8; ``None`` disables the cap), the importance
     ``estimator``, its ``stride`` and ``estimate_precision`` (``fp8``: the antidiagonal logits
     from fp8 copies of Q and K, half the bytes of bf16), block sizes, ``min_full_fraction`` (level-1 blocks kept per
@@ -73,6 +75,7 @@ class PSAConfig:
     estimator: str = "antidiagonal"
     stride: int = 8
     estimate_precision: str = "full"
+    target_sparsity: float | None = None
     block_q: int = 128
     block_k: int = 128
     min_seq_len: int = 16384  # the H200 break-even of the whole call (docs/performance.md)
@@ -114,9 +117,13 @@ class PSAConfig:
         changes = {k: (_coerce(k, v, "replace") if k != "overrides" else v) for k, v in changes.items()}
         return dataclasses.replace(self, **changes)
 
-    def at_sparsity(self, sparsity: float) -> "PSAConfig":
-        """A copy in ``quantile`` mode whose level fractions read ``1 - sparsity`` of the dense
-        FLOPs (before forced blocks), without the similarity cap and per-layer overrides.
+    def at_sparsity(self, sparsity: float, policy: str = "quantile") -> "PSAConfig":
+        """A copy that reads ``1 - sparsity`` of the dense FLOPs (before forced blocks), without
+        the similarity cap and per-layer overrides.
+
+        ``policy="quantile"``: fixed level fractions 1:1:1:2 for p = 1, 2, 4, 8 (quantile mode).
+        ``policy="budget"``: the budget-aware assignment (``mode: budget``) at that sparsity: per
+        row, the levels that keep the most attention for the FLOPs.
 
         The cost of PSA depends on the level map, not on the values: this reproduces the cost a
         real model reaches (e.g. the paper's 0.65 on Video-MME) on random weights, whose
@@ -124,6 +131,11 @@ class PSAConfig:
         """
         if self.levels != (1, 2, 4, 8):
             raise ValueError(f"at_sparsity needs levels [1, 2, 4, 8], preset {self.name!r} has {list(self.levels)}")
+        if policy == "budget":
+            return self.replace(name=f"{self.name}@budget{sparsity:g}", mode="budget", target_sparsity=sparsity,
+                                similarity=None, overrides=())
+        if policy != "quantile":
+            raise ValueError(f"policy must be 'quantile' or 'budget', got {policy!r}")
         return self.replace(name=f"{self.name}@{sparsity:g}", mode="quantile",
                             thresholds=quantile_thresholds(sparsity), similarity=None, overrides=())
 
@@ -165,6 +177,7 @@ class PSAConfig:
             estimator=self.estimator,
             stride=self.stride,
             estimate_precision=self.estimate_precision,
+            target_sparsity=self.target_sparsity,
             dense_tail_tokens=self.dense_tail_tokens,
             min_full_fraction=self.min_full_fraction,
             share_kv_group=self.share_kv_group,
@@ -262,6 +275,13 @@ def _validate(c: PSAConfig) -> None:
             _fail("similarity", "values must be numbers in [0, 1]", sim)
     if c.estimator not in ESTIMATORS:
         _fail("estimator", f"must be one of {ESTIMATORS}", c.estimator)
+    ts = c.target_sparsity
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0.0 <= ts < 1.0):
+        _fail("target_sparsity", "must be null or a number in [0, 1)", ts)
+    if c.mode == "budget" and ts is None:
+        _fail("target_sparsity", "mode 'budget' needs a target sparsity (the FLOPs it may spend: 1 - target)", ts)
+    if c.mode == "budget" and 1 not in c.levels:
+        _fail("levels", "mode 'budget' needs level 1 among the levels", c.levels)
     if c.estimate_precision not in ESTIMATE_PRECISIONS:
         _fail("estimate_precision", f"must be one of {ESTIMATE_PRECISIONS}", c.estimate_precision)
     if c.stride not in STRIDES:

@@ -450,3 +450,63 @@ def test_block_flags_kernel_matches_the_reference(case):
         assert torch.equal(got["any_valid"].bool(), reference.valid_key_blocks(pad, Lk, bk)), f"seed {seed}"
         any_valid, all_valid = padding_flags(pad, Lk, bk)
         assert torch.equal(got["any_valid"], any_valid) and torch.equal(got["all_valid"], all_valid), f"seed {seed}"
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_budget_assignment_matches_the_reference_exactly(case):
+    """The budget policy in kernels/assign.py against reference.build_level_map on the same
+    scores and block similarities: dyadic values and budgets (every product and sum exact in
+    fp32), every option (levels, shared GQA map, similarity cap, padding, causal Lq < Lk, text)."""
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, G = 2, 2, rnd.choice([1, 3])
+    Hq = Hkv * G
+    bq, bk = rnd.choice([32, 64]), rnd.choice([16, 32, 64])
+    Lk = rnd.randrange(100, 700)
+    causal = rnd.random() < 0.6
+    Lq = rnd.randrange(50, Lk + 1) if causal else rnd.randrange(50, 500)
+    q = torch.randn(B, Hq, Lq, 64, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, Lk, 64, generator=g).to(DEVICE)
+    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    scores = torch.randint(0, 64, (B, Hq, nq, nk), generator=g).float() ** 2 / 4096
+    scores[0, 0, 0] = 0.0  # a row with no mass: uniform over its visible blocks
+    scores[1, 0, 1] = 0.25  # a row of ties
+    sims = torch.randint(-4, 17, (B, Hkv, nk, 3), generator=g).float() / 16
+    sims[0, 0, :3, 2] = float("-inf")  # blocks without a pair at level 8
+    pad = None
+    if rnd.random() < 0.5:
+        pad = torch.ones(B, Lk, dtype=torch.bool)
+        pad[1, : rnd.randrange(1, Lk // 2)] = False
+        pad = pad.to(DEVICE)
+    kw = dict(causal=causal, block_q=bq, block_k=bk, scores=scores.to(DEVICE), block_sims=sims.to(DEVICE),
+              key_padding_mask=pad, mode="budget", target_sparsity=rnd.choice([0.5, 0.75, 0.875, 0.9375]),
+              share_kv_group=rnd.random() < 0.5, similarity=rnd.choice([None, (0.1, 0.0, -0.1)]),
+              dense_tail_tokens=rnd.choice([0, 40]), min_full_fraction=rnd.choice([0.0, 0.06]),
+              levels=rnd.choice([(1, 2, 4, 8), (1,), (1, 4), (1, 2, 8)]))
+    got = psa_kernels.build_level_map(q, k, compact=True, **kw)
+    want = reference.build_level_map(q, k, **kw)
+    assert torch.equal(got.to_dense(), want), f"seed {seed}"
+    expected = LevelMap.from_dense(want, block_q=bq, block_k=bk, q_len=Lq, k_len=Lk, causal=causal,
+                                   key_padding_mask=pad)
+    assert_same_layout(got, expected, f"seed {seed}")
+    assert set(want.unique().tolist()) - {0} <= set(kw["levels"]) | {1}, f"seed {seed}"
+
+
+def test_block_similarities_kernel_matches_the_reference():
+    from psa_kernels.key_blocks import key_blocks
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    Lk, block_k = 300, 32
+    t = torch.linspace(0, 9, Lk)
+    k = (torch.stack([torch.sin(t * (i + 1) / 3) for i in range(8)], -1) @ torch.randn(8, 64, generator=g)
+         + 0.4 * torch.randn(2, 3, Lk, 64, generator=g)).to(DEVICE)
+    pad = torch.ones(2, Lk, dtype=torch.bool, device=DEVICE)
+    pad[1, :70] = False  # whole blocks without a valid pair: -inf
+    got = key_blocks(k, q_len=Lk, block_q=64, block_k=block_k, thresholds=None, key_padding_mask=pad, flags=False,
+                     sims=True)["sims"]
+    want = reference.block_similarity(k.double(), block_k=block_k, key_padding_mask=pad)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"seed {seed}"
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite].double(), want[finite], atol=1e-5), f"seed {seed}"

@@ -371,3 +371,89 @@ def test_bad_inputs_name_the_problem(mutate, message):
     with pytest.raises(ValueError, match=message):
         psa_kernels.psa_attention(args["q"], args["k"], args["v"], args["level_map"], block_q=32,
                                   block_k=args["block_k"], key_padding_mask=args["key_padding_mask"])
+
+
+# ------------------------------------------------------------------------------------------
+# The budget-aware assignment (mode "budget")
+# ------------------------------------------------------------------------------------------
+
+
+def _budget_case(seed, nk=24, rows=6):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1, 1, rows, nk, generator=g) ** 3  # a few important blocks per row
+    visible = torch.ones(1, 1, rows, nk, dtype=torch.bool)
+    visible[..., rows // 2:, nk // 2:] = False  # rows that see only half the blocks
+    forced = torch.zeros_like(visible)
+    forced[..., 0] = True
+    sims = torch.rand(1, 1, 1, nk, 3, generator=g) * 1.2 - 0.1
+    return scores, visible, forced, sims
+
+
+def _kept(level_map, scores, fidelity):
+    r = torch.tensor([0, 0, 1, 0, 2, 0, 0, 0, 3])[level_map.long()]
+    q = torch.gather(fidelity.expand(*scores.shape, 4), -1, r[..., None])[..., 0]
+    return torch.where(level_map > 0, scores * q, torch.zeros_like(scores)).sum(-1)
+
+
+def _cost(level_map):
+    lm = level_map.float()
+    return torch.where(lm > 0, 1.0 / lm.clamp(min=1), torch.zeros_like(lm)).sum(-1)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
+def test_budget_policy_spends_at_most_its_budget_and_uses_more_of_it_when_given_more(sparsity):
+    scores, visible, forced, sims = _budget_case(int(torch.seed() % 2**31))
+    fidelity = R.pooling_fidelity(sims, (1, 2, 4, 8))
+    lm = R.assign_budget(scores, visible, forced, fidelity, sparsity=sparsity)
+    assert torch.all(lm[forced & visible] == 1) and torch.all(lm[~visible] == 0)
+    budget = (1 - sparsity) * visible.sum(-1).float()
+    assert torch.all(_cost(lm) <= torch.maximum(budget, forced.sum(-1).float()) + 1e-6)
+    looser = R.assign_budget(scores, visible, forced, fidelity, sparsity=sparsity / 2)
+    assert torch.all(_kept(looser, scores, fidelity) >= _kept(lm, scores, fidelity) - 1e-6)
+    assert torch.all(_cost(looser) >= _cost(lm) - 1e-6)
+
+
+def test_budget_policy_with_level_one_only_is_binary_top_k():
+    scores, visible, forced, sims = _budget_case(int(torch.seed() % 2**31), nk=32, rows=4)
+    visible[:] = True
+    lm = R.assign_budget(scores, visible, forced, R.pooling_fidelity(sims, (1,)), sparsity=0.75)
+    assert set(lm.unique().tolist()) <= {0, 1}
+    for row in range(4):
+        chosen = set(torch.nonzero(lm[0, 0, row]).flatten().tolist())
+        free = [j for j in torch.argsort(scores[0, 0, row], descending=True).tolist() if j != 0]
+        assert chosen == {0, *free[: len(chosen) - 1]}  # the sink, then the best blocks by importance
+        assert len(chosen) == 8  # the budget: a quarter of 32 blocks
+
+
+def test_budget_policy_keeps_a_peak_at_level_one_and_spreads_coarse_levels_over_flat_importance():
+    nk = 32
+    visible = torch.ones(1, 1, 2, nk, dtype=torch.bool)
+    forced = torch.zeros_like(visible)
+    scores = torch.full((1, 1, 2, nk), 1.0)
+    scores[0, 0, 0, 7] = 200.0  # row 0: one block holds most of the attention (a needle)
+    sims = torch.full((1, 1, 1, nk, 3), 0.9)  # keys alike inside every block: pooling keeps much
+    lm = R.assign_budget(scores, visible, forced, R.pooling_fidelity(sims, (1, 2, 4, 8)), sparsity=0.9)
+    assert lm[0, 0, 0, 7] == 1  # the peak is read at full resolution
+    flat = lm[0, 0, 1]
+    binary = R.assign_budget(scores, visible, forced, R.pooling_fidelity(sims, (1,)), sparsity=0.9)[0, 0, 1]
+    assert (flat > 0).sum() > 2 * (binary > 0).sum()  # flat row: coverage through coarse levels
+    assert set(flat[flat > 0].tolist()) <= {2, 4, 8}
+    # Dissimilar keys (nothing survives pooling): the budget goes to level 1, as binary would.
+    dissimilar = torch.full((1, 1, 1, nk, 3), -0.2)
+    lm = R.assign_budget(scores, visible, forced, R.pooling_fidelity(dissimilar, (1, 2, 4, 8)), sparsity=0.9)
+    assert set(lm.unique().tolist()) <= {0, 1}
+
+
+def test_budget_mode_in_the_mask_generator_and_its_errors():
+    g = torch.Generator().manual_seed(int(torch.seed() % 2**31))
+    q, k = torch.randn(1, 4, 600, 32, generator=g), torch.randn(1, 2, 600, 32, generator=g)
+    lm = R.build_level_map(q, k, causal=True, block_q=64, block_k=32, mode="budget", target_sparsity=0.8,
+                           dense_tail_tokens=0, min_full_fraction=0.0)
+    sparsity = R.sparsity(lm, causal=True, q_len=600, k_len=600, block_q=64, block_k=32)
+    assert torch.all(sparsity >= 0.8 - 0.08)  # forced blocks (sink, diagonal) may spend a little more
+    with pytest.raises(ValueError, match="target_sparsity"):
+        R.build_level_map(q, k, mode="budget")
+    with pytest.raises(ValueError, match="level 1"):
+        R.build_level_map(q, k, mode="budget", target_sparsity=0.5, levels=(2, 4), thresholds=(0.5, 0.9))
+    with pytest.raises(ValueError, match="assign_budget"):
+        R.assign_levels(torch.rand(1, 1, 2, 4), torch.ones(1, 1, 2, 4, dtype=torch.bool), mode="budget")
