@@ -8,7 +8,8 @@ For each length and shape (causal 28/4 heads D=128, the Qwen2.5-VL-7B text tower
 - dense: ``F.scaled_dot_product_attention`` (GQA through ``enable_gqa``);
 - PSA at each preset (``video_mme``, ``fast``) and at fixed sparsities 0.5 / 0.65 / 0.8 / 0.9 /
   0.95 (quantile mode, level fractions 1:1:1:2 for p = 1, 2, 4, 8 while they fit; the
-  ``video_mme`` preset's estimator): time of the importance estimate, the level assignment (with
+  ``video_mme`` preset's estimator; ``--policies budget`` adds the budget-aware assignment at the
+  same sparsities): time of the importance estimate, the level assignment (with
   the compact layout), the attention, their sum, and the whole call as the ``"psa"`` hook makes
   it (``call``: mask generation from q and k, then the attention, timed as one, so Python and
   launch costs count), and that call captured in a CUDA graph and replayed (``call_graph_ms``: the
@@ -112,12 +113,14 @@ def rel_err(out, ref):
 # ------------------------------------------------------------------------------------------
 
 
-def psa_variants(presets):
+def psa_variants(presets, policies=("quantile",)):
     for name in presets:
         cfg = load_preset(name)
         yield name, cfg.mask_kwargs()
-    for s in FIXED_SPARSITIES:
-        yield f"sparsity {s}", load_preset("video_mme").at_sparsity(s).mask_kwargs()
+    for policy in policies:
+        for s in FIXED_SPARSITIES:
+            label = f"sparsity {s}" if policy == "quantile" else f"{policy} {s}"
+            yield label, load_preset("video_mme").at_sparsity(s, policy).mask_kwargs()
 
 
 def mask_kwargs_without_importance(kw):
@@ -183,7 +186,7 @@ def graph_ms(fn, device):
     return bench(graph.replay, device)
 
 
-def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=0):
+def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=0, policies=("quantile",)):
     shape = SHAPES[shape_name]
     causal = shape["causal"]
     q, k, v = make_inputs(kind, L, shape, seed=seed, device=device, dtype=dtype)
@@ -199,7 +202,7 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
     binaries = []
     # Every PSA timing first, FlexAttention's compilations after: torch.compile's worker
     # processes would otherwise compete for the CPU with the PSA calls being timed.
-    for name, kw in psa_variants(presets):
+    for name, kw in psa_variants(presets, policies):
         stride, precision = kw["stride"], kw["estimate_precision"]
         estimate = lambda: psa_kernels.antidiagonal_importance(q, k, causal=causal, block_q=bq,  # noqa: E731
                                                                block_k=bk, stride=stride, precision=precision)
@@ -290,6 +293,9 @@ def main(argv=None):
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--kinds", default="random,video-like")
     parser.add_argument("--presets", default="video_mme,fast")
+    parser.add_argument("--policies", default="quantile",
+                        help="level assignments at the fixed sparsities: quantile (fixed fractions), budget "
+                        "(the budget-aware policy); comma-separated")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (checks the script)")
     parser.add_argument("--hook-overhead", default="",
@@ -322,7 +328,7 @@ def main(argv=None):
             for kind in args.kinds.split(","):
                 try:
                     rows.append(run_case(kind, shape, L, args.presets.split(","), device=device, dtype=dtype,
-                                         compile_flex=device.type == "cuda"))
+                                         compile_flex=device.type == "cuda", policies=args.policies.split(",")))
                 except torch.cuda.OutOfMemoryError:
                     print(f"{kind} {shape} {L}: out of memory, skipped")
                     torch.cuda.empty_cache()

@@ -249,6 +249,10 @@ def _cmd_vniah(args) -> int:
     from . import vniah
     from .bench import default_device, load_model, resolve_dtype
 
+    policies = [p for p in args.policies.split(",") if p]
+    unknown = [p for p in policies if p not in vniah.POLICIES]
+    if unknown:
+        raise ValueError(f"--policies: unknown {unknown}; choose from {', '.join(vniah.POLICIES)}")
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     model, processor = load_model(args.model, device=device, dtype=dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
@@ -269,7 +273,8 @@ def _cmd_vniah(args) -> int:
 
     report = vniah.evaluate(model, processor, frames=[int(x) for x in args.frames.split(",")], samples=args.samples,
                             kinds=kinds, size=(height, width), batch_size=args.batch_size, workers=args.workers,
-                            progress=print, on_length=save, attention=vniah.variants(presets, sparsities, overrides))
+                            progress=print, on_length=save,
+                            attention=vniah.variants(presets, sparsities, overrides, policies=policies))
     report.update(meta)
     print()
     print(vniah.table(report))
@@ -413,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     vn.add_argument("--presets", default="video_mme,fast", help="PSA presets to run (default: video_mme,fast)")
     vn.add_argument("--sparsity", default="0.5,0.65,0.8,0.9",
                     help="fixed sparsities for PSA and binary block-sparse (default: 0.5,0.65,0.8,0.9)")
+    vn.add_argument("--policies", default="quantile,budget",
+                    help="PSA's level assignments at each fixed sparsity: quantile (psa@S: fixed level fractions "
+                    "1:1:1:2), budget (budget@S: the levels that keep the most attention for the FLOPs); "
+                    "comma-separated (default: both)")
     _override_arg(vn, "a field of every PSA variant", "block_q=64")
     vn.add_argument("--batch-size", type=int, default=8, help="questions per forward (default: 8)")
     vn.add_argument("--workers", type=int, help="processes rendering the videos ahead of the model (default: every "

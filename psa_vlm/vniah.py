@@ -7,6 +7,7 @@ highest logit at the last prompt position (what the trained model learns to put 
 - ``dense``: every pair at level 1 (``sdpa``);
 - ``psa:<preset>``: the presets as shipped, except ``min_seq_len`` = 0 (short test videos);
 - ``psa@S``: PSA in quantile mode at sparsity S (:meth:`PSAConfig.at_sparsity`);
+- ``budget@S``: PSA with the budget-aware assignment at sparsity S (``mode: budget``);
 - ``binary@S``: binary block-sparse attention at the same FLOPs: level 1 or skipped, the top
   ``1 - S`` of the blocks by the same importance (same forced blocks).
 
@@ -58,15 +59,22 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def variants(presets=("video_mme", "fast"), sparsities=DEFAULT_SPARSITIES, overrides=None) -> dict:
-    """``{label: PSAConfig or None}`` in the order above (None = dense ``sdpa``)."""
+POLICIES = ("quantile", "budget")
+
+
+def variants(presets=("video_mme", "fast"), sparsities=DEFAULT_SPARSITIES, overrides=None,
+             policies=POLICIES) -> dict:
+    """``{label: PSAConfig or None}`` in the order above (None = dense ``sdpa``): per sparsity,
+    PSA with each assignment policy (``psa@S`` fixed level fractions, ``budget@S`` the
+    budget-aware assignment, :meth:`PSAConfig.at_sparsity`) and binary block-sparse attention."""
     overrides = {"min_seq_len": 0, **(overrides or {})}
     out: dict[str, PSAConfig | None] = {"dense": None}
     for name in presets:
         out[f"psa:{name}"] = load_preset(name).replace(**overrides)
     base = load_preset("video_mme").replace(**overrides)
     for s in sparsities:
-        out[f"psa@{s:g}"] = base.at_sparsity(s)
+        for policy in policies:
+            out[f"{'psa' if policy == 'quantile' else policy}@{s:g}"] = base.at_sparsity(s, policy)
         out[f"binary@{s:g}"] = base.replace(name=f"binary@{s:g}", mode="quantile", levels=[1], thresholds=[1.0 - s],
                                             similarity=None, overrides=())
     return out
@@ -187,12 +195,13 @@ def plot(report: dict):
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
     for ax, n in zip(axes[0], lengths):
         rows = [r for r in report["rows"] if r["frames"] == n]
-        for prefix, style in (("psa@", "-o"), ("binary@", "-s")):
+        for prefix, style, name in (("psa@", "-o", "PSA (quantile)"), ("budget@", "-^", "PSA (budget)"),
+                                    ("binary@", "-s", "binary block-sparse")):
             sel = sorted((r for r in rows if r["variant"].startswith(prefix)), key=lambda r: r["sparsity"] or 0)
             if sel:
                 ax.errorbar([r["sparsity"] for r in sel], [r["accuracy"] for r in sel],
                             yerr=[[r["accuracy"] - r["ci_low"] for r in sel], [r["ci_high"] - r["accuracy"] for r in sel]],
-                            fmt=style, capsize=3, label="PSA (quantile)" if prefix == "psa@" else "binary block-sparse")
+                            fmt=style, capsize=3, label=name)
         for r in rows:
             if r["variant"].startswith("psa:"):
                 ax.plot([r["sparsity"]], [r["accuracy"]], "D", label=r["variant"])
