@@ -261,7 +261,7 @@ def _validate(c: PSAConfig) -> None:
     if list(levels) != sorted(set(levels)):
         _fail("levels", "must be strictly increasing", levels)
     th = c.thresholds
-    if not isinstance(th, tuple) or len(th) != len(levels):
+    if not isinstance(th, tuple) or (len(th) != len(levels) and c.mode != "budget"):  # budget: unused
         _fail("thresholds", f"must hold one value per level ({len(levels)})", th)
     if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0 for t in th):
         _fail("thresholds", "values must be numbers in [0, 1]", th)

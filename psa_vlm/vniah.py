@@ -7,7 +7,8 @@ highest logit at the last prompt position (what the trained model learns to put 
 - ``dense``: every pair at level 1 (``sdpa``);
 - ``psa:<preset>``: the presets as shipped, except ``min_seq_len`` = 0 (short test videos);
 - ``psa@S``: PSA in quantile mode at sparsity S (:meth:`PSAConfig.at_sparsity`);
-- ``budget@S``: PSA with the budget-aware assignment at sparsity S (``mode: budget``);
+- ``budget@S``: PSA with the budget-aware assignment at sparsity S (``mode: budget``), and
+  ``topk@S``: the same budget spent on level-1 blocks only (binary top-k, the same FLOPs exactly);
 - ``binary@S``: binary block-sparse attention at the same FLOPs: level 1 or skipped, the top
   ``1 - S`` of the blocks by the same importance (same forced blocks).
 
@@ -64,19 +65,25 @@ POLICIES = ("quantile", "budget")
 
 def variants(presets=("video_mme", "fast"), sparsities=DEFAULT_SPARSITIES, overrides=None,
              policies=POLICIES) -> dict:
-    """``{label: PSAConfig or None}`` in the order above (None = dense ``sdpa``): per sparsity,
-    PSA with each assignment policy (``psa@S`` fixed level fractions, ``budget@S`` the
-    budget-aware assignment, :meth:`PSAConfig.at_sparsity`) and binary block-sparse attention."""
+    """``{label: PSAConfig or None}`` in the order above (None = dense ``sdpa``): per sparsity and
+    assignment policy, PSA and the binary block-sparse attention that spends its FLOPs the same
+    way (``psa@S`` / ``binary@S``: fixed fractions of the visible blocks, forced blocks on top;
+    ``budget@S`` / ``topk@S``: a budget of ``1 - S`` of the visible blocks, forced blocks
+    included; top-k is the budget policy with level 1 only)."""
     overrides = {"min_seq_len": 0, **(overrides or {})}
     out: dict[str, PSAConfig | None] = {"dense": None}
     for name in presets:
         out[f"psa:{name}"] = load_preset(name).replace(**overrides)
     base = load_preset("video_mme").replace(**overrides)
     for s in sparsities:
-        for policy in policies:
-            out[f"{'psa' if policy == 'quantile' else policy}@{s:g}"] = base.at_sparsity(s, policy)
-        out[f"binary@{s:g}"] = base.replace(name=f"binary@{s:g}", mode="quantile", levels=[1], thresholds=[1.0 - s],
-                                            similarity=None, overrides=())
+        if "quantile" in policies:
+            out[f"psa@{s:g}"] = base.at_sparsity(s)
+            out[f"binary@{s:g}"] = base.replace(name=f"binary@{s:g}", mode="quantile", levels=[1],
+                                                thresholds=[1.0 - s], similarity=None, overrides=())
+        if "budget" in policies:
+            budget = base.at_sparsity(s, "budget")
+            out[f"budget@{s:g}"] = budget
+            out[f"topk@{s:g}"] = budget.replace(name=f"topk@{s:g}", levels=[1])
     return out
 
 
@@ -195,8 +202,8 @@ def plot(report: dict):
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
     for ax, n in zip(axes[0], lengths):
         rows = [r for r in report["rows"] if r["frames"] == n]
-        for prefix, style, name in (("psa@", "-o", "PSA (quantile)"), ("budget@", "-^", "PSA (budget)"),
-                                    ("binary@", "-s", "binary block-sparse")):
+        for prefix, style, name in (("psa@", "-o", "PSA (quantile)"), ("binary@", "-s", "binary block-sparse"),
+                                    ("budget@", "-^", "PSA (budget)"), ("topk@", "-v", "binary top-k (budget)")):
             sel = sorted((r for r in rows if r["variant"].startswith(prefix)), key=lambda r: r["sparsity"] or 0)
             if sel:
                 ax.errorbar([r["sparsity"] for r in sel], [r["accuracy"] for r in sel],

@@ -103,3 +103,20 @@ def test_replace_validates_and_round_trips():
     with pytest.raises(ValueError, match="unknown field"):
         cfg.replace(blockq=64)
     assert PSAConfig.from_dict(load_preset("fast").to_dict()) == load_preset("fast")
+
+
+def test_budget_mode_needs_a_target_and_at_sparsity_builds_it():
+    from psa_vlm.config import PSAConfig, load_preset
+
+    with pytest.raises(ValueError, match="target_sparsity"):
+        PSAConfig(mode="budget")
+    with pytest.raises(ValueError, match="target_sparsity"):
+        PSAConfig(mode="budget", target_sparsity=1.0)
+    with pytest.raises(ValueError, match="level 1"):
+        PSAConfig(mode="budget", target_sparsity=0.5, levels=(2, 4), thresholds=(0.5, 0.9))
+    cfg = load_preset("video_mme").at_sparsity(0.9, "budget")
+    assert cfg.mode == "budget" and cfg.target_sparsity == 0.9 and cfg.similarity is None
+    assert cfg.mask_kwargs()["target_sparsity"] == 0.9
+    assert cfg.replace(levels=[1]).levels == (1,)  # budget mode: thresholds need not pair with levels
+    with pytest.raises(ValueError, match="policy"):
+        load_preset("video_mme").at_sparsity(0.9, "greedy")

@@ -111,13 +111,15 @@ def test_vniah_runs_every_variant_and_matches_binary_flops(tmp_path, capsys, mon
                      "--output", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "vniah.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
-    assert list(rows) == ["dense", "psa:video_mme", "psa@0.5", "binary@0.5", "psa@0.8", "binary@0.8"]
+    assert list(rows) == ["dense", "psa:video_mme", "psa@0.5", "binary@0.5", "budget@0.5", "topk@0.5", "psa@0.8",
+                          "binary@0.8", "budget@0.8", "topk@0.8"]
     for r in rows.values():
         assert r["samples"] == 6 and 0 <= r["ci_low"] <= r["accuracy"] <= r["ci_high"] <= 1
         assert r["correct"] == round(r["accuracy"] * 6)
     assert rows["dense"]["sparsity"] == 0
     for s in ("0.5", "0.8"):  # the same FLOPs: forced blocks count alike
         assert abs(rows[f"binary@{s}"]["sparsity"] - rows[f"psa@{s}"]["sparsity"]) < 0.06
+        assert abs(rows[f"topk@{s}"]["sparsity"] - rows[f"budget@{s}"]["sparsity"]) < 0.02  # the same budget
     assert rows["psa@0.8"]["sparsity"] > rows["psa@0.5"]["sparsity"] > 0
     assert (tmp_path / "vniah.png").stat().st_size > 10_000
     assert "95% interval" in capsys.readouterr().out
@@ -138,7 +140,7 @@ def test_vniah_renders_the_same_questions_in_worker_processes(monkeypatch):
     here = vniah.evaluate(model, processor, workers=0, **kwargs)
     spawned = vniah.evaluate(model, processor, workers=2, **kwargs)
     assert here["rows"] == spawned["rows"]
-    assert [r["samples"] for r in here["rows"]] == [5, 5, 5]
+    assert [r["samples"] for r in here["rows"]] == [5] * len(attention)
     spec = vniah.batch_specs(8, 5, batch_size=3)[1]
     answers, inputs = needles.render_batch(spec, processor)
     assert answers == [q.answer for q in vniah.test_set(8, 5)[3:]] and inputs["input_ids"].shape[0] == 2
