@@ -1,6 +1,6 @@
 """Dense PyTorch reference of Pyramid Sparse Attention (PSA).
 
-This module *defines* what every fast path computes (``PSA_SEMANTICS.md``, sections 1-7). It
+This module *defines* what every fast path computes (``docs/semantics.md``, sections 1-8). It
 favours clarity over speed: it materialises the logits of a chunk of query rows against every
 pooled key, so use it at small sizes or as the ground truth in tests.
 

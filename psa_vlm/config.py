@@ -1,6 +1,6 @@
 """PSA configuration: the :class:`PSAConfig` dataclass and the YAML presets in ``configs/``.
 
-A preset names every knob of mask generation (PSA_SEMANTICS.md section 7) plus where PSA runs
+A preset names every knob of mask generation (docs/semantics.md section 7) plus where PSA runs
 at all (which towers, from which sequence length) and per-layer overrides, e.g. "keep the first
 two text layers dense". Presets are selected by name (``"video_mme"``) or by a path to a YAML
 file; :func:`load_preset` validates them and raises ``ValueError`` naming the bad field.
@@ -50,7 +50,7 @@ class LayerOverride:
 class PSAConfig:
     """Everything that decides how one attention call is sparsified.
 
-    Fields mirror PSA_SEMANTICS.md section 7: ``mode`` (``energy`` mass thresholds, ``quantile``
+    Fields mirror docs/semantics.md section 7: ``mode`` (``energy`` mass thresholds, ``quantile``
     rank thresholds, ``budget``: the levels that keep the most attention for the FLOPs of
     ``target_sparsity``, or ``dense``: every pair at level 1), ``levels`` and one threshold per
     level (unused by ``budget``),

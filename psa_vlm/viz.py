@@ -1,6 +1,6 @@
 """Plots of PSA level maps and benchmark results (matplotlib; figures are returned, never shown).
 
-Level values follow PSA_SEMANTICS.md: 1 = full resolution, 2/4/8 = mean-pooled keys, 0 = skipped.
+Level values follow docs/semantics.md: 1 = full resolution, 2/4/8 = mean-pooled keys, 0 = skipped.
 The colour scale is discrete and ordered by resolution (darker = more detail), so a map reads at
 a glance: where each query block looks, and how sharply.
 """

@@ -1,4 +1,4 @@
-"""The dense reference against independent, explicit computations of PSA_SEMANTICS.md.
+"""The dense reference against independent, explicit computations of docs/semantics.md.
 
 The oracle here is written differently from the reference on purpose: K/V are expanded per
 query head, pooled keys are built group by group in Python, and the softmax runs row by row.
