@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import _acc_dtype, _per_kv_head, build_pyramid
+from .blocks import per_kv_head
+from .reference import _acc_dtype, build_pyramid
 
 
 def psa_attention_blockwise(
@@ -53,7 +54,7 @@ def psa_attention_blockwise(
     present = (counts > 0)[:, None, None, None, :]
     last = torch.cat([lvl.last for lvl in pyramid.values()], dim=1)[:, None, None, None, :]
 
-    levels = _per_kv_head(level_map.long(), Hq, Hkv)  # [B, Hkv, G|1, nq, nk]
+    levels = per_kv_head(level_map.long(), Hq, Hkv)  # [B, Hkv, G|1, nq, nk]
     assigned = (levels[..., block] == factor) & present  # [B, Hkv, G|1, nq, T]
     offset = Lk - Lq  # causal queries are bottom-right aligned: query r sits at offset + r
     for i in range(levels.shape[3]):

@@ -7,8 +7,8 @@ One program per (block index ``t``, batch, kv head) computes:
   similarity of the token pairs ``(t*p, t*p + p - 1)`` of the block (pairs with both tokens
   real); ``p`` is allowed when it exceeds the factor's threshold, and the cap is the largest
   allowed factor (1 if none). One read of K per factor, fp32 arithmetic;
-- on the first kv head only, the block flags of :func:`psa_kernels.reference.forced_columns_and_rows`
-  and :func:`psa_kernels.reference.valid_key_blocks`: whether key block ``t`` holds text, some
+- on the first kv head only, the block flags of :func:`psa_kernels.blocks.forced_columns_and_rows`
+  and :func:`psa_kernels.blocks.valid_key_blocks`: whether key block ``t`` holds text, some
   real token, only real tokens, and whether query block ``t`` holds text (queries sit at key
   positions ``Lk - Lq + i``). Without a text mask the last ``tail`` keys count as text.
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .blocks import block_flags
 from .utils import kernels_available
 from .validation import POOL_FACTORS, num_blocks
 
@@ -112,7 +113,7 @@ class LevelMap:
 
     def density(self) -> torch.Tensor:
         """Compute density per ``[B, Hm]``: the mean of ``1/p`` (0 when skipped) over the visible
-        pairs (1 for a head with none), as :func:`psa_kernels.reference.density`."""
+        pairs (1 for a head with none), as :func:`psa_kernels.blocks.density`."""
         n_vis = self.visible.sum(-1).float()
         return torch.where(n_vis > 0, self.cost.sum(-1) / n_vis.clamp(min=1), torch.ones_like(n_vis))
 
@@ -123,31 +124,6 @@ class LevelMap:
     @property
     def shape(self) -> torch.Size:
         return self.indices.shape
-
-
-def block_flags(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool, key_padding_mask, device):
-    """Per pair ``[B, nq, nk]``: readable (not past the causal diagonal), visible (readable and
-    holding a real key) and whole (read without masks) - the geometry a plan is made of."""
-    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
-    j = torch.arange(nk, device=device)
-    i = torch.arange(nq, device=device)
-    offset = k_len - q_len
-    block_end = (j + 1) * block_k
-    readable = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    whole = (block_end <= k_len)[None, :].expand(nq, nk)
-    if causal:
-        last_pos = offset + torch.clamp((i + 1) * block_q, max=q_len) - 1
-        readable = (j[None, :] * block_k <= last_pos[:, None])
-        whole = whole & (block_end[None, :] - 1 <= (offset + i * block_q)[:, None])
-    B = 1 if key_padding_mask is None else key_padding_mask.shape[0]
-    readable, whole = readable[None].expand(B, nq, nk), whole[None].expand(B, nq, nk)
-    visible = readable
-    if key_padding_mask is not None:
-        blocks = torch.nn.functional.pad(key_padding_mask, (0, nk * block_k - k_len)).view(B, nk, block_k)
-        any_valid, all_valid = blocks.any(-1), blocks.all(-1)
-        visible = visible & any_valid[:, None, :]
-        whole = whole & all_valid[:, None, :]
-    return readable, visible, whole
 
 
 def _compact_torch(level_map: torch.Tensor, *, block_q, block_k, q_len, k_len, causal, key_padding_mask):

@@ -22,16 +22,9 @@ import logging
 import torch
 
 from . import reference
+from .blocks import block_visibility, density, forced_full_blocks, sparsity
 from .level_map import LevelMap
-from .reference import (
-    PyramidLevel,
-    assign_levels,
-    block_visibility,
-    dense_attention,
-    density,
-    forced_full_blocks,
-    sparsity,
-)
+from .reference import PyramidLevel, assign_levels, dense_attention
 from .utils import kernels_available
 from .validation import LEVEL_VALUES, POOL_FACTORS, check_attention_inputs, check_key_padding_mask, check_qkv, num_blocks
 
@@ -222,9 +215,12 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
         similarity = a["similarity"]
         if similarity is not None and not isinstance(similarity, dict):
             similarity = dict(zip((2, 4, 8), similarity))
-        blocks = key_blocks(k, q_len=Lq, block_q=block_q, block_k=block_k, thresholds=similarity, text_mask=text,
+        blocks = key_blocks(k, q_len=Lq, block_q=block_q, block_k=block_k,
+                            thresholds=similarity if given_sims is None else None, text_mask=text,
                             dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad,
                             sims=budget and given_sims is None)
+        if given_sims is not None and similarity is not None:  # the cap of the given similarities
+            blocks["cap"] = reference.cap_from_similarity(given_sims, similarity).contiguous()
         return_layout = assign_levels_triton(
             scores if scores.dtype == torch.float32 else scores.float(), heads=Hkv if a["share_kv_group"] else Hq,
             kv_heads=Hkv, causal=a["causal"], q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k,

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .blocks import block_visibility, forced_full_blocks, per_kv_head, valid_keys
 from .validation import (
     POOL_FACTORS,
     check_attention_inputs,
@@ -43,12 +44,6 @@ _MAX_CHUNK_ELEMENTS = 1 << 26
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in fp32 at least (fp64 inputs stay fp64, which tests use as an oracle)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _valid_keys(key_padding_mask: torch.Tensor | None, batch: int, k_len: int, device) -> torch.Tensor:
-    if key_padding_mask is None:
-        return torch.ones(batch, k_len, dtype=torch.bool, device=device)
-    return key_padding_mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +76,7 @@ def build_pyramid(
     """
     B, H, Lk, D = k.shape
     acc = _acc_dtype(k.dtype)
-    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    valid = valid_keys(key_padding_mask, B, Lk, k.device)
     pos = torch.arange(Lk, device=k.device)
     out = {}
     for p in factors:
@@ -108,14 +103,6 @@ def build_pyramid(
 # --------------------------------------------------------------------------------------------
 # Attention (sections 1-5)
 # --------------------------------------------------------------------------------------------
-
-
-def _per_kv_head(level_map: torch.Tensor, q_heads: int, kv_heads: int) -> torch.Tensor:
-    """View a level map as ``[B, Hkv, G or 1, nq, nk]`` so it broadcasts against grouped queries."""
-    B, Hm, nq, nk = level_map.shape
-    if Hm == q_heads:
-        return level_map.view(B, kv_heads, q_heads // kv_heads, nq, nk)
-    return level_map.view(B, kv_heads, 1, nq, nk)
 
 
 def psa_attention(
@@ -145,7 +132,7 @@ def psa_attention(
     offset = Lk - Lq  # bottom-right alignment of causal queries
 
     pyramid = build_pyramid(k, v, key_padding_mask)
-    levels = _per_kv_head(level_map.long(), Hq, Hkv)
+    levels = per_kv_head(level_map.long(), Hq, Hkv)
     qg = q.to(acc).view(B, Hkv, G, Lq, D)
     out = torch.zeros(B, Hkv, G, Lq, D, dtype=acc, device=q.device)
     if Lq == 0 or Lk == 0:
@@ -215,69 +202,6 @@ def dense_attention(
     empty = ~mask.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=gqa)
     return out.masked_fill(empty, 0.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Visibility and cost (section 6)
-# --------------------------------------------------------------------------------------------
-
-
-def block_visibility(
-    *,
-    batch: int,
-    q_len: int,
-    k_len: int,
-    block_q: int,
-    block_k: int,
-    causal: bool,
-    key_padding_mask: torch.Tensor | None = None,
-    device=None,
-) -> torch.Tensor:
-    """``[B, nq, nk]`` bool: the pairs that can hold a visible key.
-
-    Causal: key block ``j`` is visible to query block ``i`` iff ``j*block_k`` is at most the last
-    absolute position of block ``i``. Key blocks holding no valid (unpadded) token are invisible.
-    """
-    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
-    vis = torch.ones(batch, nq, nk, dtype=torch.bool, device=device)
-    if causal:
-        last_pos = (k_len - q_len) + torch.clamp(torch.arange(1, nq + 1, device=device) * block_q, max=q_len) - 1
-        vis = vis & ((torch.arange(nk, device=device) * block_k)[None, :] <= last_pos[:, None])[None]
-    if key_padding_mask is not None:
-        vis = vis & valid_key_blocks(key_padding_mask, k_len, block_k)[:, None, :]
-    return vis
-
-
-def density(
-    level_map: torch.Tensor,
-    *,
-    causal: bool,
-    q_len: int,
-    k_len: int,
-    block_q: int,
-    block_k: int,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Compute density ``rho`` per ``[B, Hm]``: the mean of ``1/p`` (0 when skipped) over visible pairs.
-
-    ``1 - rho`` is the sparsity of a binary block-sparse method with the same FLOPs (the paper's
-    definition of PSA's sparsity). A head with no visible pair has density 1 (nothing skipped).
-    """
-    B = level_map.shape[0]
-    vis = block_visibility(
-        batch=B, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, causal=causal,
-        key_padding_mask=key_padding_mask, device=level_map.device,
-    )[:, None]
-    lm = level_map.float()
-    cost = torch.where(lm > 0, 1.0 / lm.clamp(min=1), torch.zeros_like(lm))
-    n_vis = vis.sum((-1, -2)).float()
-    rho = (cost * vis).sum((-1, -2)) / n_vis.clamp(min=1)
-    return torch.where(n_vis > 0, rho, torch.ones_like(rho))
-
-
-def sparsity(level_map: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``1 - density(level_map, **kwargs)``, per ``[B, Hm]``."""
-    return 1.0 - density(level_map, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +283,7 @@ def antidiagonal_importance(
     scale = D**-0.5 if scale is None else float(scale)
     acc = _acc_dtype(q.dtype)
     nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
-    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    valid = valid_keys(key_padding_mask, B, Lk, k.device)
     k = k.to(acc) * valid[:, None, :, None]  # padded keys contribute nothing to a column's sum
     qs = _strided_queries(q.to(acc), stride).view(B, Hkv, G, -1, stride * D)
     ks = _strided_keys(k, stride)
@@ -411,7 +335,7 @@ def sampled_importance(
     scale = D**-0.5 if scale is None else float(scale)
     acc = _acc_dtype(q.dtype)
     nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
-    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    valid = valid_keys(key_padding_mask, B, Lk, k.device)
 
     def pick(n_blocks, block, length):
         offs = torch.rand(n_blocks, samples, generator=generator, device="cpu")
@@ -499,7 +423,7 @@ def block_similarity(
     tokens a level-``p`` mean stands for are: the similarity cap and the budget policy read it."""
     B, H, Lk, D = k.shape
     nk = num_blocks(Lk, block_k)
-    valid = _valid_keys(key_padding_mask, B, Lk, k.device)
+    valid = valid_keys(key_padding_mask, B, Lk, k.device)
     kf = F.pad(k.to(_acc_dtype(k.dtype)), (0, 0, 0, nk * block_k - Lk))
     vf = F.pad(valid, (0, nk * block_k - Lk))
     out = []
@@ -527,13 +451,17 @@ def similarity_cap(
     ``thresholds[p]``; the cap is the largest allowed ``p``, 1 if none. ``thresholds`` maps
     p -> threshold, or lists them for p = 2, 4, 8.
     """
+    return cap_from_similarity(block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask), thresholds)
+
+
+def cap_from_similarity(sims: torch.Tensor, thresholds: Mapping[int, float] | Sequence[float]) -> torch.Tensor:
+    """The similarity cap ``[..., nk]`` (int8) of block similarities ``[..., nk, 3]``."""
     if not isinstance(thresholds, Mapping):
         thresholds = dict(zip((2, 4, 8), thresholds))
-    sims = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask)
-    cap = torch.ones(sims.shape[:-1], dtype=torch.int8, device=k.device)
+    cap = torch.ones(sims.shape[:-1], dtype=torch.int8, device=sims.device)
     for r, p in enumerate(POOL_FACTORS[1:]):
         if p in thresholds:
-            cap = torch.where(sims[..., r] > thresholds[p], torch.tensor(p, dtype=torch.int8, device=k.device), cap)
+            cap = torch.where(sims[..., r] > thresholds[p], torch.tensor(p, dtype=torch.int8, device=sims.device), cap)
     return cap
 
 
@@ -628,74 +556,6 @@ def assign_budget(
     return torch.where(forced, torch.ones_like(level), level)
 
 
-def forced_full_blocks(
-    *,
-    batch: int,
-    q_len: int,
-    k_len: int,
-    block_q: int,
-    block_k: int,
-    causal: bool,
-    text_mask: torch.Tensor | None = None,
-    dense_tail_tokens: int = 512,
-    key_padding_mask: torch.Tensor | None = None,
-    device=None,
-) -> torch.Tensor:
-    """``[B, nq, nk]`` bool: the pairs that must stay at level 1 (section 7.4).
-
-    Key block 0 (the attention sink; with left padding also the block of the first real token),
-    the diagonal blocks when causal (every key block overlapping the query block's absolute
-    positions), and every row and column holding text. ``text_mask [B, Lk]`` marks text keys
-    (queries are the last ``Lq`` of them); without it the last ``dense_tail_tokens`` count as text.
-    """
-    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
-    offset = k_len - q_len
-    cols, rows = forced_columns_and_rows(batch=batch, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
-                                         text_mask=text_mask, dense_tail_tokens=dense_tail_tokens,
-                                         key_padding_mask=key_padding_mask, device=device)
-    forced = cols[:, None, :] | rows[:, :, None]
-    if causal:
-        starts = offset + torch.arange(nq, device=device) * block_q
-        ends = offset + torch.clamp(torch.arange(1, nq + 1, device=device) * block_q, max=q_len) - 1
-        j = torch.arange(nk, device=device)
-        forced |= ((j[None, :] >= (starts // block_k)[:, None]) & (j[None, :] <= (ends // block_k)[:, None]))[None]
-    return forced
-
-
-def forced_columns_and_rows(
-    *,
-    batch: int,
-    q_len: int,
-    k_len: int,
-    block_q: int,
-    block_k: int,
-    text_mask: torch.Tensor | None = None,
-    dense_tail_tokens: int = 512,
-    key_padding_mask: torch.Tensor | None = None,
-    device=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The parts of :func:`forced_full_blocks` that are whole columns and rows: ``[B, nk]`` (the
-    sink, the first real token's block, text keys) and ``[B, nq]`` (text queries)."""
-    nq, nk = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
-    offset = k_len - q_len
-    cols = torch.zeros(batch, nk, dtype=torch.bool, device=device)
-    cols[:, 0] = True
-    if key_padding_mask is not None:
-        first_real = torch.argmax(key_padding_mask.int(), dim=-1) // block_k  # [B]
-        cols |= torch.arange(nk, device=device)[None, :] == first_real[:, None]
-    if text_mask is None:
-        text_mask = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
-        text_mask[:, max(0, k_len - dense_tail_tokens) :] = dense_tail_tokens > 0
-    elif tuple(text_mask.shape) != (batch, k_len):
-        raise ValueError(f"text_mask must have shape [B, Lk] = {(batch, k_len)}, got {tuple(text_mask.shape)}")
-    cols |= F.pad(text_mask, (0, nk * block_k - k_len)).view(batch, nk, block_k).any(-1)
-    # Query i sits at key position offset + i (bottom-right aligned); with more queries than
-    # keys the first -offset queries have no key position and are not text.
-    text_q = text_mask[:, offset:] if offset >= 0 else F.pad(text_mask, (-offset, 0))
-    rows = F.pad(text_q, (0, nq * block_q - q_len)).view(batch, nq, block_q).any(-1)
-    return cols, rows
-
-
 def block_importance(q, k, *, scores=None, estimator="antidiagonal", causal=False, scale=None, block_q=128,
                      block_k=128, stride=8, key_padding_mask=None, generator=None, antidiagonal=None,
                      estimate_precision="full"):
@@ -718,12 +578,6 @@ def block_importance(q, k, *, scores=None, estimator="antidiagonal", causal=Fals
         return sampled_importance(q, k, scale=scale, block_q=block_q, block_k=block_k, samples=stride,
                                   key_padding_mask=key_padding_mask, generator=generator)
     raise ValueError(f"estimator must be 'antidiagonal' or 'sampled', got {estimator!r}")
-
-
-def valid_key_blocks(key_padding_mask: torch.Tensor, k_len: int, block_k: int) -> torch.Tensor:
-    """``[B, nk]`` bool: the key blocks holding at least one valid (unpadded) token."""
-    nk = num_blocks(k_len, block_k)
-    return F.pad(key_padding_mask, (0, nk * block_k - k_len)).view(key_padding_mask.shape[0], nk, block_k).any(-1)
 
 
 def build_level_map(
@@ -765,7 +619,8 @@ def build_level_map(
     (:func:`antidiagonal_importance`). ``mode='budget'`` spends a compute budget of
     ``1 - target_sparsity`` per row (:func:`assign_budget`; ``thresholds`` unused; the similarity
     thresholds, when given, forbid a pooled level to a block as the cap does); ``block_sims
-    [B, Hkv, nk, 3]`` replaces its :func:`block_similarity` (already computed).
+    [B, Hkv, nk, 3]`` replaces :func:`block_similarity` (already computed) for the cap and the
+    budget's fidelity.
     """
     check_qkv(q, k, k)
     check_block_sizes(block_q, block_k)
@@ -792,13 +647,13 @@ def build_level_map(
         batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k, causal=causal, text_mask=text_mask,
         dense_tail_tokens=dense_tail_tokens, key_padding_mask=key_padding_mask, device=q.device,
     )[:, None]
+    sims = block_sims
+    if sims is None and (similarity is not None or mode == "budget"):
+        sims = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask)
     cap = None
     if similarity is not None:
-        cap = similarity_cap(k, block_k=block_k, thresholds=similarity, key_padding_mask=key_padding_mask)
-        cap = cap.repeat_interleave(Hm // Hkv, dim=1)[:, :, None, :]  # per level-map head
+        cap = cap_from_similarity(sims, similarity).repeat_interleave(Hm // Hkv, dim=1)[:, :, None, :]  # per map head
     if mode == "budget":
-        sims = block_sims if block_sims is not None else block_similarity(k, block_k=block_k,
-                                                                           key_padding_mask=key_padding_mask)
         sims = sims.repeat_interleave(Hm // Hkv, dim=1)[:, :, None]  # [B, Hm, 1, nk, 3]
         fidelity = pooling_fidelity(sims, levels, cap)
         level_map = assign_budget(scores, visible, forced, fidelity, sparsity=target_sparsity)

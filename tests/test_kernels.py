@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import psa_kernels
-from psa_kernels import LevelMap, reference
+from psa_kernels import LevelMap, blocks, reference
 
 pytest.importorskip("triton")
 from psa_kernels.attention import psa_attention_triton  # noqa: E402
@@ -345,7 +345,8 @@ def test_layout_writers_agree_and_plan_what_the_geometry_allows(case):
     lengths, causality and padding; each level list holds its whole blocks first, then the
     readable others, then the blocks past the causal diagonal; cost and visible give the
     reference's density."""
-    from psa_kernels.level_map import _compact_torch, block_flags
+    from psa_kernels.blocks import block_flags
+    from psa_kernels.level_map import _compact_torch
 
     seed = fresh_seed()
     rnd = random.Random(seed)
@@ -383,7 +384,7 @@ def test_layout_writers_agree_and_plan_what_the_geometry_allows(case):
                     assert listed[:n_whole] == sorted(listed[:n_whole])
                     assert listed[n_whole:] == sorted(listed[n_whole:])
                     start += n
-    density = reference.density(lm, causal=causal, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk, key_padding_mask=pad)
+    density = blocks.density(lm, causal=causal, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk, key_padding_mask=pad)
     assert torch.allclose(got.density(), density.float(), atol=1e-6), f"seed {seed}"
 
 
@@ -437,7 +438,7 @@ def test_block_flags_kernel_matches_the_reference(case):
     tail = rnd.choice([0, 40])
     got = key_blocks(k, q_len=Lq, block_q=bq, block_k=bk, thresholds=None, text_mask=text, dense_tail_tokens=tail,
                      key_padding_mask=pad)
-    cols, rows = reference.forced_columns_and_rows(batch=B, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk,
+    cols, rows = blocks.forced_columns_and_rows(batch=B, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk,
                                                    text_mask=text, dense_tail_tokens=tail, key_padding_mask=pad,
                                                    device=DEVICE)
     # The assignment adds the sink and the first real token's block to the text columns.
@@ -447,7 +448,7 @@ def test_block_flags_kernel_matches_the_reference(case):
     assert torch.equal(got["text_cols"].bool() | (j == 0) | (j[None, :] == first_real[:, None]), cols), f"seed {seed}"
     assert torch.equal(got["text_rows"].bool(), rows), f"seed {seed}"
     if pad is not None:
-        assert torch.equal(got["any_valid"].bool(), reference.valid_key_blocks(pad, Lk, bk)), f"seed {seed}"
+        assert torch.equal(got["any_valid"].bool(), blocks.valid_key_blocks(pad, Lk, bk)), f"seed {seed}"
         any_valid, all_valid = padding_flags(pad, Lk, bk)
         assert torch.equal(got["any_valid"], any_valid) and torch.equal(got["all_valid"], all_valid), f"seed {seed}"
 

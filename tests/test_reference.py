@@ -449,7 +449,7 @@ def test_budget_mode_in_the_mask_generator_and_its_errors():
     q, k = torch.randn(1, 4, 600, 32, generator=g), torch.randn(1, 2, 600, 32, generator=g)
     lm = R.build_level_map(q, k, causal=True, block_q=64, block_k=32, mode="budget", target_sparsity=0.8,
                            dense_tail_tokens=0, min_full_fraction=0.0)
-    sparsity = R.sparsity(lm, causal=True, q_len=600, k_len=600, block_q=64, block_k=32)
+    sparsity = psa_kernels.sparsity(lm, causal=True, q_len=600, k_len=600, block_q=64, block_k=32)
     assert torch.all(sparsity >= 0.8 - 0.08)  # forced blocks (sink, diagonal) may spend a little more
     with pytest.raises(ValueError, match="target_sparsity"):
         R.build_level_map(q, k, mode="budget")
