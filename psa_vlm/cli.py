@@ -11,18 +11,8 @@ from pathlib import Path
 DESCRIPTION = """\
 psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen2.5-VL.
 
-Commands:
-  ask         answer a question about a local video with a Qwen2.5-VL model, PSA or dense
-  demo        offline end-to-end run: a tiny random Qwen2.5-VL answers a question about a
-              generated video with dense ("sdpa") and PSA attention, side by side
-  bench       end-to-end prefill benchmark (time to first token, vision and language parts)
-              with "sdpa" vs "psa" on generated videos sized to target token counts
-  eval        long-video QA benchmarks (Video-MME, MLVU, LongVideoBench, EgoSchema) through
-              lm-eval with several attentions, resumable, one comparison report
-  lm-eval     lm-eval's own command line with the psa-qwen2.5-vl model registered
-  vniah       video needle-in-a-haystack: accuracy vs sparsity for PSA and binary block-sparse
-  tiny-model  write the offline tiny Qwen2.5-VL (weights, tokenizer, processor) to a folder
-  presets     list the PSA presets shipped in configs/
+New here? `psa-vlm demo` runs offline (no weights, no network) and shows dense and PSA
+attention side by side. `psa-vlm COMMAND --help` explains a command and its options.
 """
 
 # The tiny model's prompts are a few hundred tokens: the demo lowers the presets' block sizes
@@ -299,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psa-vlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # argparse lists the commands from their help texts (the description has no list of its own)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    demo = sub.add_parser("demo", help="offline side-by-side run of dense and PSA attention on the tiny model",
+    demo = sub.add_parser("demo", help="offline end-to-end run: a tiny random Qwen2.5-VL answers a question about a generated "
+                          "video with dense (sdpa) and PSA attention, side by side",
                           description="Build (or reuse) the offline tiny Qwen2.5-VL, generate a synthetic video, "
                           "and answer one question with attn_implementation='sdpa' and 'psa'. Prints tokens, "
                           "timings, PSA sparsity and whether the generated tokens agree, and writes a PNG of one "
@@ -316,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "temporary folder)")
     demo.set_defaults(func=_cmd_demo)
 
-    ask = sub.add_parser("ask", help="answer a question about a local video",
+    ask = sub.add_parser("ask", help="answer a question about a local video with a Qwen2.5-VL model, PSA or dense",
                          description="Load a Qwen2.5-VL checkpoint (folder or hub id), sample and resize the video "
                          "by the Qwen rules (--fps or --nframes, --max-pixels per frame), and answer the question "
                          "greedily with PSA or dense attention. Prints the answer, the number of (visual) tokens, "
@@ -337,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_and_dtype(ask)
     ask.set_defaults(func=_cmd_ask)
 
-    bench = sub.add_parser("bench", help="end-to-end prefill benchmark, sdpa vs psa",
+    bench = sub.add_parser("bench", help="end-to-end prefill benchmark (time to first token, vision and "
+                           "language parts), sdpa vs psa, on generated videos sized to target token counts",
                            description="Time to first token of Qwen2.5-VL on generated videos sized to each "
                            "target number of language tokens: the whole prefill (TTFT), the language model's "
                            "part of it (CUDA events) and the rest (the vision tower), peak GPU memory and the "
@@ -365,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="folder for bench.json")
     bench.set_defaults(func=_cmd_bench)
 
-    ev = sub.add_parser("eval", help="long-video QA benchmarks through lm-eval, dense vs PSA side by side",
+    ev = sub.add_parser("eval", help="long-video QA benchmarks (Video-MME, MLVU, LongVideoBench, "
+                        "EgoSchema) through lm-eval with several attentions, resumable, one comparison report",
                         description="Answer the eval_tasks/ benchmarks (Video-MME, MLVU dev, LongVideoBench val, "
                         "EgoSchema subset) with each attention variant through lm-eval, writing per-sample answers "
                         "as they come (OUTPUT/<variant>/predictions.jsonl: rerun the same command to resume) and a "
