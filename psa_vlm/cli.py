@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     # argparse lists the commands from their help texts (the description has no list of its own)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    demo = sub.add_parser("demo", help="offline end-to-end run: a tiny random Qwen2.5-VL answers a question about a generated "
-                          "video with dense (sdpa) and PSA attention, side by side",
+    demo = sub.add_parser("demo", help="offline end-to-end run: a tiny random Qwen2.5-VL answers a question "
+                          "about a generated video with dense (sdpa) and PSA attention, side by side",
                           description="Build (or reuse) the offline tiny Qwen2.5-VL, generate a synthetic video, "
                           "and answer one question with attn_implementation='sdpa' and 'psa'. Prints tokens, "
                           "timings, PSA sparsity and whether the generated tokens agree, and writes a PNG of one "
