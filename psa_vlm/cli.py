@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -125,25 +126,29 @@ def _save_level_map(model, path: Path) -> Path | None:
 
 def _cmd_ask(args) -> int:
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from . import configure, mean_sparsity, reset_stats
-    from .bench import default_device, resolve_dtype
-    from .config import load_preset
+    from . import mean_sparsity, reset_stats, use_attention
+    from .bench import default_device, load_model, resolve_dtype
     from .video import load_video, video_question_inputs
 
+    # Everything a user can mistype is checked before the video is decoded (minutes for a long one).
+    _check_model(args.model)
+    if args.nframes is not None:
+        _check_frames("--nframes", args.nframes)
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
+    preset = None
     if args.attn == "psa":
-        preset = load_preset(args.preset)  # fail before loading a model on a bad preset
+        overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
+        overrides.update(_overrides(args.override))
+        preset = _preset(args.preset, overrides)
+    elif args.override:
+        print(f"psa-vlm ask: note: --override changes PSA presets; --attn {args.attn} ignores it", file=sys.stderr)
     sampling = {"nframes": args.nframes} if args.nframes is not None else {"fps": args.fps}
     video = load_video(args.video, max_pixels=args.max_pixels, progress=True, **sampling)
     print(f"video: {args.video}: {video.frames.shape[0]} frames of {video.frames.shape[3]}x{video.frames.shape[2]} "
           f"at {video.sample_fps:.3g} frames/s", flush=True)
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
-                                                               attn_implementation=args.attn).to(device).eval()
-    if args.attn == "psa":
-        configure(model, preset, **_overrides(args.override))
+    model, processor = load_model(args.model, device=device, dtype=dtype)
+    use_attention(model, preset, dense=args.attn)
     inputs = video_question_inputs(processor, video, args.question).to(device)
     visual = int((inputs["mm_token_type_ids"] != 0).sum())
 
@@ -156,8 +161,8 @@ def _cmd_ask(args) -> int:
         start = synced()
         model(**inputs, logits_to_keep=1)  # the prefill alone: time to first token
         prefill = synced() - start
-        sparsity = mean_sparsity(model) if args.attn == "psa" else None
-        if args.attn == "psa":
+        sparsity = mean_sparsity(model) if preset is not None else None
+        if preset is not None:
             reset_stats(model)
         start = synced()
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -171,22 +176,82 @@ def _cmd_ask(args) -> int:
     return 0
 
 
+#: ``--model`` names that need no checkpoint (psa_vlm.bench.load_model; the shapes are in bench.SHAPES).
+BUILT_IN_MODELS = ("tiny", "vniah")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face hub
+
+
+def _check_model(spec: str) -> None:
+    """Refuse a ``--model`` that cannot be loaded before any slow work: a checkpoint folder must
+    hold config.json; anything else must be a hub id (owner/name) or a built-in name."""
+    from .bench import SHAPES
+
+    names = ", ".join([*SHAPES, *BUILT_IN_MODELS])
+    if spec in SHAPES or spec in BUILT_IN_MODELS:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec}: the folder has no config.json, so it is not a checkpoint; pass "
+                                    "the folder that holds config.json and the weights")
+        return
+    if path.exists():
+        raise ValueError(f"--model {spec}: is a file; pass a checkpoint folder (with config.json), a hub id "
+                         f"(owner/name) or one of {names}")
+    if not _HUB_ID.fullmatch(spec):
+        raise FileNotFoundError(f"--model {spec}: no such folder, and not a hub id (owner/name, e.g. "
+                                f"Qwen/Qwen2.5-VL-7B-Instruct) or one of {names}; check the path")
+
+
+def _check_frames(option: str, count: int) -> None:
+    """Qwen2.5-VL reads frames in pairs (a temporal patch of two): an odd count would change
+    silently, so it is refused."""
+    if count < 2 or count % 2:
+        fix = "use 2" if count < 2 else f"use {count - 1} or {count + 1}"
+        raise ValueError(f"{option} {count}: must be even and at least 2 (Qwen2.5-VL groups frames in pairs, one "
+                         f"temporal patch per two frames); {fix}")
+
+
+def _preset(name, overrides: dict):
+    """The preset with ``--override`` values applied; a bad field or value is a ValueError naming it."""
+    from .config import load_preset
+
+    preset = load_preset(name)
+    try:
+        return preset.replace(**overrides) if overrides else preset
+    except ValueError as err:
+        raise ValueError(f"--override: {err}") from None
+
+
+#: Preset fields that hold lists: ``--override`` takes them as comma lists too.
+LIST_FIELDS = ("towers", "levels", "thresholds", "similarity")
+
+
 def _overrides(items) -> dict:
-    """``--override FIELD=VALUE`` pairs -> preset overrides (values parsed as YAML: 0, true, [1, 2])."""
+    """``--override FIELD=VALUE`` pairs -> preset overrides. VALUE is YAML (0, true, null, [1, 2]);
+    a list field also takes a comma list or a single item (towers=text,vision; towers=vision)."""
     import yaml
 
     out = {}
     for item in items or []:
         field, sep, value = item.partition("=")
+        field = field.strip()
         if not sep or not field:
             raise ValueError(f"--override takes FIELD=VALUE, got {item!r}")
-        out[field.strip()] = yaml.safe_load(value)
+        listed = field in LIST_FIELDS and not value.strip().startswith("[")
+        try:  # a comma list is a YAML flow list without its brackets
+            parsed = yaml.safe_load(f"[{value}]" if listed else value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--override {item!r}: the value is not valid YAML ({problem})") from None
+        out[field] = None if listed and parsed == [None] else parsed  # similarity=null turns the cap off
     return out
 
 
 def _cmd_bench(args) -> int:
     from .bench import default_device, resolve_dtype, run, table
 
+    _check_model(args.model)
     lengths = [int(x) for x in args.lengths.split(",")]
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
@@ -204,11 +269,16 @@ def _cmd_bench(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluation import runner
 
+    _check_model(args.model)
     runner.set_data_dirs(args.data_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    report = runner.run(args.model, tasks, runner.parse_variants(args.attn), output=args.output, limit=args.limit,
+    variants, overrides = runner.parse_variants(args.attn), _overrides(args.override)
+    for _, attn, preset in variants:  # a bad preset or override fails now, not after loading the model
+        if attn == "psa":
+            _preset(preset, overrides)
+    report = runner.run(args.model, tasks, variants, output=args.output, limit=args.limit,
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                        overrides=_overrides(args.override), max_new_tokens=args.max_new_tokens)
+                        overrides=overrides, max_new_tokens=args.max_new_tokens)
     if report is not None:
         print()
         print(runner.markdown(report))
@@ -243,14 +313,20 @@ def _cmd_vniah(args) -> int:
     unknown = [p for p in policies if p not in vniah.POLICIES]
     if unknown:
         raise ValueError(f"--policies: unknown {unknown}; choose from {', '.join(vniah.POLICIES)}")
-    device, dtype = default_device(args.device), resolve_dtype(args.dtype)
-    model, processor = load_model(args.model, device=device, dtype=dtype)
+    _check_model(args.model)
+    frames = [int(x) for x in args.frames.split(",") if x]
+    for n in frames:
+        _check_frames("--frames", n)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
     overrides.update(_overrides(args.override))
     presets = [p for p in args.presets.split(",") if p]
+    for preset in presets:  # a bad preset or override fails now, not after loading the model
+        _preset(preset, overrides)
     sparsities = [float(x) for x in args.sparsity.split(",") if x]
     kinds = [k for k in args.kinds.split(",") if k]
     height, width = (int(x) for x in args.size.lower().split("x"))
+    device, dtype = default_device(args.device), resolve_dtype(args.dtype)
+    model, processor = load_model(args.model, device=device, dtype=dtype)
     import torch
 
     meta = dict(model=args.model, overrides=overrides, device=torch.cuda.get_device_name(device)
@@ -261,7 +337,7 @@ def _cmd_vniah(args) -> int:
         if args.output:
             vniah.write({**report, **meta}, args.output)
 
-    report = vniah.evaluate(model, processor, frames=[int(x) for x in args.frames.split(",")], samples=args.samples,
+    report = vniah.evaluate(model, processor, frames=frames, samples=args.samples,
                             kinds=kinds, size=(height, width), batch_size=args.batch_size, workers=args.workers,
                             progress=print, on_length=save,
                             attention=vniah.variants(presets, sparsities, overrides, policies=policies))
@@ -282,7 +358,9 @@ def _device_and_dtype(parser, *, default: str = "auto", what: str = "model dtype
 
 def _override_arg(parser, what: str, example: str) -> None:
     parser.add_argument("--override", action="append", metavar="FIELD=VALUE",
-                        help=f"replace {what}, e.g. --override {example} (repeatable)")
+                        help=f"replace {what}, e.g. --override {example} (repeatable). VALUE is read as YAML "
+                        "(0, true, null); the list fields (towers, levels, thresholds, similarity) take a comma list "
+                        "or a YAML list: towers=text,vision or towers=[text,vision]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,19 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     ask = sub.add_parser("ask", help="answer a question about a local video with a Qwen2.5-VL model, PSA or dense",
-                         description="Load a Qwen2.5-VL checkpoint (folder or hub id), sample and resize the video "
-                         "by the Qwen rules (--fps or --nframes, --max-pixels per frame), and answer the question "
-                         "greedily with PSA or dense attention. Prints the answer, the number of (visual) tokens, "
-                         "the prefill time (to the first token), the generation time and the mean PSA sparsity.")
+                         description="Load a Qwen2.5-VL model (checkpoint folder, hub id or built-in name), sample "
+                         "and resize the video by the Qwen rules (--fps or --nframes, --max-pixels per frame), and "
+                         "answer the question greedily with PSA or dense attention. Prints the answer, the number of "
+                         "(visual) tokens, the prefill time (to the first token), the generation time and the mean "
+                         "PSA sparsity. --model, --preset, --override and --nframes are checked before the video is "
+                         "decoded.")
     ask.add_argument("question", help="the question, e.g. \"What happens after the door opens?\"")
-    ask.add_argument("--model", required=True, help="checkpoint folder or hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct "
-                     "(or a folder written by `psa-vlm tiny-model`)")
+    ask.add_argument("--model", required=True, help="checkpoint folder (with config.json) or hub id, e.g. "
+                     "Qwen/Qwen2.5-VL-7B-Instruct, or a built-in model: tiny (the offline test model, random "
+                     "weights), vniah (the trained V-NIAH model), qwen2.5-vl-7b / qwen2.5-vl-3b (the architecture "
+                     "with random weights)")
     ask.add_argument("--video", required=True, help="local video file (anything decord reads: mp4, mkv, avi, ...)")
     ask.add_argument("--attn", choices=("psa", "sdpa"), default="psa", help="attention implementation (default: psa)")
     ask.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
     _override_arg(ask, "a preset field", "min_seq_len=0")
     ask.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
-    ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps (even, >= 2)")
+    ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps: even and at "
+                     "least 2 (Qwen2.5-VL groups frames in pairs, one temporal patch per two frames)")
     ask.add_argument("--max-pixels", type=int, default=360 * 420,
                      help="pixel budget per frame; sides become multiples of 28 (default: 151200, the Qwen "
                      "video default)")
@@ -404,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense_text=false lets the question's rows go sparse too (a stress setting).")
     vn.add_argument("--model", default="vniah", help="vniah (default: the trained V-NIAH model shipped with the "
                     "package, docs/quality.md), a checkpoint folder, or tiny (random weights: chance accuracy)")
-    vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, even (default: 32)")
+    vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, each even and at "
+                    "least 2 (Qwen2.5-VL groups frames in pairs; default: 32)")
     vn.add_argument("--samples", type=int, default=64, help="questions per length (default: 64)")
     vn.add_argument("--kinds", default="colour", help="needle questions: colour, shape, position, order "
                     "(comma-separated, taken in turn; default: colour)")

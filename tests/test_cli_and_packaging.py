@@ -175,5 +175,48 @@ def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeyp
 
 
 def test_ask_names_a_missing_video(tmp_path, capsys):
-    assert cli.main(["ask", "--model", str(tmp_path), "--video", str(tmp_path / "nope.mp4"), "why?"]) == 2
+    assert cli.main(["ask", "--model", "tiny", "--video", str(tmp_path / "nope.mp4"), "why?"]) == 2
     assert "nope.mp4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/no/such/model"], "no such folder, and not a hub id"),
+    (["--model", "{tmp}"], "has no config.json"),
+    (["--model", "tiny", "--nframes", "3"], "--nframes 3: must be even"),
+    (["--model", "tiny", "--nframes", "0"], "use 2"),
+    (["--model", "tiny", "--override", "towers=text,audio"], "field 'towers'"),
+    (["--model", "tiny", "--override", "nonsense=1"], "unknown field(s) ['nonsense']"),
+    (["--model", "tiny", "--override", "thresholds=[0.5,"], "not valid YAML"),
+    (["--model", "tiny", "--preset", "no_such_preset"], "unknown preset"),
+])
+def test_ask_checks_its_arguments_before_decoding_the_video(tmp_path, capsys, args, message):
+    """The video does not exist: an error naming anything else was found before the video was read."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert cli.main(["ask", *args, "--video", str(tmp_path / "nope.mp4"), "why?"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nope.mp4" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("psa-vlm ask: error: ")
+
+
+def test_vniah_refuses_odd_frame_counts_before_loading_a_model(capsys):
+    assert cli.main(["vniah", "--model", "tiny", "--frames", "32,7", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--frames 7: must be even" in err and "use 6 or 8" in err
+
+
+def test_override_takes_comma_lists_and_yaml_lists():
+    from psa_vlm import load_preset
+
+    comma = cli._overrides(["towers=text,vision", "thresholds=0.5, 0.6,0.7,0.8", "similarity=0.7,0.6,0.6"])
+    yaml_lists = cli._overrides(["towers=[text, vision]", "thresholds=[0.5, 0.6, 0.7, 0.8]",
+                                 "similarity=[0.7, 0.6, 0.6]"])
+    assert comma == yaml_lists
+    preset = load_preset("video_mme").replace(**comma)
+    assert preset.towers == ("text", "vision") and preset.thresholds == (0.5, 0.6, 0.7, 0.8)
+    assert preset.similarity == (0.7, 0.6, 0.6)
+    assert cli._overrides(["towers=vision", "similarity=null", "min_seq_len=0"]) == dict(
+        towers=["vision"], similarity=None, min_seq_len=0)  # one item is a list; null still turns the cap off
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        cli._overrides(["towers"])
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["ask"].format_help()
+    assert "towers=text,vision" in help_text and "towers=[text,vision]" in help_text
