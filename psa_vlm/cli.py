@@ -38,18 +38,51 @@ def _cmd_tiny_model(args) -> int:
     return 0
 
 
-def _run(model, processor, inputs, max_new_tokens):
+#: The demo's level-map picture runs PSA at this fixed sparsity: on the tiny model's random weights
+#: the presets' energy thresholds keep nearly every block at level 1, which shows no pyramid.
+PICTURE_SPARSITY = 0.8
+
+
+class _FirstTokenClock:
+    """A logits processor noting when the first token's logits exist: the end of the prefill."""
+
+    def __init__(self):
+        self.at = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def _run(model, processor, inputs, max_new_tokens, repeats):
+    """Greedy generation, timed: (tokens, median prefill s, median decode s per token or None, answer).
+
+    One untimed warm-up first (a first call pays one-time costs: lazy initialisation, allocator
+    growth), then ``repeats`` timed runs. Prefill is the time to the first token's logits; decode
+    is the rest of the same run divided by the tokens after the first, so no figure contains another.
+    """
     import torch
 
+    prefills, decodes = [], []
     with torch.no_grad():
-        start = time.perf_counter()
-        model(**inputs)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
-        total = time.perf_counter() - start
+        for i in range(repeats + 1):
+            clock = _FirstTokenClock()
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False, logits_processor=[clock])
+            end = time.perf_counter()
+            if i:  # run 0 is the warm-up
+                prefills.append(clock.at - start)
+                if max_new_tokens > 1:
+                    decodes.append((end - clock.at) / (max_new_tokens - 1))
     new = out[0, inputs["input_ids"].shape[1]:]
-    return new, prefill, total, processor.tokenizer.decode(new, skip_special_tokens=True)
+    decode = _median(decodes) if decodes else None
+    return new, _median(prefills), decode, processor.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _cmd_demo(args) -> int:
@@ -59,6 +92,8 @@ def _cmd_demo(args) -> int:
     from . import configure, load_preset, mean_sparsity, reset_stats
     from .testing import make_video, tiny_model_dir, video_inputs
 
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     torch.manual_seed(args.seed)
     preset = load_preset(args.preset)  # fail early on a bad preset name
     out_dir = Path(args.output or tempfile.mkdtemp(prefix="psa_demo_"))
@@ -74,53 +109,84 @@ def _cmd_demo(args) -> int:
 
     rows, map_png = [], None
     for step, attn in ((3, "sdpa"), (4, "psa")):
-        print(f"[{step}/4] prefill + {args.max_new_tokens} greedy tokens with attn_implementation={attn!r}", flush=True)
+        print(f"[{step}/4] {args.max_new_tokens} greedy tokens with attn_implementation={attn!r}: a warm-up, then "
+              f"{args.repeats} timed run(s)", flush=True)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, attn_implementation=attn, local_files_only=True, dtype=torch.float32
         ).eval()
         if attn == "psa":
-            configure(model, preset, record_level_maps=True, **TINY_MODEL_OVERRIDES)
-        tokens, prefill, total, answer = _run(model, processor, inputs, args.max_new_tokens)
+            configure(model, preset, **TINY_MODEL_OVERRIDES)
+        tokens, prefill, decode, answer = _run(model, processor, inputs, args.max_new_tokens, args.repeats)
         sparsity = None
         if attn == "psa":
             reset_stats(model)
             with torch.no_grad():
-                model(**inputs)
+                model(**inputs)  # the prefill alone: its sparsity, without the decode steps
             sparsity = mean_sparsity(model)
-            map_png = _save_level_map(model, out_dir / "level_map.png")
-        rows.append((attn, preset.name if attn == "psa" else "-", tokens, prefill, total, sparsity, answer))
+            map_png = _save_level_map(model, preset, inputs, out_dir / "level_map.png")
+        rows.append((attn, preset.name if attn == "psa" else "-", tokens, prefill, decode, sparsity, answer))
 
     agree = int((rows[0][2] == rows[1][2]).sum())
     print()
     print(f"{'attention':10s} {'preset':12s} {'tokens':>7s} {'visual':>7s} {'prefill ms':>11s} "
-          f"{'generate ms':>12s} {'sparsity':>9s}  answer")
-    for attn, name, _, prefill, total, sparsity, answer in rows:
+          f"{'decode ms/tok':>13s} {'sparsity':>9s}  answer")
+    for attn, name, _, prefill, decode, sparsity, answer in rows:
         sp = "-" if sparsity is None else f"{sparsity:.3f}"
-        print(f"{attn:10s} {name:12s} {n_tokens:7d} {n_visual:7d} {prefill * 1e3:11.1f} {total * 1e3:12.1f} "
+        dec = "-" if decode is None else f"{decode * 1e3:.1f}"
+        print(f"{attn:10s} {name:12s} {n_tokens:7d} {n_visual:7d} {prefill * 1e3:11.1f} {dec:>13s} "
               f"{sp:>9s}  {answer!r}")
     print(f"\ngenerated tokens identical: {agree}/{args.max_new_tokens}")
+    print(f"timings: median of {args.repeats} run(s) after a warm-up; prefill = time to the first token, decode "
+          "ms/tok = each further token (a whole answer takes prefill + decode x the tokens after the first).")
     print(f"PSA settings: preset {preset.name!r} with tiny-model overrides {TINY_MODEL_OVERRIDES}; "
           "mean text-layer sparsity of the prefill (1 - density, PSA_SEMANTICS.md section 6).")
     print("The tiny model has random weights: its answers are noise; agreement and sparsity are the point.")
     if map_png is not None:
-        print(f"level map of one text layer (query blocks x key blocks): {map_png}")
+        print(f"level map of one text layer with PSA at a fixed sparsity {PICTURE_SPARSITY} (the preset keeps "
+              f"almost every block at level 1 on random weights): {map_png}")
     print(f"generated video: {video}")
     return 0
 
 
-def _save_level_map(model, path: Path) -> Path | None:
-    """PNG of the recorded level map of the middle text layer (head 0), or None if none ran PSA."""
+def _blocks_holding(mask, start: int, length: int, block: int) -> list[bool]:
+    """Per block of ``block`` tokens over ``mask[start:start + length]``: does it hold a True?"""
+    return [bool(mask[start + i:start + min(i + block, length)].any()) for i in range(0, length, block)]
+
+
+def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
+    """PNG of the middle text layer's level map (head 0) of one prefill with PSA at
+    :data:`PICTURE_SPARSITY`, the causally invisible pairs grey and the text blocks marked; None
+    if no layer ran PSA. Leaves the model configured that way."""
+    import psa_kernels
+    import torch
+
+    from . import configure
     from .runtime import level_maps
     from .viz import plot_level_map
 
+    configure(model, preset.at_sparsity(PICTURE_SPARSITY), record_level_maps=True, **TINY_MODEL_OVERRIDES)
+    with torch.no_grad():
+        model(**inputs)
     maps = {layer: rec for (tower, layer), rec in level_maps(model).items() if tower == "text"}
     if not maps:
         return None
     layer = sorted(maps, key=lambda x: -1 if x is None else x)[len(maps) // 2]
     rec = maps[layer]
-    fig = plot_level_map(rec["level_map"], block_q=rec.get("block_q"), block_k=rec.get("block_k"),
-                         title=f"text layer {layer}, head 0: PSA level map of the prefill")
+    q_len, k_len, block_q, block_k = rec["q_len"], rec["k_len"], rec["block_q"], rec["block_k"]
+    visible = psa_kernels.block_visibility(batch=1, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                                           causal=rec["causal"], key_padding_mask=rec.get("key_padding_mask"))[0]
+    text = (inputs["mm_token_type_ids"][0] == 0).cpu()  # 0 = text; the keys are the whole prompt
+    fig = plot_level_map(rec["level_map"], block_q=block_q, block_k=block_k, visible=visible,
+                         text_rows=_blocks_holding(text, k_len - q_len, q_len, block_q),
+                         text_cols=_blocks_holding(text, 0, k_len, block_k),
+                         title=f"text layer {layer}, head 0, prefill: PSA at fixed sparsity {PICTURE_SPARSITY:g}\n"
+                               f"({preset.name}@{PICTURE_SPARSITY:g}; random weights leave the preset at level 1)")
+    fig.set_size_inches(7.4, 5.6)  # room for the two-line title
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     return path
 
 
@@ -374,13 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "about a generated video with dense (sdpa) and PSA attention, side by side",
                           description="Build (or reuse) the offline tiny Qwen2.5-VL, generate a synthetic video, "
                           "and answer one question with attn_implementation='sdpa' and 'psa'. Prints tokens, "
-                          "timings, PSA sparsity and whether the generated tokens agree, and writes a PNG of one "
-                          "text layer's level map. No network, no weights.")
+                          "timings (medians of --repeats runs after a warm-up: the prefill, i.e. the time to the "
+                          "first token, and the decode time of each further token), PSA sparsity and whether the "
+                          "generated tokens agree, and writes a PNG of one text layer's level map with PSA at a "
+                          "fixed sparsity of 0.8 (pooled levels, causally invisible pairs in grey, text blocks "
+                          "marked). No network, no weights.")
     demo.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
     demo.add_argument("--question", default="What colour is the moving square?", help="question about the video")
     demo.add_argument("--frames", type=int, default=32, help="frames in the generated video (default: 32)")
     demo.add_argument("--size", type=int, default=224, help="frame width and height in pixels, even (default: 224)")
     demo.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens to generate (default: 8)")
+    demo.add_argument("--repeats", type=int, default=3, help="timed runs per attention after one warm-up; the "
+                      "table shows their medians (default: 3)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated video (default: 0)")
     demo.add_argument("--output", help="folder for the generated video and the level-map PNG (default: a new "
                       "temporary folder)")

@@ -53,18 +53,54 @@ def test_tiny_model_command_writes_a_loadable_model(tmp_path, capsys):
 
 
 def test_demo_prints_the_side_by_side_table(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import psa_kernels
+    from psa_vlm import viz
+
     monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
-    assert cli.main(["demo", "--frames", "16", "--max-new-tokens", "4", "--output", str(tmp_path / "out")]) == 0
+    generated, figures = [], []
+    generate, plot = Qwen2_5_VLForConditionalGeneration.generate, viz.plot_level_map
+    def counted(self, *args, **kwargs):
+        generated.append(self.config._attn_implementation)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "generate", counted)
+    monkeypatch.setattr(viz, "plot_level_map", lambda *a, **k: figures.append(plot(*a, **k)) or figures[-1])
+    repeats = 1  # a warm-up and one timed run per attention: the test stays short
+    assert cli.main(["demo", "--frames", "16", "--max-new-tokens", "2", "--repeats", str(repeats),
+                     "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("sdpa ", "psa "))}
     assert set(rows) == {"sdpa", "psa"}
     assert rows["sdpa"][2] == rows["psa"][2] and int(rows["psa"][2]) > 200  # same prompt, in tokens
     assert float(rows["psa"][6]) > 0  # PSA really ran sparse
-    assert re.search(r"generated tokens identical: \d/4", out)
+    assert re.search(r"generated tokens identical: \d/2", out)
+    # Each attention is warmed up, then timed `repeats` times; prefill and decode come from the same runs.
+    assert generated == ["sdpa"] * (repeats + 1) + ["psa"] * (repeats + 1)
+    assert "prefill ms" in out and "decode ms/tok" in out and f"median of {repeats} run(s) after a warm-up" in out
+    assert all(float(rows[a][4]) > 0 and float(rows[a][5]) > 0 for a in rows)
     assert (tmp_path / "out" / "demo.mp4").stat().st_size > 0
     png = tmp_path / "out" / "level_map.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert str(png) in out
+
+    # The picture's data: the pyramid (pooled levels), the causal upper triangle as its own class, text marked.
+    (fig,) = figures
+    ax, bar = fig.axes
+    shown = np.asarray(ax.images[0].get_array())
+    names = [t.get_text() for t in bar.get_yticklabels()]
+    rank = {v: names.index(viz.LEVEL_NAMES[v]) for v in viz.LEVEL_ORDER}
+    assert np.isin(shown, [rank[2], rank[4], rank[8]]).any()
+    tokens, bq, bk = int(rows["psa"][2]), cli.TINY_MODEL_OVERRIDES["block_q"], cli.TINY_MODEL_OVERRIDES["block_k"]
+    visible = psa_kernels.block_visibility(batch=1, q_len=tokens, k_len=tokens, block_q=bq, block_k=bk,
+                                           causal=True)[0].numpy()
+    assert shown.shape == visible.shape and (~visible).any()
+    assert np.array_equal(shown == names.index("not visible (causal)"), ~visible)
+    assert f"sparsity {cli.PICTURE_SPARSITY:g}" in ax.get_title()
+    text_rows, text_cols = (c.get_offsets() for c in ax.collections)
+    nq, nk = shown.shape
+    assert nq - 1 in text_rows[:, 1] and 0 < len(text_rows) < nq  # the question ends the prompt; video between
+    assert nk - 1 in text_cols[:, 0] and 0 < len(text_cols) < nk
 
 
 def test_demo_rejects_a_bad_preset_with_one_clear_line(capsys):
