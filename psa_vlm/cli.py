@@ -55,10 +55,6 @@ class _FirstTokenClock:
         return scores
 
 
-def _median(values):
-    return sorted(values)[len(values) // 2]
-
-
 def _run(model, processor, inputs, max_new_tokens, repeats):
     """Greedy generation, timed: (tokens, median prefill s, median decode s per token or None, answer).
 
@@ -66,6 +62,8 @@ def _run(model, processor, inputs, max_new_tokens, repeats):
     growth), then ``repeats`` timed runs. Prefill is the time to the first token's logits; decode
     is the rest of the same run divided by the tokens after the first, so no figure contains another.
     """
+    from statistics import median
+
     import torch
 
     prefills, decodes = [], []
@@ -81,8 +79,8 @@ def _run(model, processor, inputs, max_new_tokens, repeats):
                 if max_new_tokens > 1:
                     decodes.append((end - clock.at) / (max_new_tokens - 1))
     new = out[0, inputs["input_ids"].shape[1]:]
-    decode = _median(decodes) if decodes else None
-    return new, _median(prefills), decode, processor.tokenizer.decode(new, skip_special_tokens=True)
+    decode = median(decodes) if decodes else None
+    return new, median(prefills), decode, processor.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _cmd_demo(args) -> int:
@@ -157,6 +155,7 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
     """PNG of the middle text layer's level map (head 0) of one prefill with PSA at
     :data:`PICTURE_SPARSITY`, the causally invisible pairs grey and the text blocks marked; None
     if no layer ran PSA. Leaves the model configured that way."""
+    import matplotlib.pyplot as plt
     import psa_kernels
     import torch
 
@@ -184,8 +183,6 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
     fig.set_size_inches(7.4, 5.6)  # room for the two-line title
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path
 
