@@ -56,14 +56,12 @@ class _FirstTokenClock:
 
 
 def _run(model, processor, inputs, max_new_tokens, repeats):
-    """Greedy generation, timed: (tokens, median prefill s, median decode s per token or None, answer).
+    """Greedy generation, timed: (tokens, prefill s per run, decode s per token per run, answer).
 
     One untimed warm-up first (a first call pays one-time costs: lazy initialisation, allocator
     growth), then ``repeats`` timed runs. Prefill is the time to the first token's logits; decode
     is the rest of the same run divided by the tokens after the first, so no figure contains another.
     """
-    from statistics import median
-
     import torch
 
     prefills, decodes = [], []
@@ -79,11 +77,12 @@ def _run(model, processor, inputs, max_new_tokens, repeats):
                 if max_new_tokens > 1:
                     decodes.append((end - clock.at) / (max_new_tokens - 1))
     new = out[0, inputs["input_ids"].shape[1]:]
-    decode = median(decodes) if decodes else None
-    return new, median(prefills), decode, processor.tokenizer.decode(new, skip_special_tokens=True)
+    return new, prefills, decodes, processor.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _cmd_demo(args) -> int:
+    from statistics import median
+
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -105,7 +104,7 @@ def _cmd_demo(args) -> int:
     n_tokens = inputs["input_ids"].shape[1]
     n_visual = int((inputs["mm_token_type_ids"] != 0).sum())
 
-    rows, map_png = [], None
+    rows, map_png, unsteady = [], None, []
     for step, attn in ((3, "sdpa"), (4, "psa")):
         print(f"[{step}/4] {args.max_new_tokens} greedy tokens with attn_implementation={attn!r}: a warm-up, then "
               f"{args.repeats} timed run(s)", flush=True)
@@ -114,7 +113,10 @@ def _cmd_demo(args) -> int:
         ).eval()
         if attn == "psa":
             configure(model, preset, **TINY_MODEL_OVERRIDES)
-        tokens, prefill, decode, answer = _run(model, processor, inputs, args.max_new_tokens, args.repeats)
+        tokens, prefills, decodes, answer = _run(model, processor, inputs, args.max_new_tokens, args.repeats)
+        if max(prefills) > 2 * min(prefills):
+            unsteady.append(f"{attn} {min(prefills) * 1e3:.0f} to {max(prefills) * 1e3:.0f} ms")
+        prefill, decode = median(prefills), median(decodes) if decodes else None
         sparsity = None
         if attn == "psa":
             reset_stats(model)
@@ -136,6 +138,9 @@ def _cmd_demo(args) -> int:
     print(f"\ngenerated tokens identical: {agree}/{args.max_new_tokens}")
     print(f"timings: median of {args.repeats} run(s) after a warm-up; prefill = time to the first token, decode "
           "ms/tok = each further token (a whole answer takes prefill + decode x the tokens after the first).")
+    if unsteady:  # e.g. torch's threads contending with other processes for the cores
+        print(f"note: the prefill varied more than 2x between runs ({'; '.join(unsteady)}): the CPU is busy, so "
+              "compare the timings with care (OMP_NUM_THREADS=1 steadies a small run on a shared CPU).")
     print(f"PSA settings: preset {preset.name!r} with tiny-model overrides {TINY_MODEL_OVERRIDES}; "
           "mean text-layer sparsity of the prefill (1 - density, PSA_SEMANTICS.md section 6).")
     print("The tiny model has random weights: its answers are noise; agreement and sparsity are the point.")
