@@ -44,14 +44,22 @@ PICTURE_SPARSITY = 0.8
 
 
 class _FirstTokenClock:
-    """A logits processor noting when the first token's logits exist: the end of the prefill."""
+    """A logits processor noting when the first token's logits exist: the end of the prefill
+    (``cuda``: after the GPU finished it). ``on_first`` runs then, e.g. to read the prefill's
+    PSA statistics before the decode steps add theirs."""
 
-    def __init__(self):
-        self.at = None
+    def __init__(self, cuda: bool = False, on_first=None):
+        self.cuda, self.on_first, self.at = cuda, on_first, None
 
     def __call__(self, input_ids, scores):
         if self.at is None:
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
             self.at = time.perf_counter()
+            if self.on_first is not None:
+                self.on_first()
         return scores
 
 
@@ -195,7 +203,7 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
 def _cmd_ask(args) -> int:
     import torch
 
-    from . import mean_sparsity, reset_stats, use_attention
+    from . import mean_sparsity, use_attention
     from .bench import default_device, load_model, resolve_dtype
     from .video import load_video, video_question_inputs
 
@@ -225,19 +233,24 @@ def _cmd_ask(args) -> int:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    # One generation, timed in two parts that do not overlap: the prefill (to the first token's
+    # logits) and the decode steps after it. The sparsity is the prefill's, read at the first token.
+    seen = {}
+
+    def prefill_sparsity():
+        seen["sparsity"] = mean_sparsity(model) if preset is not None else None
+
+    clock = _FirstTokenClock(device.startswith("cuda"), on_first=prefill_sparsity)
     with torch.no_grad():
         start = synced()
-        model(**inputs, logits_to_keep=1)  # the prefill alone: time to first token
-        prefill = synced() - start
-        sparsity = mean_sparsity(model) if preset is not None else None
-        if preset is not None:
-            reset_stats(model)
-        start = synced()
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        generate = synced() - start
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, logits_processor=[clock])
+        end = synced()
     new = out[0, inputs["input_ids"].shape[1]:]
+    sparsity = seen.get("sparsity")
+    decode = f"{(end - clock.at) * 1e3 / (len(new) - 1):.1f} ms per token after the first" if len(new) > 1 else "-"
     print(f"tokens: {inputs['input_ids'].shape[1]} ({visual} visual)")
-    print(f"prefill: {prefill * 1e3:.1f} ms; generate ({len(new)} tokens, prefill included): {generate * 1e3:.1f} ms")
+    print(f"prefill: {(clock.at - start) * 1e3:.1f} ms (to the first token); decode: {decode} ({len(new)} tokens, "
+          "first call: one-time start-up costs included)")
     if sparsity is not None:
         print(f"PSA sparsity (mean over text layers; preset {preset.name!r}): {sparsity:.3f}")
     print(f"answer: {processor.tokenizer.decode(new, skip_special_tokens=True)}")
@@ -463,9 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load a Qwen2.5-VL model (checkpoint folder, hub id or built-in name), sample "
                          "and resize the video by the Qwen rules (--fps or --nframes, --max-pixels per frame), and "
                          "answer the question greedily with PSA or dense attention. Prints the answer, the number of "
-                         "(visual) tokens, the prefill time (to the first token), the generation time and the mean "
-                         "PSA sparsity. --model, --preset, --override and --nframes are checked before the video is "
-                         "decoded.")
+                         "(visual) tokens, the prefill time (to the first token), the decode time per further token "
+                         "and the prefill's mean PSA sparsity. --model, --preset, --override and --nframes are "
+                         "checked before the video is decoded.")
     ask.add_argument("question", help="the question, e.g. \"What happens after the door opens?\"")
     ask.add_argument("--model", required=True, help="checkpoint folder (with config.json) or hub id, e.g. "
                      "Qwen/Qwen2.5-VL-7B-Instruct, or a built-in model: tiny (the offline test model, random "

@@ -207,7 +207,9 @@ def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeyp
     assert re.search(r"tokens: \d+ \(\d+ visual\)", out) and "answer:" in out
     sparsity = float(re.search(r"PSA sparsity .*: ([0-9.]+)", out).group(1))
     assert 0 <= sparsity < 1
-    assert re.search(r"prefill: [0-9.]+ ms", out)
+    # Prefill and decode are two parts of one generation, not a total that repeats the prefill.
+    assert re.search(r"prefill: [0-9.]+ ms \(to the first token\); decode: [0-9.]+ ms per token after the first "
+                     r"\(3 tokens", out)
 
 
 def test_ask_names_a_missing_video(tmp_path, capsys):
