@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -11,18 +12,8 @@ from pathlib import Path
 DESCRIPTION = """\
 psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen2.5-VL.
 
-Commands:
-  ask         answer a question about a local video with a Qwen2.5-VL model, PSA or dense
-  demo        offline end-to-end run: a tiny random Qwen2.5-VL answers a question about a
-              generated video with dense ("sdpa") and PSA attention, side by side
-  bench       end-to-end prefill benchmark (time to first token, vision and language parts)
-              with "sdpa" vs "psa" on generated videos sized to target token counts
-  eval        long-video QA benchmarks (Video-MME, MLVU, LongVideoBench, EgoSchema) through
-              lm-eval with several attentions, resumable, one comparison report
-  lm-eval     lm-eval's own command line with the psa-qwen2.5-vl model registered
-  vniah       video needle-in-a-haystack: accuracy vs sparsity for PSA and binary block-sparse
-  tiny-model  write the offline tiny Qwen2.5-VL (weights, tokenizer, processor) to a folder
-  presets     list the PSA presets shipped in configs/
+New here? `psa-vlm demo` runs offline (no weights, no network) and shows dense and PSA
+attention side by side. `psa-vlm COMMAND --help` explains a command and its options.
 """
 
 # The tiny model's prompts are a few hundred tokens: the demo lowers the presets' block sizes
@@ -47,27 +38,67 @@ def _cmd_tiny_model(args) -> int:
     return 0
 
 
-def _run(model, processor, inputs, max_new_tokens):
+#: The demo's level-map picture runs PSA at this fixed sparsity: on the tiny model's random weights
+#: the presets' energy thresholds keep nearly every block at level 1, which shows no pyramid.
+PICTURE_SPARSITY = 0.8
+
+
+class _FirstTokenClock:
+    """A logits processor noting when the first token's logits exist: the end of the prefill
+    (``cuda``: after the GPU finished it). ``on_first`` runs then, e.g. to read the prefill's
+    PSA statistics before the decode steps add theirs."""
+
+    def __init__(self, cuda: bool = False, on_first=None):
+        self.cuda, self.on_first, self.at = cuda, on_first, None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.at = time.perf_counter()
+            if self.on_first is not None:
+                self.on_first()
+        return scores
+
+
+def _run(model, processor, inputs, max_new_tokens, repeats):
+    """Greedy generation, timed: (tokens, prefill s per run, decode s per token per run, answer).
+
+    One untimed warm-up first (a first call pays one-time costs: lazy initialisation, allocator
+    growth), then ``repeats`` timed runs. Prefill is the time to the first token's logits; decode
+    is the rest of the same run divided by the tokens after the first, so no figure contains another.
+    """
     import torch
 
+    prefills, decodes = [], []
     with torch.no_grad():
-        start = time.perf_counter()
-        model(**inputs)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
-        total = time.perf_counter() - start
+        for i in range(repeats + 1):
+            clock = _FirstTokenClock()
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False, logits_processor=[clock])
+            end = time.perf_counter()
+            if i:  # run 0 is the warm-up
+                prefills.append(clock.at - start)
+                if max_new_tokens > 1:
+                    decodes.append((end - clock.at) / (max_new_tokens - 1))
     new = out[0, inputs["input_ids"].shape[1]:]
-    return new, prefill, total, processor.tokenizer.decode(new, skip_special_tokens=True)
+    return new, prefills, decodes, processor.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _cmd_demo(args) -> int:
+    from statistics import median
+
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from . import configure, load_preset, mean_sparsity, reset_stats
     from .testing import make_video, tiny_model_dir, video_inputs
 
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     torch.manual_seed(args.seed)
     preset = load_preset(args.preset)  # fail early on a bad preset name
     out_dir = Path(args.output or tempfile.mkdtemp(prefix="psa_demo_"))
@@ -81,79 +112,119 @@ def _cmd_demo(args) -> int:
     n_tokens = inputs["input_ids"].shape[1]
     n_visual = int((inputs["mm_token_type_ids"] != 0).sum())
 
-    rows, map_png = [], None
+    rows, map_png, unsteady = [], None, []
     for step, attn in ((3, "sdpa"), (4, "psa")):
-        print(f"[{step}/4] prefill + {args.max_new_tokens} greedy tokens with attn_implementation={attn!r}", flush=True)
+        print(f"[{step}/4] {args.max_new_tokens} greedy tokens with attn_implementation={attn!r}: a warm-up, then "
+              f"{args.repeats} timed run(s)", flush=True)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, attn_implementation=attn, local_files_only=True, dtype=torch.float32
         ).eval()
         if attn == "psa":
-            configure(model, preset, record_level_maps=True, **TINY_MODEL_OVERRIDES)
-        tokens, prefill, total, answer = _run(model, processor, inputs, args.max_new_tokens)
+            configure(model, preset, **TINY_MODEL_OVERRIDES)
+        tokens, prefills, decodes, answer = _run(model, processor, inputs, args.max_new_tokens, args.repeats)
+        if max(prefills) > 2 * min(prefills):
+            unsteady.append(f"{attn} {min(prefills) * 1e3:.0f} to {max(prefills) * 1e3:.0f} ms")
+        prefill, decode = median(prefills), median(decodes) if decodes else None
         sparsity = None
         if attn == "psa":
             reset_stats(model)
             with torch.no_grad():
-                model(**inputs)
+                model(**inputs)  # the prefill alone: its sparsity, without the decode steps
             sparsity = mean_sparsity(model)
-            map_png = _save_level_map(model, out_dir / "level_map.png")
-        rows.append((attn, preset.name if attn == "psa" else "-", tokens, prefill, total, sparsity, answer))
+            map_png = _save_level_map(model, preset, inputs, out_dir / "level_map.png")
+        rows.append((attn, preset.name if attn == "psa" else "-", tokens, prefill, decode, sparsity, answer))
 
     agree = int((rows[0][2] == rows[1][2]).sum())
     print()
     print(f"{'attention':10s} {'preset':12s} {'tokens':>7s} {'visual':>7s} {'prefill ms':>11s} "
-          f"{'generate ms':>12s} {'sparsity':>9s}  answer")
-    for attn, name, _, prefill, total, sparsity, answer in rows:
+          f"{'decode ms/tok':>13s} {'sparsity':>9s}  answer")
+    for attn, name, _, prefill, decode, sparsity, answer in rows:
         sp = "-" if sparsity is None else f"{sparsity:.3f}"
-        print(f"{attn:10s} {name:12s} {n_tokens:7d} {n_visual:7d} {prefill * 1e3:11.1f} {total * 1e3:12.1f} "
+        dec = "-" if decode is None else f"{decode * 1e3:.1f}"
+        print(f"{attn:10s} {name:12s} {n_tokens:7d} {n_visual:7d} {prefill * 1e3:11.1f} {dec:>13s} "
               f"{sp:>9s}  {answer!r}")
     print(f"\ngenerated tokens identical: {agree}/{args.max_new_tokens}")
+    print(f"timings: median of {args.repeats} run(s) after a warm-up; prefill = time to the first token, decode "
+          "ms/tok = each further token (a whole answer takes prefill + decode x the tokens after the first).")
+    if unsteady:  # e.g. torch's threads contending with other processes for the cores
+        print(f"note: the prefill varied more than 2x between runs ({'; '.join(unsteady)}): the CPU is busy, so "
+              "compare the timings with care (OMP_NUM_THREADS=1 steadies a small run on a shared CPU).")
     print(f"PSA settings: preset {preset.name!r} with tiny-model overrides {TINY_MODEL_OVERRIDES}; "
           "mean text-layer sparsity of the prefill (1 - density, PSA_SEMANTICS.md section 6).")
     print("The tiny model has random weights: its answers are noise; agreement and sparsity are the point.")
     if map_png is not None:
-        print(f"level map of one text layer (query blocks x key blocks): {map_png}")
+        print(f"level map of one text layer with PSA at a fixed sparsity {PICTURE_SPARSITY} (the preset keeps "
+              f"almost every block at level 1 on random weights): {map_png}")
     print(f"generated video: {video}")
     return 0
 
 
-def _save_level_map(model, path: Path) -> Path | None:
-    """PNG of the recorded level map of the middle text layer (head 0), or None if none ran PSA."""
+def _blocks_holding(mask, start: int, length: int, block: int) -> list[bool]:
+    """Per block of ``block`` tokens over ``mask[start:start + length]``: does it hold a True?"""
+    return [bool(mask[start + i:start + min(i + block, length)].any()) for i in range(0, length, block)]
+
+
+def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
+    """PNG of the middle text layer's level map (head 0) of one prefill with PSA at
+    :data:`PICTURE_SPARSITY`, the causally invisible pairs grey and the text blocks marked; None
+    if no layer ran PSA. Leaves the model configured that way."""
+    import matplotlib.pyplot as plt
+    import psa_kernels
+    import torch
+
+    from . import configure
     from .runtime import level_maps
     from .viz import plot_level_map
 
+    configure(model, preset.at_sparsity(PICTURE_SPARSITY), record_level_maps=True, **TINY_MODEL_OVERRIDES)
+    with torch.no_grad():
+        model(**inputs)
     maps = {layer: rec for (tower, layer), rec in level_maps(model).items() if tower == "text"}
     if not maps:
         return None
     layer = sorted(maps, key=lambda x: -1 if x is None else x)[len(maps) // 2]
     rec = maps[layer]
-    fig = plot_level_map(rec["level_map"], block_q=rec.get("block_q"), block_k=rec.get("block_k"),
-                         title=f"text layer {layer}, head 0: PSA level map of the prefill")
+    q_len, k_len, block_q, block_k = rec["q_len"], rec["k_len"], rec["block_q"], rec["block_k"]
+    visible = psa_kernels.block_visibility(batch=1, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                                           causal=rec["causal"], key_padding_mask=rec.get("key_padding_mask"))[0]
+    text = (inputs["mm_token_type_ids"][0] == 0).cpu()  # 0 = text; the keys are the whole prompt
+    fig = plot_level_map(rec["level_map"], block_q=block_q, block_k=block_k, visible=visible,
+                         text_rows=_blocks_holding(text, k_len - q_len, q_len, block_q),
+                         text_cols=_blocks_holding(text, 0, k_len, block_k),
+                         title=f"text layer {layer}, head 0, prefill: PSA at fixed sparsity {PICTURE_SPARSITY:g}\n"
+                               f"({preset.name}@{PICTURE_SPARSITY:g}; random weights leave the preset at level 1)")
+    fig.set_size_inches(7.4, 5.6)  # room for the two-line title
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
 def _cmd_ask(args) -> int:
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from . import configure, mean_sparsity, reset_stats
-    from .bench import default_device, resolve_dtype
-    from .config import load_preset
+    from . import mean_sparsity, use_attention
+    from .bench import default_device, load_model, resolve_dtype
     from .video import load_video, video_question_inputs
 
+    # Everything a user can mistype is checked before the video is decoded (minutes for a long one).
+    _check_model(args.model)
+    if args.nframes is not None:
+        _check_frames("--nframes", args.nframes)
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
+    preset = None
     if args.attn == "psa":
-        preset = load_preset(args.preset)  # fail before loading a model on a bad preset
+        overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
+        overrides.update(_overrides(args.override))
+        preset = _preset(args.preset, overrides)
+    elif args.override:
+        print(f"psa-vlm ask: note: --override changes PSA presets; --attn {args.attn} ignores it", file=sys.stderr)
     sampling = {"nframes": args.nframes} if args.nframes is not None else {"fps": args.fps}
     video = load_video(args.video, max_pixels=args.max_pixels, progress=True, **sampling)
     print(f"video: {args.video}: {video.frames.shape[0]} frames of {video.frames.shape[3]}x{video.frames.shape[2]} "
           f"at {video.sample_fps:.3g} frames/s", flush=True)
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
-                                                               attn_implementation=args.attn).to(device).eval()
-    if args.attn == "psa":
-        configure(model, preset, **_overrides(args.override))
+    model, processor = load_model(args.model, device=device, dtype=dtype)
+    use_attention(model, preset, dense=args.attn)
     inputs = video_question_inputs(processor, video, args.question).to(device)
     visual = int((inputs["mm_token_type_ids"] != 0).sum())
 
@@ -162,41 +233,106 @@ def _cmd_ask(args) -> int:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    # One generation, timed in two parts that do not overlap: the prefill (to the first token's
+    # logits) and the decode steps after it. The sparsity is the prefill's, read at the first token.
+    seen = {}
+
+    def prefill_sparsity():
+        seen["sparsity"] = mean_sparsity(model) if preset is not None else None
+
+    clock = _FirstTokenClock(device.startswith("cuda"), on_first=prefill_sparsity)
     with torch.no_grad():
         start = synced()
-        model(**inputs, logits_to_keep=1)  # the prefill alone: time to first token
-        prefill = synced() - start
-        sparsity = mean_sparsity(model) if args.attn == "psa" else None
-        if args.attn == "psa":
-            reset_stats(model)
-        start = synced()
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        generate = synced() - start
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, logits_processor=[clock])
+        end = synced()
     new = out[0, inputs["input_ids"].shape[1]:]
+    sparsity = seen.get("sparsity")
+    decode = f"{(end - clock.at) * 1e3 / (len(new) - 1):.1f} ms per token after the first" if len(new) > 1 else "-"
     print(f"tokens: {inputs['input_ids'].shape[1]} ({visual} visual)")
-    print(f"prefill: {prefill * 1e3:.1f} ms; generate ({len(new)} tokens, prefill included): {generate * 1e3:.1f} ms")
+    print(f"prefill: {(clock.at - start) * 1e3:.1f} ms (to the first token); decode: {decode} ({len(new)} tokens, "
+          "first call: one-time start-up costs included)")
     if sparsity is not None:
         print(f"PSA sparsity (mean over text layers; preset {preset.name!r}): {sparsity:.3f}")
     print(f"answer: {processor.tokenizer.decode(new, skip_special_tokens=True)}")
     return 0
 
 
+#: ``--model`` names that need no checkpoint (psa_vlm.bench.load_model; the shapes are in bench.SHAPES).
+BUILT_IN_MODELS = ("tiny", "vniah")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face hub
+
+
+def _check_model(spec: str) -> None:
+    """Refuse a ``--model`` that cannot be loaded before any slow work: a checkpoint folder must
+    hold config.json; anything else must be a hub id (owner/name) or a built-in name."""
+    from .bench import SHAPES
+
+    names = ", ".join([*SHAPES, *BUILT_IN_MODELS])
+    if spec in SHAPES or spec in BUILT_IN_MODELS:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec}: the folder has no config.json, so it is not a checkpoint; pass "
+                                    "the folder that holds config.json and the weights")
+        return
+    if path.exists():
+        raise ValueError(f"--model {spec}: is a file; pass a checkpoint folder (with config.json), a hub id "
+                         f"(owner/name) or one of {names}")
+    if not _HUB_ID.fullmatch(spec):
+        raise FileNotFoundError(f"--model {spec}: no such folder, and not a hub id (owner/name, e.g. "
+                                f"Qwen/Qwen2.5-VL-7B-Instruct) or one of {names}; check the path")
+
+
+def _check_frames(option: str, count: int) -> None:
+    """Qwen2.5-VL reads frames in pairs (a temporal patch of two): an odd count would change
+    silently, so it is refused."""
+    if count < 2 or count % 2:
+        fix = "use 2" if count < 2 else f"use {count - 1} or {count + 1}"
+        raise ValueError(f"{option} {count}: must be even and at least 2 (Qwen2.5-VL groups frames in pairs, one "
+                         f"temporal patch per two frames); {fix}")
+
+
+def _preset(name, overrides: dict):
+    """The preset with ``--override`` values applied; a bad field or value is a ValueError naming it."""
+    from .config import load_preset
+
+    preset = load_preset(name)
+    try:
+        return preset.replace(**overrides) if overrides else preset
+    except ValueError as err:
+        raise ValueError(f"--override: {err}") from None
+
+
+#: Preset fields that hold lists: ``--override`` takes them as comma lists too.
+LIST_FIELDS = ("towers", "levels", "thresholds", "similarity")
+
+
 def _overrides(items) -> dict:
-    """``--override FIELD=VALUE`` pairs -> preset overrides (values parsed as YAML: 0, true, [1, 2])."""
+    """``--override FIELD=VALUE`` pairs -> preset overrides. VALUE is YAML (0, true, null, [1, 2]);
+    a list field also takes a comma list or a single item (towers=text,vision; towers=vision)."""
     import yaml
 
     out = {}
     for item in items or []:
         field, sep, value = item.partition("=")
+        field = field.strip()
         if not sep or not field:
             raise ValueError(f"--override takes FIELD=VALUE, got {item!r}")
-        out[field.strip()] = yaml.safe_load(value)
+        listed = field in LIST_FIELDS and not value.strip().startswith("[")
+        try:  # a comma list is a YAML flow list without its brackets
+            parsed = yaml.safe_load(f"[{value}]" if listed else value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--override {item!r}: the value is not valid YAML ({problem})") from None
+        out[field] = None if listed and parsed == [None] else parsed  # similarity=null turns the cap off
     return out
 
 
 def _cmd_bench(args) -> int:
     from .bench import default_device, resolve_dtype, run, table
 
+    _check_model(args.model)
     lengths = [int(x) for x in args.lengths.split(",")]
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
@@ -214,11 +350,16 @@ def _cmd_bench(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluation import runner
 
+    _check_model(args.model)
     runner.set_data_dirs(args.data_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    report = runner.run(args.model, tasks, runner.parse_variants(args.attn), output=args.output, limit=args.limit,
+    variants, overrides = runner.parse_variants(args.attn), _overrides(args.override)
+    for _, attn, preset in variants:  # a bad preset or override fails now, not after loading the model
+        if attn == "psa":
+            _preset(preset, overrides)
+    report = runner.run(args.model, tasks, variants, output=args.output, limit=args.limit,
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                        overrides=_overrides(args.override), max_new_tokens=args.max_new_tokens)
+                        overrides=overrides, max_new_tokens=args.max_new_tokens)
     if report is not None:
         print()
         print(runner.markdown(report))
@@ -253,14 +394,20 @@ def _cmd_vniah(args) -> int:
     unknown = [p for p in policies if p not in vniah.POLICIES]
     if unknown:
         raise ValueError(f"--policies: unknown {unknown}; choose from {', '.join(vniah.POLICIES)}")
-    device, dtype = default_device(args.device), resolve_dtype(args.dtype)
-    model, processor = load_model(args.model, device=device, dtype=dtype)
+    _check_model(args.model)
+    frames = [int(x) for x in args.frames.split(",") if x]
+    for n in frames:
+        _check_frames("--frames", n)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
     overrides.update(_overrides(args.override))
     presets = [p for p in args.presets.split(",") if p]
+    for preset in presets:  # a bad preset or override fails now, not after loading the model
+        _preset(preset, overrides)
     sparsities = [float(x) for x in args.sparsity.split(",") if x]
     kinds = [k for k in args.kinds.split(",") if k]
     height, width = (int(x) for x in args.size.lower().split("x"))
+    device, dtype = default_device(args.device), resolve_dtype(args.dtype)
+    model, processor = load_model(args.model, device=device, dtype=dtype)
     import torch
 
     meta = dict(model=args.model, overrides=overrides, device=torch.cuda.get_device_name(device)
@@ -271,7 +418,7 @@ def _cmd_vniah(args) -> int:
         if args.output:
             vniah.write({**report, **meta}, args.output)
 
-    report = vniah.evaluate(model, processor, frames=[int(x) for x in args.frames.split(",")], samples=args.samples,
+    report = vniah.evaluate(model, processor, frames=frames, samples=args.samples,
                             kinds=kinds, size=(height, width), batch_size=args.batch_size, workers=args.workers,
                             progress=print, on_length=save,
                             attention=vniah.variants(presets, sparsities, overrides, policies=policies))
@@ -292,44 +439,58 @@ def _device_and_dtype(parser, *, default: str = "auto", what: str = "model dtype
 
 def _override_arg(parser, what: str, example: str) -> None:
     parser.add_argument("--override", action="append", metavar="FIELD=VALUE",
-                        help=f"replace {what}, e.g. --override {example} (repeatable)")
+                        help=f"replace {what}, e.g. --override {example} (repeatable). VALUE is read as YAML "
+                        "(0, true, null); the list fields (towers, levels, thresholds, similarity) take a comma list "
+                        "or a YAML list: towers=text,vision or towers=[text,vision]")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psa-vlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # argparse lists the commands from their help texts (the description has no list of its own)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    demo = sub.add_parser("demo", help="offline side-by-side run of dense and PSA attention on the tiny model",
+    demo = sub.add_parser("demo", help="offline end-to-end run: a tiny random Qwen2.5-VL answers a question "
+                          "about a generated video with dense (sdpa) and PSA attention, side by side",
                           description="Build (or reuse) the offline tiny Qwen2.5-VL, generate a synthetic video, "
                           "and answer one question with attn_implementation='sdpa' and 'psa'. Prints tokens, "
-                          "timings, PSA sparsity and whether the generated tokens agree, and writes a PNG of one "
-                          "text layer's level map. No network, no weights.")
+                          "timings (medians of --repeats runs after a warm-up: the prefill, i.e. the time to the "
+                          "first token, and the decode time of each further token), PSA sparsity and whether the "
+                          "generated tokens agree, and writes a PNG of one text layer's level map with PSA at a "
+                          "fixed sparsity of 0.8 (pooled levels, causally invisible pairs in grey, text blocks "
+                          "marked). No network, no weights.")
     demo.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
     demo.add_argument("--question", default="What colour is the moving square?", help="question about the video")
     demo.add_argument("--frames", type=int, default=32, help="frames in the generated video (default: 32)")
     demo.add_argument("--size", type=int, default=224, help="frame width and height in pixels, even (default: 224)")
     demo.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens to generate (default: 8)")
+    demo.add_argument("--repeats", type=int, default=3, help="timed runs per attention after one warm-up; the "
+                      "table shows their medians (default: 3)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated video (default: 0)")
     demo.add_argument("--output", help="folder for the generated video and the level-map PNG (default: a new "
                       "temporary folder)")
     demo.set_defaults(func=_cmd_demo)
 
-    ask = sub.add_parser("ask", help="answer a question about a local video",
-                         description="Load a Qwen2.5-VL checkpoint (folder or hub id), sample and resize the video "
-                         "by the Qwen rules (--fps or --nframes, --max-pixels per frame), and answer the question "
-                         "greedily with PSA or dense attention. Prints the answer, the number of (visual) tokens, "
-                         "the prefill time (to the first token), the generation time and the mean PSA sparsity.")
+    ask = sub.add_parser("ask", help="answer a question about a local video with a Qwen2.5-VL model, PSA or dense",
+                         description="Load a Qwen2.5-VL model (checkpoint folder, hub id or built-in name), sample "
+                         "and resize the video by the Qwen rules (--fps or --nframes, --max-pixels per frame), and "
+                         "answer the question greedily with PSA or dense attention. Prints the answer, the number of "
+                         "(visual) tokens, the prefill time (to the first token), the decode time per further token "
+                         "and the prefill's mean PSA sparsity. --model, --preset, --override and --nframes are "
+                         "checked before the video is decoded.")
     ask.add_argument("question", help="the question, e.g. \"What happens after the door opens?\"")
-    ask.add_argument("--model", required=True, help="checkpoint folder or hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct "
-                     "(or a folder written by `psa-vlm tiny-model`)")
+    ask.add_argument("--model", required=True, help="checkpoint folder (with config.json) or hub id, e.g. "
+                     "Qwen/Qwen2.5-VL-7B-Instruct, or a built-in model: tiny (the offline test model, random "
+                     "weights), vniah (the trained V-NIAH model), qwen2.5-vl-7b / qwen2.5-vl-3b (the architecture "
+                     "with random weights)")
     ask.add_argument("--video", required=True, help="local video file (anything decord reads: mp4, mkv, avi, ...)")
     ask.add_argument("--attn", choices=("psa", "sdpa"), default="psa", help="attention implementation (default: psa)")
     ask.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
     _override_arg(ask, "a preset field", "min_seq_len=0")
     ask.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
-    ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps (even, >= 2)")
+    ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps: even and at "
+                     "least 2 (Qwen2.5-VL groups frames in pairs, one temporal patch per two frames)")
     ask.add_argument("--max-pixels", type=int, default=360 * 420,
                      help="pixel budget per frame; sides become multiples of 28 (default: 151200, the Qwen "
                      "video default)")
@@ -337,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_and_dtype(ask)
     ask.set_defaults(func=_cmd_ask)
 
-    bench = sub.add_parser("bench", help="end-to-end prefill benchmark, sdpa vs psa",
+    bench = sub.add_parser("bench", help="end-to-end prefill benchmark (time to first token, vision and "
+                           "language parts), sdpa vs psa, on generated videos sized to target token counts",
                            description="Time to first token of Qwen2.5-VL on generated videos sized to each "
                            "target number of language tokens: the whole prefill (TTFT), the language model's "
                            "part of it (CUDA events) and the rest (the vision tower), peak GPU memory and the "
@@ -365,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="folder for bench.json")
     bench.set_defaults(func=_cmd_bench)
 
-    ev = sub.add_parser("eval", help="long-video QA benchmarks through lm-eval, dense vs PSA side by side",
+    ev = sub.add_parser("eval", help="long-video QA benchmarks (Video-MME, MLVU, LongVideoBench, "
+                        "EgoSchema) through lm-eval with several attentions, resumable, one comparison report",
                         description="Answer the eval_tasks/ benchmarks (Video-MME, MLVU dev, LongVideoBench val, "
                         "EgoSchema subset) with each attention variant through lm-eval, writing per-sample answers "
                         "as they come (OUTPUT/<variant>/predictions.jsonl: rerun the same command to resume) and a "
@@ -410,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense_text=false lets the question's rows go sparse too (a stress setting).")
     vn.add_argument("--model", default="vniah", help="vniah (default: the trained V-NIAH model shipped with the "
                     "package, docs/quality.md), a checkpoint folder, or tiny (random weights: chance accuracy)")
-    vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, even (default: 32)")
+    vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, each even and at "
+                    "least 2 (Qwen2.5-VL groups frames in pairs; default: 32)")
     vn.add_argument("--samples", type=int, default=64, help="questions per length (default: 64)")
     vn.add_argument("--kinds", default="colour", help="needle questions: colour, shape, position, order "
                     "(comma-separated, taken in turn; default: colour)")

@@ -27,9 +27,14 @@ Where qwen-vl-utils fails, this module goes on where the intent is clear, with a
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
+import sys
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +95,44 @@ class VideoWarning(UserWarning):
 
 
 _REENCODE = "Re-download the file, or re-encode it (e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4)"
+
+logger = logging.getLogger(__name__)
+_muted = threading.local()
+
+
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """Keep what FFmpeg and decord write straight to the stderr file descriptor ("[mov,mp4,...]
+    moov atom not found", "video_reader.cc:83: ERROR opening ...") off the terminal while they
+    probe or decode a file: :class:`VideoError` says what is wrong, in one line. Only the C
+    libraries' output is affected (Python exceptions pass through; Python warnings are raised
+    outside these blocks); what they wrote is logged at DEBUG level.
+
+    File descriptor 2 is shared by the whole process, so keep the blocks short: anything else
+    written to it meanwhile (another thread's output) is diverted too."""
+    if getattr(_muted, "active", False):  # nested (a diagnosis inside a failed open): already muted
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr descriptor: nothing to mute
+        yield
+        return
+    sink = tempfile.TemporaryFile()
+    try:
+        os.dup2(sink.fileno(), 2)
+        _muted.active = True
+        yield
+    finally:
+        _muted.active = False
+        os.dup2(saved, 2)
+        os.close(saved)
+        sink.seek(0)
+        said = sink.read().decode(errors="replace").strip()
+        sink.close()
+        if said:
+            logger.debug("FFmpeg/decord output: %s", said)
 
 
 def smart_resize(height: int, width: int, *, min_pixels: float, max_pixels: float,
@@ -360,14 +403,20 @@ def _read_resized(reader, indices: list[int], height: int, width: int, desc: str
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(indices), desc=f"decoding {desc}", unit="frame")
-    for begin in range(0, len(indices), _READ_CHUNK):
-        chunk = indices[begin:begin + _READ_CHUNK]
-        array = reader.read(chunk)
-        frames = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
-        out[begin:begin + len(chunk)] = tvf.resize(frames, [height, width], interpolation=InterpolationMode.BICUBIC,
-                                                   antialias=True)
-        if bar is not None:
-            bar.update(len(chunk))
+    try:
+        for begin in range(0, len(indices), _READ_CHUNK):
+            chunk = indices[begin:begin + _READ_CHUNK]
+            array = reader.read(chunk)
+            frames = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+            out[begin:begin + len(chunk)] = tvf.resize(frames, [height, width],
+                                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
+            if bar is not None:
+                bar.update(len(chunk))
+    except BaseException:
+        if bar is not None:  # clear the half-drawn bar: the error is printed on a line of its own
+            bar.leave = False
+            bar.close()
+        raise
     if bar is not None:
         bar.close()
     return out
@@ -384,7 +433,8 @@ class _DecordReader:
 
         self.path = path
         try:
-            self._reader = decord.VideoReader(str(path))
+            with _native_stderr_muted():
+                self._reader = decord.VideoReader(str(path))
         except Exception as error:  # decord raises RuntimeError or DECORDError with C++ text
             raise _diagnose(path, error) from error
         self.total_frames = len(self._reader)
@@ -398,7 +448,8 @@ class _DecordReader:
 
     def read(self, indices: list[int]) -> np.ndarray:
         try:
-            batch = self._reader.get_batch(indices)
+            with _native_stderr_muted():
+                batch = self._reader.get_batch(indices)
         except Exception as error:
             raise VideoError(path=self.path, problem=f"is truncated or corrupt: decoding frames "
                              f"{indices[0]}..{indices[-1]} failed ({_first_line(error)})", advice=_REENCODE) from error
@@ -417,7 +468,8 @@ class _PyAVReader:
 
         self.path = path
         try:
-            container = av.open(str(path))
+            with _native_stderr_muted():
+                container = av.open(str(path))
         except Exception as error:
             raise _diagnose(path, error) from error
         with container:
@@ -427,7 +479,8 @@ class _PyAVReader:
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else 0.0
             try:
-                self.total_frames = sum(1 for packet in container.demux(stream) if packet.size)
+                with _native_stderr_muted():
+                    self.total_frames = sum(1 for packet in container.demux(stream) if packet.size)
             except Exception as error:
                 raise _diagnose(path, error) from error
         if self.total_frames == 0:
@@ -436,14 +489,16 @@ class _PyAVReader:
             raise VideoError(path, f"reports no usable frame rate ({self.fps})", _REENCODE)
         first = self._frames()
         try:
-            self.height, self.width = next(first).shape[:2]
+            with _native_stderr_muted():
+                self.height, self.width = next(first).shape[:2]
         except StopIteration:
             raise VideoError(path, "has no decodable video frames (truncated or corrupt)", _REENCODE) from None
         except Exception as error:
             raise VideoError(path, f"has no decodable video frames (truncated or corrupt: {_first_line(error)})",
                              _REENCODE) from error
         finally:
-            first.close()
+            with _native_stderr_muted():
+                first.close()
         self._decoded = None  # generator positioned after frame self._next
         self._next = 0
         _warn_if_shorter_than_declared(path, self.total_frames, self.fps)
@@ -464,7 +519,8 @@ class _PyAVReader:
         try:
             for index in indices:
                 while self._next <= index:
-                    self._last = next(self._decoded)
+                    with _native_stderr_muted():
+                        self._last = next(self._decoded)
                     self._next += 1
                 out.append(self._last)
         except StopIteration:
@@ -523,6 +579,12 @@ def _diagnose(path: Path, cause: BaseException) -> VideoError:
     detail = _first_line(cause)
     with open(path, "rb") as handle:
         head = handle.read(512)
+    with _native_stderr_muted():
+        return _diagnose_with(av, path, head, detail)
+
+
+def _diagnose_with(av, path: Path, head: bytes, detail: str) -> VideoError:
+    """:func:`_diagnose`'s probe of the file with PyAV (``head``: its first bytes)."""
     try:
         container = av.open(str(path))
     except Exception as error:
@@ -559,7 +621,7 @@ def _warn_if_shorter_than_declared(path: Path, frames: int, fps: float) -> None:
         return
 
     try:
-        with av.open(str(path)) as container:
+        with _native_stderr_muted(), av.open(str(path)) as container:
             stream = container.streams.video[0]
             if stream.duration is not None and stream.time_base is not None:
                 declared = float(stream.duration * stream.time_base)

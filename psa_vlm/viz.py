@@ -14,12 +14,21 @@ LEVEL_ORDER = (1, 2, 4, 8, 0)
 LEVEL_NAMES = {1: "level 1 (full)", 2: "level 2 (2x pooled)", 4: "level 4 (4x pooled)", 8: "level 8 (8x pooled)",
                0: "skipped"}
 LEVEL_COLOURS = {1: "#08306b", 2: "#2171b5", 4: "#6baed6", 8: "#c6dbef", 0: "#f7f7f7"}
+# Pairs no query of the block can see (the causal upper triangle): not a choice PSA made, so a
+# neutral colour apart from the blue scale and from "skipped".
+INVISIBLE_NAME = "not visible (causal)"
+INVISIBLE_COLOUR = "#9e9e9e"
+
+
+def _first_2d(x) -> np.ndarray:
+    m = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    while m.ndim > 2:  # [B, H, nq, nk] -> the first batch element and head
+        m = m[0]
+    return m
 
 
 def _as_2d(level_map) -> np.ndarray:
-    m = level_map.detach().cpu().numpy() if hasattr(level_map, "detach") else np.asarray(level_map)
-    while m.ndim > 2:  # [B, H, nq, nk] -> the first batch element and head
-        m = m[0]
+    m = _first_2d(level_map)
     if m.ndim != 2:
         raise ValueError(f"a level map needs 2 dimensions [nq, nk] (or leading batch/head ones), got {m.shape}")
     bad = ~np.isin(m, LEVEL_ORDER)
@@ -29,12 +38,14 @@ def _as_2d(level_map) -> np.ndarray:
 
 
 def plot_level_map(level_map, *, title: str | None = None, block_q: int | None = None, block_k: int | None = None,
-                   text_rows=None, text_cols=None, ax=None):
+                   text_rows=None, text_cols=None, visible=None, ax=None):
     """Heatmap of one level map ``[nq, nk]`` (query blocks down, key blocks across).
 
     ``block_q``/``block_k`` label the axes in tokens as well as blocks; ``text_rows`` (bool per
     query block) and ``text_cols`` (bool per key block) mark the blocks holding text with red
-    ticks on the right and on top; the unmarked ones are vision. Returns the figure.
+    ticks on the right and on top; the unmarked ones are vision. ``visible`` (bool ``[nq, nk]``,
+    e.g. ``psa_kernels.block_visibility(...)[0]``) draws the pairs no query can see in grey as
+    "not visible (causal)", apart from the visible pairs PSA skipped. Returns the figure.
     """
     import matplotlib.pyplot as plt  # the active backend: inline in notebooks, Agg when headless
     from matplotlib.colors import BoundaryNorm, ListedColormap
@@ -42,33 +53,45 @@ def plot_level_map(level_map, *, title: str | None = None, block_q: int | None =
 
     m = _as_2d(level_map)
     rank = np.vectorize({v: i for i, v in enumerate(LEVEL_ORDER)}.get)(m)
-    cmap = ListedColormap([LEVEL_COLOURS[v] for v in LEVEL_ORDER])
-    norm = BoundaryNorm(np.arange(len(LEVEL_ORDER) + 1) - 0.5, cmap.N)
+    names = [LEVEL_NAMES[v] for v in LEVEL_ORDER]
+    colours = [LEVEL_COLOURS[v] for v in LEVEL_ORDER]
+    vis = None
+    if visible is not None:
+        vis = np.broadcast_to(_first_2d(visible).astype(bool), m.shape)
+        rank = np.where(vis, rank, len(LEVEL_ORDER))  # one more class after the levels
+        names.append(INVISIBLE_NAME)
+        colours.append(INVISIBLE_COLOUR)
+    cmap = ListedColormap(colours)
+    norm = BoundaryNorm(np.arange(len(colours) + 1) - 0.5, cmap.N)
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.4, 5.2))
     else:
         fig = ax.figure
     image = ax.imshow(rank, cmap=cmap, norm=norm, interpolation="nearest", aspect="auto")
-    bar = fig.colorbar(image, ax=ax, ticks=range(len(LEVEL_ORDER)))
-    bar.ax.set_yticklabels([LEVEL_NAMES[v] for v in LEVEL_ORDER])
+    bar = fig.colorbar(image, ax=ax, ticks=range(len(colours)))
+    bar.ax.set_yticklabels(names)
     bar.set_label("resolution at which the query block reads the key block")
     ax.set_xlabel("key block" + (f" ({block_k} tokens each)" if block_k else ""))
     ax.set_ylabel("query block" + (f" ({block_q} tokens each)" if block_q else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     nq, nk = m.shape
-    density = np.where(m > 0, 1.0 / np.maximum(m, 1), 0.0).mean()
-    ax.set_title(title or f"PSA level map ({nq} x {nk} blocks, mean 1/p over all pairs {density:.2f})")
+    per_pair = np.where(m > 0, 1.0 / np.maximum(m, 1), 0.0)
+    density = per_pair.mean() if vis is None else per_pair[vis].mean() if vis.any() else 0.0
+    pairs = "all" if vis is None else "visible"
+    ax.set_title(title or f"PSA level map ({nq} x {nk} blocks, mean 1/p over {pairs} pairs {density:.2f})")
     if text_rows is not None:
         rows = np.flatnonzero(np.asarray(text_rows, dtype=bool))
-        ax.scatter(np.full(rows.shape, nk - 0.5), rows, marker="<", color="#d62728", s=12, clip_on=False,
+        ax.scatter(np.full(rows.shape, nk - 0.5), rows, marker="<", color="#d62728", s=30, clip_on=False,
                    label="text query rows")
     if text_cols is not None:
         cols = np.flatnonzero(np.asarray(text_cols, dtype=bool))
-        ax.scatter(cols, np.full(cols.shape, -0.5), marker="v", color="#d62728", s=12, clip_on=False,
+        ax.scatter(cols, np.full(cols.shape, -0.5), marker="v", color="#d62728", s=30, clip_on=False,
                    label="text key columns")
     if (text_rows is not None and np.any(text_rows)) or (text_cols is not None and np.any(text_cols)):
-        ax.legend(loc="lower left", fontsize=7, title="unmarked blocks: vision", title_fontsize=7)
+        # below the axes, so it hides no block
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7,
+                  title="unmarked blocks: vision", title_fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -24,8 +24,15 @@ def test_help_lists_the_commands(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for command in ("ask", "demo", "bench", "tiny-model", "presets"):
-        assert command in text
+    commands = build_commands()
+    assert {"ask", "demo", "bench", "eval", "lm-eval", "vniah", "tiny-model", "presets"} <= set(commands)
+    for command in commands:  # listed once: a line that starts with the name, then its help
+        assert len(re.findall(rf"^ +{re.escape(command)}( |$)", text, re.M)) == 1, (command, text)
+
+
+def build_commands() -> list[str]:
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    return list(sub.choices)
 
 
 def test_presets_command_lists_every_preset(capsys):
@@ -46,18 +53,54 @@ def test_tiny_model_command_writes_a_loadable_model(tmp_path, capsys):
 
 
 def test_demo_prints_the_side_by_side_table(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import psa_kernels
+    from psa_vlm import viz
+
     monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
-    assert cli.main(["demo", "--frames", "16", "--max-new-tokens", "4", "--output", str(tmp_path / "out")]) == 0
+    generated, figures = [], []
+    generate, plot = Qwen2_5_VLForConditionalGeneration.generate, viz.plot_level_map
+    def counted(self, *args, **kwargs):
+        generated.append(self.config._attn_implementation)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "generate", counted)
+    monkeypatch.setattr(viz, "plot_level_map", lambda *a, **k: figures.append(plot(*a, **k)) or figures[-1])
+    repeats = 1  # a warm-up and one timed run per attention: the test stays short
+    assert cli.main(["demo", "--frames", "16", "--max-new-tokens", "2", "--repeats", str(repeats),
+                     "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("sdpa ", "psa "))}
     assert set(rows) == {"sdpa", "psa"}
     assert rows["sdpa"][2] == rows["psa"][2] and int(rows["psa"][2]) > 200  # same prompt, in tokens
     assert float(rows["psa"][6]) > 0  # PSA really ran sparse
-    assert re.search(r"generated tokens identical: \d/4", out)
+    assert re.search(r"generated tokens identical: \d/2", out)
+    # Each attention is warmed up, then timed `repeats` times; prefill and decode come from the same runs.
+    assert generated == ["sdpa"] * (repeats + 1) + ["psa"] * (repeats + 1)
+    assert "prefill ms" in out and "decode ms/tok" in out and f"median of {repeats} run(s) after a warm-up" in out
+    assert all(float(rows[a][4]) > 0 and float(rows[a][5]) > 0 for a in rows)
     assert (tmp_path / "out" / "demo.mp4").stat().st_size > 0
     png = tmp_path / "out" / "level_map.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert str(png) in out
+
+    # The picture's data: the pyramid (pooled levels), the causal upper triangle as its own class, text marked.
+    (fig,) = figures
+    ax, bar = fig.axes
+    shown = np.asarray(ax.images[0].get_array())
+    names = [t.get_text() for t in bar.get_yticklabels()]
+    rank = {v: names.index(viz.LEVEL_NAMES[v]) for v in viz.LEVEL_ORDER}
+    assert np.isin(shown, [rank[2], rank[4], rank[8]]).any()
+    tokens, bq, bk = int(rows["psa"][2]), cli.TINY_MODEL_OVERRIDES["block_q"], cli.TINY_MODEL_OVERRIDES["block_k"]
+    visible = psa_kernels.block_visibility(batch=1, q_len=tokens, k_len=tokens, block_q=bq, block_k=bk,
+                                           causal=True)[0].numpy()
+    assert shown.shape == visible.shape and (~visible).any()
+    assert np.array_equal(shown == names.index("not visible (causal)"), ~visible)
+    assert f"sparsity {cli.PICTURE_SPARSITY:g}" in ax.get_title()
+    text_rows, text_cols = (c.get_offsets() for c in ax.collections)
+    nq, nk = shown.shape
+    assert nq - 1 in text_rows[:, 1] and 0 < len(text_rows) < nq  # the question ends the prompt; video between
+    assert nk - 1 in text_cols[:, 0] and 0 < len(text_cols) < nk
 
 
 def test_demo_rejects_a_bad_preset_with_one_clear_line(capsys):
@@ -164,9 +207,54 @@ def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeyp
     assert re.search(r"tokens: \d+ \(\d+ visual\)", out) and "answer:" in out
     sparsity = float(re.search(r"PSA sparsity .*: ([0-9.]+)", out).group(1))
     assert 0 <= sparsity < 1
-    assert re.search(r"prefill: [0-9.]+ ms", out)
+    # Prefill and decode are two parts of one generation, not a total that repeats the prefill.
+    assert re.search(r"prefill: [0-9.]+ ms \(to the first token\); decode: [0-9.]+ ms per token after the first "
+                     r"\(3 tokens", out)
 
 
 def test_ask_names_a_missing_video(tmp_path, capsys):
-    assert cli.main(["ask", "--model", str(tmp_path), "--video", str(tmp_path / "nope.mp4"), "why?"]) == 2
+    assert cli.main(["ask", "--model", "tiny", "--video", str(tmp_path / "nope.mp4"), "why?"]) == 2
     assert "nope.mp4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/no/such/model"], "no such folder, and not a hub id"),
+    (["--model", "{tmp}"], "has no config.json"),
+    (["--model", "tiny", "--nframes", "3"], "--nframes 3: must be even"),
+    (["--model", "tiny", "--nframes", "0"], "use 2"),
+    (["--model", "tiny", "--override", "towers=text,audio"], "field 'towers'"),
+    (["--model", "tiny", "--override", "nonsense=1"], "unknown field(s) ['nonsense']"),
+    (["--model", "tiny", "--override", "thresholds=[0.5,"], "not valid YAML"),
+    (["--model", "tiny", "--preset", "no_such_preset"], "unknown preset"),
+])
+def test_ask_checks_its_arguments_before_decoding_the_video(tmp_path, capsys, args, message):
+    """The video does not exist: an error naming anything else was found before the video was read."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert cli.main(["ask", *args, "--video", str(tmp_path / "nope.mp4"), "why?"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nope.mp4" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("psa-vlm ask: error: ")
+
+
+def test_vniah_refuses_odd_frame_counts_before_loading_a_model(capsys):
+    assert cli.main(["vniah", "--model", "tiny", "--frames", "32,7", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--frames 7: must be even" in err and "use 6 or 8" in err
+
+
+def test_override_takes_comma_lists_and_yaml_lists():
+    from psa_vlm import load_preset
+
+    comma = cli._overrides(["towers=text,vision", "thresholds=0.5, 0.6,0.7,0.8", "similarity=0.7,0.6,0.6"])
+    yaml_lists = cli._overrides(["towers=[text, vision]", "thresholds=[0.5, 0.6, 0.7, 0.8]",
+                                 "similarity=[0.7, 0.6, 0.6]"])
+    assert comma == yaml_lists
+    preset = load_preset("video_mme").replace(**comma)
+    assert preset.towers == ("text", "vision") and preset.thresholds == (0.5, 0.6, 0.7, 0.8)
+    assert preset.similarity == (0.7, 0.6, 0.6)
+    assert cli._overrides(["towers=vision", "similarity=null", "min_seq_len=0"]) == dict(
+        towers=["vision"], similarity=None, min_seq_len=0)  # one item is a list; null still turns the cap off
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        cli._overrides(["towers"])
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["ask"].format_help()
+    assert "towers=text,vision" in help_text and "towers=[text,vision]" in help_text

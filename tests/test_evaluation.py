@@ -191,8 +191,31 @@ def test_interrupted_run_resumes_without_losing_or_repeating(tmp_path, monkeypat
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)) == 6
     assert [json.loads(line) for line in before] == records[:2]
+    assert [json.loads(line) for line in predictions.read_text().splitlines()] == records  # the torn line is gone
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["variants"]["sdpa"]["overall"]["samples"] == 6
+
+
+def test_resume_rewrites_predictions_without_torn_lines(tmp_path):
+    import random
+
+    from psa_vlm.evaluation.lm import _drop_torn_lines
+
+    rng = random.Random()
+    records = [dict(key=f"videomme|{i}|{rng.getrandbits(32):08x}", task="videomme", doc_id=i,
+                    response=rng.choice("ABCD")) for i in range(rng.randint(2, 6))]
+    lines = [json.dumps(r) for r in records]
+    torn = [json.dumps(r)[:rng.randint(1, 20)] for r in records[:2]]  # kills in the middle of writes
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("\n".join([lines[0], torn[0], *lines[1:], ""]) + torn[1])  # one inside, one at the end
+    path.chmod(0o644)
+    _drop_torn_lines(path)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+    assert path.read_text().endswith("\n") and (path.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]  # no temporary file left behind
+    inode = path.stat().st_ino
+    _drop_torn_lines(path)  # a whole file is left alone
+    assert path.stat().st_ino == inode and read_predictions(path) == {r["key"]: r for r in records}
 
 
 def test_batches_left_pad_and_match_single_answers(tmp_path):

@@ -410,6 +410,33 @@ def test_bad_files_raise_a_clear_error(bad_files, kind, backend):
     assert isinstance(caught.value, ValueError)
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_bad_files_leave_nothing_of_ffmpeg_or_decord_on_stderr(bad_files, backend, capfd):
+    """FFmpeg and decord write to the stderr descriptor itself; only the VideoError may speak."""
+    for kind in ("text", "truncated", "truncated_data", "no_frames"):
+        with pytest.raises(VideoError), warnings.catch_warnings():
+            warnings.simplefilter("ignore", VideoWarning)
+            load_video(bad_files[kind], backend=backend, **SMALL)
+        out, err = capfd.readouterr()
+        assert err == "", (kind, err)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_ask_on_a_bad_video_prints_one_line(bad_files, kind):
+    """What a user sees: `psa-vlm ask` on a text file named .mp4 or a cut mp4 prints one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = bad_files[kind]
+    res = subprocess.run([sys.executable, "-m", "psa_vlm.cli", "ask", "--model", "tiny", "--video", str(path), "why?"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"psa-vlm ask: error: {path}: ") and BAD[kind] in lines[0]
+
+
 @pytest.mark.parametrize("range_, message", [
     ({"start": 2.0, "end": 2.0}, "is not before end"),
     ({"start": 2.5, "end": 1.0}, "is not before end"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from psa_vlm.viz import LEVEL_ORDER, plot_level_map
+from psa_vlm.viz import LEVEL_NAMES, LEVEL_ORDER, plot_level_map
 
 
 def test_level_map_figure_holds_the_map_and_names_the_levels():
@@ -22,6 +22,28 @@ def test_level_map_figure_holds_the_map_and_names_the_levels():
     labels = [t.get_text() for t in bar.get_yticklabels()]
     assert labels == ["level 1 (full)", "level 2 (2x pooled)", "level 4 (4x pooled)", "level 8 (8x pooled)", "skipped"]
     assert ax.get_title()
+
+
+def test_level_map_draws_invisible_pairs_apart_from_skipped_ones():
+    import psa_kernels
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    nq, bq, bk = int(torch.randint(3, 9, (), generator=g)), 64, 32
+    visible = psa_kernels.block_visibility(batch=1, q_len=nq * bq, k_len=nq * bq, block_q=bq, block_k=bk,
+                                           causal=True)
+    codes = torch.tensor([0, 1, 2, 4, 8])
+    m = codes[torch.randint(0, 5, visible.shape, generator=g)] * visible  # invisible pairs hold 0, like skipped
+    fig = plot_level_map(m, block_q=bq, block_k=bk, visible=visible)
+    ax, bar = fig.axes
+    shown = np.asarray(ax.images[0].get_array())
+    ranks = np.vectorize({v: i for i, v in enumerate(LEVEL_ORDER)}.get)(m[0].numpy())
+    vis = visible[0].numpy()
+    assert np.array_equal(shown[vis], ranks[vis])  # visible pairs as before, skipped ones included
+    assert (shown[~vis] == len(LEVEL_ORDER)).all() and (~vis).any()  # their own class after the levels
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert labels[:len(LEVEL_ORDER)] == [LEVEL_NAMES[v] for v in LEVEL_ORDER]
+    assert labels[len(LEVEL_ORDER):] == ["not visible (causal)"]
+    assert "visible pairs" in ax.get_title()
 
 
 def test_bad_level_values_are_named():

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,8 +125,8 @@ class PSAQwenVL(LM):
             if self.world_size > 1:
                 path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
             self.predictions = path
+            _drop_torn_lines(path)
             self.done = read_predictions(path)
-            _end_torn_line(path)
 
     # -- lm-eval interface ------------------------------------------------------------------
 
@@ -291,14 +292,39 @@ def _one_video(visuals) -> dict:
     return visuals[0]
 
 
-def _end_torn_line(path: Path) -> None:
-    """After a kill in the middle of a write the file ends without a newline: end that line, so
-    the next answer starts a line of its own (the torn one is skipped when read)."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+def _drop_torn_lines(path: Path) -> None:
+    """Rewrite this process's predictions file without the lines a kill tore mid-write (not JSON),
+    so the file holds whole records only and the next answer starts a line of its own. The new
+    file is written beside the old one and replaces it in one step: a kill during the rewrite
+    leaves the old file whole."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    lines = data.splitlines()
+    kept = [line for line in lines if _is_record(line)]
+    if len(kept) == len(lines) and (not data or data.endswith(b"\n")):
+        return  # nothing torn
+    logger.warning("%s: dropping %d torn line(s) (a run killed while writing)", path, len(lines) - len(kept))
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, path.stat().st_mode & 0o777)  # mkstemp's file is private; keep the old permissions
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _is_record(line: bytes) -> bool:
+    """A whole predictions record: a JSON object with its key."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        return False
+    return isinstance(record, dict) and "key" in record
 
 
 def read_predictions(path) -> dict[str, dict]:
