@@ -6,7 +6,7 @@ import torch
 
 
 def cases(L: int = 4096):
-    from psa_kernels.assign import compact_triton
+    from psa_kernels.level_map import _compact_torch as compact_triton
     from psa_kernels.attention import psa_attention_triton
     from psa_kernels.importance import antidiagonal_importance_triton
 

@@ -24,7 +24,7 @@ entries:
   mask the plan was made for.
 
 ``Hm`` is Hq (a map per query head) or Hkv (one map shared by a GQA group). Where Triton serves
-(CUDA, or the interpreter), layouts are written by one kernel (:mod:`psa_kernels.assign`), with
+(CUDA, or the interpreter), layouts are written by one kernel (:mod:`psa_kernels.layout`), with
 no host synchronisation, so they can be captured in a CUDA graph; elsewhere by tensor ops that
 produce the same layout.
 """
@@ -36,16 +36,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import block_flags
-from .utils import kernels_available
+from .utils import index_dtype, kernels_available
 from .validation import POOL_FACTORS, num_blocks
 
 # Rank of a level value in the layout: 1 -> 0, 2 -> 1, 4 -> 2, 8 -> 3; 0 (skip) -> 4.
 _RANK_OF_LEVEL = (4, 0, 1, 4, 2, 4, 4, 4, 3)
-
-
-def index_dtype(nk: int) -> torch.dtype:
-    """Key block indices fit int16 up to 32,767 blocks (4M tokens at 128-token blocks)."""
-    return torch.int16 if nk < 2**15 else torch.int32
 
 
 @dataclass(frozen=True)
@@ -81,9 +76,9 @@ class LevelMap:
         geometry = dict(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, causal=causal,
                         key_padding_mask=key_padding_mask)
         if kernels_available(level_map.device):
-            from .assign import compact_triton
+            from .layout import compact_triton
 
-            return compact_triton(level_map, **geometry)
+            return cls(**geometry, **compact_triton(level_map, **geometry))
         return _compact_torch(level_map, **geometry)
 
     def planned_for(self, *, q_len: int, k_len: int, causal: bool, key_padding_mask) -> bool:

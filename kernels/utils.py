@@ -59,3 +59,8 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (``n >= 1``)."""
     return 1 << (int(n) - 1).bit_length()
+
+
+def index_dtype(nk: int) -> torch.dtype:
+    """Key block indices fit int16 up to 32,767 blocks (4M tokens at 128-token blocks)."""
+    return torch.int16 if nk < 2**15 else torch.int32

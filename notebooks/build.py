@@ -35,7 +35,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 import psa_kernels
 import psa_vlm
 from psa_vlm import testing, viz
-from psa_vlm.cli import TINY_MODEL_OVERRIDES
+from psa_vlm.models import TINY_MODEL_OVERRIDES
 
 import transformers
 transformers.utils.logging.disable_progress_bar()
@@ -91,9 +91,9 @@ plt.show()
 '''),
     ("md", "## Ask with dense and PSA attention"),
     ("code", '''\
-from psa_vlm.video import video_question_inputs
+from psa_vlm.video import video_inputs
 question = "What colour is the moving square?"
-inputs = video_question_inputs(processor, clip, question).to(DEVICE)
+inputs = video_inputs(processor, clip, question).to(DEVICE)
 results = {}
 for attn in ("sdpa", "psa"):
     model.set_attn_implementation(attn)
@@ -161,8 +161,8 @@ model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementa
 processor = AutoProcessor.from_pretrained(path)
 psa_vlm.configure(model, "video_mme", record_level_maps=True, **OVERRIDES)
 video = testing.make_video(WORK / "explorer_clip.mp4", frames=48, width=224, height=224, fps=4.0, seed=2)
-from psa_vlm.video import video_question_inputs
-inputs = video_question_inputs(processor, video, "Where does the blue disc go?", fps=2.0, min_pixels=MIN_PIXELS,
+from psa_vlm.video import video_inputs
+inputs = video_inputs(processor, video, "Where does the blue disc go?", fps=2.0, min_pixels=MIN_PIXELS,
                                max_pixels=MAX_PIXELS).to(DEVICE)
 with torch.no_grad():
     model(**inputs)

@@ -38,78 +38,6 @@ from pathlib import Path
 
 import torch
 
-# Architecture of the released checkpoints (their config.json), without the vocabulary: shapes
-# use the tiny tokenizer, so the embedding and output layers are small; attention is unchanged.
-# Both checkpoints share the vision tower and the 3-D RoPE layout; they differ in the text tower.
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
-               fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02)
-_TEXT = dict(head_dim=128, max_position_embeddings=128000, initializer_range=0.02,
-             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]})
-SHAPES = {
-    "qwen2.5-vl-7b": dict(
-        text_config=dict(_TEXT, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4),
-        vision_config=dict(_VISION),
-    ),
-    "qwen2.5-vl-3b": dict(
-        text_config=dict(_TEXT, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2),
-        vision_config=dict(_VISION),
-    ),
-}
-
-
-#: dtype names the command lines and lm-eval model arguments take ("auto": the checkpoint's).
-DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-
-
-def resolve_dtype(name: str):
-    """A torch dtype (or ``"auto"``) from one of :data:`DTYPES`' names."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def default_device(device: str | None = None) -> str:
-    """``device``, else ``cuda`` when there is a GPU, else ``cpu``."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None = None):
-    """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, ``tiny``
-    (the random test model) or ``vniah`` (the trained V-NIAH model shipped with the package).
-
-    ``dtype="auto"``: the checkpoint's (shapes: bf16 on a GPU, fp32 elsewhere). ``device_map``
-    (e.g. ``"auto"``) spreads a checkpoint over the visible GPUs instead of moving it to ``device``.
-    """
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    from .testing import build_tiny_processor, tiny_model_config, tiny_model_dir
-
-    if spec in SHAPES:
-        if dtype == "auto":
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        config = tiny_model_config(**SHAPES[spec])
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-        # The released processor's per-frame range (preprocessor_config.json), no total budget.
-        return model.eval(), build_tiny_processor(video_pixels=(56 * 56, 28 * 28 * 16384), cap_pixels_per_frame=False)
-    from .vniah import checkpoint_dir
-
-    path = tiny_model_dir() if spec == "tiny" else checkpoint_dir() if spec == "vniah" else spec
-    try:
-        if device_map is not None:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device_map)
-        else:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-        processor = AutoProcessor.from_pretrained(path)
-    except OSError as err:  # a missing folder, a hub id not cached offline: transformers says which
-        raise FileNotFoundError(f"cannot load the model {spec!r}: {err} (pass a checkpoint folder, a hub id, "
-                                f"one of {sorted(SHAPES)}, tiny or vniah)") from err
-    return model.eval(), processor
-
-
 def frames_for_tokens(tokens: int) -> tuple[int, int]:
     """(frame side in pixels, number of frames) whose visual tokens reach ``tokens``."""
     if tokens < 64:
@@ -207,7 +135,8 @@ def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=()
     ``ttft_ratio``, ``language_ratio`` and ``peak_ratio`` against ``sdpa``.
     """
     from . import mean_sparsity, reset_stats, use_attention
-    from .testing import make_video_frames, video_inputs
+    from .clips import make_video_frames
+    from .video import video_inputs
 
     variants = attention_variants(preset, overrides, sparsities)  # fails early on a bad preset
     if only is not None:
@@ -216,6 +145,8 @@ def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=()
             raise ValueError(f"unknown attention(s) {unknown}; available: {', '.join(variants)} "
                              "(psa@S needs --sparsity S)")
         variants = {label: config for label, config in variants.items() if label in only}
+    from .models import load_model
+
     model, processor = load_model(spec, device=device, dtype=dtype)
     cuda = device.startswith("cuda")
     report = dict(model=spec, device=torch.cuda.get_device_name() if cuda else device,

@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .models import TINY_MODEL_OVERRIDES, check_model_spec
+
 DESCRIPTION = """\
 psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen2.5-VL.
 
@@ -16,9 +18,6 @@ New here? `psa-vlm demo` runs offline (no weights, no network) and shows dense a
 attention side by side. `psa-vlm COMMAND --help` explains a command and its options.
 """
 
-# The tiny model's prompts are a few hundred tokens: the demo lowers the presets' block sizes
-# and minimum length so PSA really runs (real models keep the presets as they are).
-TINY_MODEL_OVERRIDES = dict(block_q=64, block_k=32, min_seq_len=0)
 
 
 def _cmd_presets(args) -> int:
@@ -30,7 +29,7 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_tiny_model(args) -> int:
-    from .testing import save_tiny_model
+    from .tiny import save_tiny_model
 
     path = save_tiny_model(args.directory, seed=args.seed)
     print(f"wrote the tiny Qwen2.5-VL to {path}")
@@ -95,7 +94,9 @@ def _cmd_demo(args) -> int:
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from . import configure, load_preset, mean_sparsity, reset_stats
-    from .testing import make_video, tiny_model_dir, video_inputs
+    from .clips import make_video
+    from .tiny import tiny_model_dir
+    from .video import video_inputs
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
@@ -204,11 +205,11 @@ def _cmd_ask(args) -> int:
     import torch
 
     from . import mean_sparsity, use_attention
-    from .bench import default_device, load_model, resolve_dtype
-    from .video import load_video, video_question_inputs
+    from .models import default_device, load_model, resolve_dtype
+    from .video import load_video, video_inputs
 
     # Everything a user can mistype is checked before the video is decoded (minutes for a long one).
-    _check_model(args.model)
+    check_model_spec(args.model)
     if args.nframes is not None:
         _check_frames("--nframes", args.nframes)
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
@@ -225,7 +226,7 @@ def _cmd_ask(args) -> int:
           f"at {video.sample_fps:.3g} frames/s", flush=True)
     model, processor = load_model(args.model, device=device, dtype=dtype)
     use_attention(model, preset, dense=args.attn)
-    inputs = video_question_inputs(processor, video, args.question).to(device)
+    inputs = video_inputs(processor, video, args.question).to(device)
     visual = int((inputs["mm_token_type_ids"] != 0).sum())
 
     def synced():
@@ -255,33 +256,6 @@ def _cmd_ask(args) -> int:
         print(f"PSA sparsity (mean over text layers; preset {preset.name!r}): {sparsity:.3f}")
     print(f"answer: {processor.tokenizer.decode(new, skip_special_tokens=True)}")
     return 0
-
-
-#: ``--model`` names that need no checkpoint (psa_vlm.bench.load_model; the shapes are in bench.SHAPES).
-BUILT_IN_MODELS = ("tiny", "vniah")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face hub
-
-
-def _check_model(spec: str) -> None:
-    """Refuse a ``--model`` that cannot be loaded before any slow work: a checkpoint folder must
-    hold config.json; anything else must be a hub id (owner/name) or a built-in name."""
-    from .bench import SHAPES
-
-    names = ", ".join([*SHAPES, *BUILT_IN_MODELS])
-    if spec in SHAPES or spec in BUILT_IN_MODELS:
-        return
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model {spec}: the folder has no config.json, so it is not a checkpoint; pass "
-                                    "the folder that holds config.json and the weights")
-        return
-    if path.exists():
-        raise ValueError(f"--model {spec}: is a file; pass a checkpoint folder (with config.json), a hub id "
-                         f"(owner/name) or one of {names}")
-    if not _HUB_ID.fullmatch(spec):
-        raise FileNotFoundError(f"--model {spec}: no such folder, and not a hub id (owner/name, e.g. "
-                                f"Qwen/Qwen2.5-VL-7B-Instruct) or one of {names}; check the path")
 
 
 def _check_frames(option: str, count: int) -> None:
@@ -330,9 +304,10 @@ def _overrides(items) -> dict:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import default_device, resolve_dtype, run, table
+    from .bench import run, table
+    from .models import default_device, resolve_dtype
 
-    _check_model(args.model)
+    check_model_spec(args.model)
     lengths = [int(x) for x in args.lengths.split(",")]
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
@@ -350,7 +325,7 @@ def _cmd_bench(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluation import runner
 
-    _check_model(args.model)
+    check_model_spec(args.model)
     runner.set_data_dirs(args.data_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     variants, overrides = runner.parse_variants(args.attn), _overrides(args.override)
@@ -388,13 +363,13 @@ def _cmd_lm_eval(args) -> int:
 
 def _cmd_vniah(args) -> int:
     from . import vniah
-    from .bench import default_device, load_model, resolve_dtype
+    from .models import default_device, load_model, resolve_dtype
 
     policies = [p for p in args.policies.split(",") if p]
     unknown = [p for p in policies if p not in vniah.POLICIES]
     if unknown:
         raise ValueError(f"--policies: unknown {unknown}; choose from {', '.join(vniah.POLICIES)}")
-    _check_model(args.model)
+    check_model_spec(args.model)
     frames = [int(x) for x in args.frames.split(",") if x]
     for n in frames:
         _check_frames("--frames", n)

@@ -61,7 +61,7 @@ class NeedleSample:
 
 
 def _background(rng, frames: int, height: int, width: int, distractors: int) -> np.ndarray:
-    from .testing import _bounce
+    from .clips import bounce
 
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     freqs = rng.uniform(0.03, 0.12, size=(3, 2))
@@ -77,7 +77,7 @@ def _background(rng, frames: int, height: int, width: int, distractors: int) -> 
         texture = np.stack([np.sin(freqs[c, 0] * ys + freqs[c, 1] * xs + phases[c]) for c in range(3)], axis=-1)
         image = 120 + 25 * texture  # muted: never as saturated as a needle
         for k in range(distractors):
-            cy, cx = _bounce(start[k] + speed[k] * t, (height, width))
+            cy, cx = bounce(start[k] + speed[k] * t, (height, width))
             image[(y - cy) ** 2 + (x - cx) ** 2 <= radius[k] ** 2] = DISTRACTORS[colour[k]]
         video[t] = np.clip(image, 0, 255).astype(np.uint8)
     return video
@@ -148,8 +148,8 @@ def make_sample(seed: int, *, frames: int = 64, size: tuple[int, int] = (224, 22
 
 def sample_inputs(processor, samples, *, video_fps: float = 2.0, max_pixels: int | None = None):
     """Processor inputs (left-padded batch) for one sample or a list, every frame kept, through
-    :func:`psa_vlm.testing.video_inputs` (qwen-vl-utils' resizing, the frames' metadata)."""
-    from .testing import video_inputs
+    :func:`psa_vlm.video.video_inputs` (qwen-vl-utils' rules, the frames' metadata)."""
+    from .video import video_inputs
 
     samples = [samples] if isinstance(samples, NeedleSample) else list(samples)
     frames = [s.frames for s in samples]
@@ -237,6 +237,6 @@ def default_workers(device) -> int:
 
 def write_mp4(sample: NeedleSample, path, *, fps: float = 2.0):
     """Write the sample's frames as an H.264 file (for the video loader and ``psa-vlm ask``)."""
-    from .testing import write_video
+    from .clips import write_video
 
     return write_video(path, sample.frames, fps=fps)

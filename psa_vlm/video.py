@@ -250,7 +250,7 @@ class LoadedVideo:
     the frames were actually sampled at; ``frames_indices`` are frame numbers in the file.
     """
 
-    path: Path
+    path: Path | None  # None for frames given as an array
     frames: torch.Tensor = field(repr=False)
     metadata: dict[str, Any] = field(repr=False)
     video_frames: int  # frames in the whole file
@@ -423,6 +423,16 @@ def _read_resized(reader, indices: list[int], height: int, width: int, desc: str
 
 
 # --------------------------------------------------------------------------- readers
+
+
+class _ArrayReader:
+    """Frames already in memory (``[T, H, W, 3]`` uint8), read like a file."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return self.array[indices]
 
 
 class _DecordReader:
@@ -650,23 +660,77 @@ def question_messages(question: str, media: str = "video", system_prompt: str | 
     return messages
 
 
-def video_question_inputs(processor, video, question: str, *, system_prompt: str | None = None,
-                          return_tensors: str = "pt", **load_options):
-    """Processor inputs for one (video, question) pair, ready for ``model.generate(**inputs)``.
+def frames_from_array(frames, *, video_fps: float = DEFAULT_FPS, fps: float | None = None,
+                      nframes: int | None = None, min_pixels: float | None = None, max_pixels: float | None = None,
+                      total_pixels: float | None = None) -> LoadedVideo:
+    """Sample and resize in-memory frames (uint8 ``[T, H, W, 3]`` playing at ``video_fps``) by the
+    same rules as :func:`load_video` (:func:`sample_frame_count`, :func:`frame_pixel_range`,
+    :func:`smart_resize`, bicubic with antialiasing). ``path`` of the result is None."""
+    array = np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"frames must be a uint8 array [T, H, W, 3], got {array.dtype} {array.shape}")
+    total, height, width = array.shape[:3]
+    count = sample_frame_count(total, video_fps, fps=fps, nframes=nframes, source="frame array")
+    indices = torch.linspace(0, total - 1, count).round().long().tolist()
+    low, high = frame_pixel_range(count, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
+    new_h, new_w = smart_resize(height, width, min_pixels=low, max_pixels=high)
+    resized = _read_resized(_ArrayReader(array), indices, new_h, new_w)
+    metadata = {"fps": float(video_fps), "frames_indices": indices, "total_num_frames": total,
+                "video_backend": "ndarray"}
+    return LoadedVideo(path=None, frames=resized, metadata=metadata, video_frames=total, video_size=(height, width))
 
-    ``video`` is a path (loaded with :func:`load_video` and ``load_options``) or a
-    :class:`LoadedVideo`. The frames go in with their metadata and ``do_sample_frames=False``,
-    so the processor neither resamples them nor guesses the frame rate: its
-    ``second_per_grid_ts`` is ``temporal_patch_size / sample_fps`` of the frames given.
+
+def _as_list(value, kind: str) -> list:
+    """One item or a list/tuple of items -> a list (an array of frames counts as one video)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"no {kind} given")
+        return list(value)
+    return [value]
+
+
+def video_inputs(processor, videos, questions, *, fps: float | None = None, nframes: int | None = None,
+                 video_fps: float = DEFAULT_FPS, min_pixels: float | None = None, max_pixels: float | None = None,
+                 total_pixels: float | None = None, system_prompt: str | None = None, return_tensors: str = "pt",
+                 **load_options):
+    """Model inputs for (video, question) pairs as one left-padded batch: the one path from a video
+    to a Qwen-VL model's inputs (``ask``, the demo, the benchmarks, V-NIAH and the lm-eval model).
+
+    ``videos``: a path (read with :func:`load_video`, ``load_options`` passed on), a
+    :class:`LoadedVideo`, a uint8 ``[T, H, W, 3]`` frame array playing at ``video_fps``
+    (:func:`frames_from_array`), or a list of them; ``questions``: a string or a list (one video
+    with several questions is shared by all of them). Frames are sampled at ``fps`` (default 2)
+    or exactly ``nframes`` and sized by qwen-vl-utils' rules; a ``max_pixels`` below the default
+    ``min_pixels`` lowers it too. The frames go in with their metadata and
+    ``do_sample_frames=False``, so the processor neither resamples them nor guesses
+    ``second_per_grid_ts``.
+
+    Returns the processor's ``BatchFeature`` (``input_ids``, ``attention_mask``,
+    ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
+    ``mm_token_type_ids``), ready for ``model(**inputs)`` or ``model.generate(**inputs)``.
     """
-    if not isinstance(video, LoadedVideo):
-        video = load_video(video, **load_options)
-    elif load_options:
-        raise ValueError(f"load options {sorted(load_options)} given with an already loaded video")
-    text = processor.apply_chat_template(question_messages(question, "video", system_prompt), tokenize=False,
-                                         add_generation_prompt=True)
-    return processor(text=[text], videos=[video.frames], video_metadata=[video.metadata], do_sample_frames=False,
-                     return_tensors=return_tensors)
+    if max_pixels is not None and min_pixels is None:
+        min_pixels = min(VIDEO_MIN_PIXELS, max_pixels)
+    video_list, question_list = _as_list(videos, "videos"), _as_list(questions, "questions")
+    if len(video_list) == 1 and len(question_list) > 1:
+        video_list = video_list * len(question_list)
+    if len(video_list) != len(question_list):
+        raise ValueError(f"got {len(video_list)} videos for {len(question_list)} questions")
+    sizing = dict(fps=fps, nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
+    loaded = []
+    for video in video_list:
+        if isinstance(video, LoadedVideo):
+            if load_options or any(v is not None for v in sizing.values()):
+                raise ValueError("sampling or size options given with an already loaded video")
+            loaded.append(video)
+        elif isinstance(video, (str, os.PathLike)):
+            loaded.append(load_video(video, **sizing, **load_options))
+        else:
+            loaded.append(frames_from_array(video, video_fps=video_fps, **sizing))
+    texts = [processor.apply_chat_template(question_messages(q, "video", system_prompt), tokenize=False,
+                                           add_generation_prompt=True) for q in question_list]
+    return processor(text=texts, videos=[v.frames for v in loaded], video_metadata=[v.metadata for v in loaded],
+                     do_sample_frames=False, padding=True, padding_side="left", return_tensors=return_tensors)
 
 
 def image_question_inputs(processor, image, question: str, *, system_prompt: str | None = None,
@@ -695,7 +759,8 @@ __all__ = [
     "load_image",
     "load_video",
     "question_messages",
+    "frames_from_array",
     "sample_frame_count",
     "smart_resize",
-    "video_question_inputs",
+    "video_inputs",
 ]

@@ -26,23 +26,11 @@ from pathlib import Path
 import torch
 
 from .config import PSAConfig, load_preset
+from .models import checkpoint_dir
 from .needles import LETTERS, BatchRenderer, default_workers, make_sample
 
 DEFAULT_SPARSITIES = (0.5, 0.65, 0.8, 0.9)
 TEST_SEED = 1_000_000  # the test set's seeds start here (the trainer's validation sets start at 10_000_000)
-
-
-def checkpoint_dir() -> Path:
-    """The trained V-NIAH model shipped with the package (``checkpoints/vniah`` in the repository;
-    ``--model vniah`` on the command line): weights in fp16, tokenizer, processor, the training
-    log (``training.json``) and the accuracy CI holds it to (``record.json``)."""
-    from importlib import resources
-
-    path = Path(str(resources.files("psa_vlm.checkpoints") / "vniah"))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the V-NIAH checkpoint is missing from {path}; reinstall psa-vlm, or train one with "
-                                "`python -m psa_vlm.vniah_train --output DIR` and pass --model DIR")
-    return path
 
 
 def load_record(path=None) -> dict:

@@ -56,7 +56,7 @@ MODEL_SHAPE = dict(
 def build_model(seed: int = 0):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from .testing import tiny_model_config
+    from .tiny import tiny_model_config
 
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(tiny_model_config(**MODEL_SHAPE))
@@ -79,8 +79,9 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     CPU). With workers the next ``workers`` batches are drawn ahead of the step that trains on
     them, so a promotion reaches the batches a few steps later than without."""
     from . import use_attention
-    from .bench import attention_variants, default_device
-    from .testing import build_tiny_processor
+    from .bench import attention_variants
+    from .models import default_device
+    from .tiny import build_tiny_processor
     from .vniah import batch_specs
     from .vniah import letter_ids as letters_of
 

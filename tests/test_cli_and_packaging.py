@@ -15,6 +15,7 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from psa_vlm import cli
+from psa_vlm.models import TINY_MODEL_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def test_demo_prints_the_side_by_side_table(tmp_path, capsys, monkeypatch):
     names = [t.get_text() for t in bar.get_yticklabels()]
     rank = {v: names.index(viz.LEVEL_NAMES[v]) for v in viz.LEVEL_ORDER}
     assert np.isin(shown, [rank[2], rank[4], rank[8]]).any()
-    tokens, bq, bk = int(rows["psa"][2]), cli.TINY_MODEL_OVERRIDES["block_q"], cli.TINY_MODEL_OVERRIDES["block_k"]
+    tokens, bq, bk = int(rows["psa"][2]), TINY_MODEL_OVERRIDES["block_q"], TINY_MODEL_OVERRIDES["block_k"]
     visible = psa_kernels.block_visibility(batch=1, q_len=tokens, k_len=tokens, block_q=bq, block_k=bk,
                                            causal=True)[0].numpy()
     assert shown.shape == visible.shape and (~visible).any()
@@ -134,7 +135,7 @@ def test_wheel_contains_both_packages_and_the_presets(tmp_path):
         f"assert psa_vlm.__file__.startswith({str(site)!r}), psa_vlm.__file__\n"
         f"assert psa_kernels.__file__.startswith({str(site)!r}), psa_kernels.__file__\n"
         "print(psa_vlm.load_preset('video_mme').name)\n"
-        "from psa_vlm.vniah import checkpoint_dir\n"
+        "from psa_vlm.models import checkpoint_dir\n"
         f"assert str(checkpoint_dir()).startswith({str(site)!r}) and (checkpoint_dir() / 'config.json').is_file()\n"
         "q = torch.randn(1, 2, 40, 32); k = torch.randn(1, 1, 40, 32)\n"
         "lm = torch.ones(1, 1, 1, 2, dtype=torch.int8)\n"

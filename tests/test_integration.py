@@ -15,6 +15,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 import psa_kernels
 import psa_vlm
 from psa_vlm import testing
+from psa_vlm.video import video_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What colour is the moving square?", "Where is the disc at the end of the clip, left or right?"]
@@ -40,12 +41,12 @@ def video(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(processor, video):
-    return testing.video_inputs(processor, video, QUESTIONS[0], max_pixels=224 * 224)
+    return video_inputs(processor, video, QUESTIONS[0], **{**testing.TINY_VIDEO, "max_pixels": 224 * 224})
 
 
 @pytest.fixture(scope="module")
 def batch(processor, video):
-    return testing.video_inputs(processor, [video, video], QUESTIONS, max_pixels=224 * 224)
+    return video_inputs(processor, [video, video], QUESTIONS, **{**testing.TINY_VIDEO, "max_pixels": 224 * 224})
 
 
 def load(model_dir, attn="sdpa", preset=None, **overrides):

@@ -131,7 +131,7 @@ def test_vniah_renders_the_same_questions_in_worker_processes(monkeypatch):
     import torch
 
     from psa_vlm import vniah
-    from psa_vlm.bench import load_model
+    from psa_vlm.models import load_model
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model, processor = load_model("tiny", device="cpu", dtype=torch.float32)

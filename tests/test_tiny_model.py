@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from psa_vlm import testing
+from psa_vlm.video import video_inputs
 
 QUESTION = "What happens in the video?"
 LONG_QUESTION = "Which colour is the square in the middle of the clip, and where does it move?"
@@ -29,7 +30,7 @@ def video(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(processor, video):
-    return testing.video_inputs(processor, video, QUESTION)
+    return video_inputs(processor, video, QUESTION, **testing.TINY_VIDEO)
 
 
 def _video_token_id(processor):
@@ -115,14 +116,14 @@ def test_generate_returns_new_tokens(model, inputs):
 
 
 def test_left_padded_batch_matches_single_runs(model, processor, video):
-    batch = testing.video_inputs(processor, video, [QUESTION, LONG_QUESTION])
+    batch = video_inputs(processor, video, [QUESTION, LONG_QUESTION], **testing.TINY_VIDEO)
     mask = batch["attention_mask"]
     assert mask.shape[0] == 2 and not mask[0, 0] and mask[:, -1].all()  # left padding
     assert batch["video_grid_thw"].shape[0] == 2
     with torch.no_grad():
         last = model(**batch).logits[:, -1]
         for row, question in enumerate([QUESTION, LONG_QUESTION]):
-            single = model(**testing.video_inputs(processor, video, question)).logits[0, -1]
+            single = model(**video_inputs(processor, video, question, **testing.TINY_VIDEO)).logits[0, -1]
             torch.testing.assert_close(last[row], single, atol=1e-4, rtol=1e-4)
     output = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert output.shape == (2, batch["input_ids"].shape[1] + 4)
@@ -130,7 +131,7 @@ def test_left_padded_batch_matches_single_runs(model, processor, video):
 
 def test_in_memory_frames_and_nframes(processor):
     frames = testing.make_video_frames(16, 84, 112, seed=0)
-    inputs = testing.video_inputs(processor, frames, QUESTION, nframes=4, video_fps=4.0)
+    inputs = video_inputs(processor, frames, QUESTION, **{**testing.TINY_VIDEO, "nframes": 4, "video_fps": 4.0})
     assert inputs["video_grid_thw"].tolist() == [[2, 6, 8]]
     assert inputs["second_per_grid_ts"].tolist() == [2.0]  # 4 of 16 frames at 4 fps: 1 fps
 
@@ -151,14 +152,16 @@ def test_make_video_is_deterministic_and_decodable(tmp_path):
 
 
 def test_tiny_model_dir_builds_once(tmp_path, monkeypatch):
+    from psa_vlm import tiny
+
     calls = []
-    real_save = testing.save_tiny_model
+    real_save = tiny.save_tiny_model
 
     def counting_save(directory, seed=0):
         calls.append(directory)
         return real_save(directory, seed=seed)
 
-    monkeypatch.setattr(testing, "save_tiny_model", counting_save)
+    monkeypatch.setattr(tiny, "save_tiny_model", counting_save)
     first = testing.tiny_model_dir(tmp_path)
     second = testing.tiny_model_dir(tmp_path)
     assert first == second and len(calls) == 1

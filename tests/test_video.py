@@ -30,7 +30,7 @@ from psa_vlm.video import (
     load_video,
     sample_frame_count,
     smart_resize,
-    video_question_inputs,
+    video_inputs,
 )
 
 qv = pytest.importorskip("qwen_vl_utils.vision_process")
@@ -218,7 +218,7 @@ def test_frames_follow_the_video_in_time(videos):
 
 def test_processor_inputs_have_the_right_second_per_grid_ts(videos, qwen_fetch, processor):
     options = {"fps": 8.0, "start": 0.2, "end": 1.05, **SMALL}
-    inputs = video_question_inputs(processor, videos["h264_ntsc"], "What moves?", **options)
+    inputs = video_inputs(processor, videos["h264_ntsc"], "What moves?", **options)
     frames, metadata, sample_fps = qwen_fetch(videos["h264_ntsc"], **options)
 
     temporal = processor.video_processor.temporal_patch_size
@@ -238,12 +238,12 @@ def test_processor_inputs_have_the_right_second_per_grid_ts(videos, qwen_fetch, 
 
 def test_processor_inputs_from_a_loaded_video(videos, processor):
     loaded = load_video(videos["mpeg4_portrait"], nframes=4, **SMALL)
-    inputs = video_question_inputs(processor, loaded, "Where does the disc go?", system_prompt="Be brief.")
+    inputs = video_inputs(processor, loaded, "Where does the disc go?", system_prompt="Be brief.")
     assert inputs["second_per_grid_ts"] == pytest.approx([loaded.second_per_grid_ts()])
     assert inputs["second_per_grid_ts"][0] == pytest.approx(2 / (4 / 17 * 5.0))  # 4 of 17 frames at 5 fps
     assert "Be brief." in processor.tokenizer.decode(inputs["input_ids"][0])
     with pytest.raises(ValueError, match="already loaded"):
-        video_question_inputs(processor, loaded, "?", fps=1.0)
+        video_inputs(processor, loaded, "?", fps=1.0)
 
 
 # --------------------------------------------------------------------------- frame counts

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from psa_vlm import vniah
-from psa_vlm.bench import load_model
+from psa_vlm.models import checkpoint_dir, load_model
 
 #: Allowed drop below the recorded accuracy: 0.1 is 4 of 40 questions, beyond a few
 #: near-tied answers flipping under another CPU's summation order, short of any real regression.
@@ -25,7 +25,7 @@ MARGIN = 0.10
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    return vniah.checkpoint_dir()
+    return checkpoint_dir()
 
 
 def test_checkpoint_is_small_and_complete(checkpoint):

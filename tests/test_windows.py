@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import psa_vlm
 from psa_vlm import testing, windows
+from psa_vlm.video import video_inputs
 
 
 def per_segment(q, k, v, lengths, scale):
@@ -72,7 +73,7 @@ def vision(model, inputs):
 def test_vision_tower_runs_one_call_per_layer_and_matches_sdpa():
     processor = testing.build_tiny_processor()
     frames = testing.make_video_frames(8, 224, 168, seed=int(torch.seed() % 2**31))  # edge windows: two lengths
-    inputs = testing.video_inputs(processor, frames, "What colour?", max_pixels=224 * 168)
+    inputs = video_inputs(processor, frames, "What colour?", **{**testing.TINY_VIDEO, "max_pixels": 224 * 168})
     sdpa = testing.build_tiny_model(seed=0, attn_implementation="sdpa")
     psa = testing.build_tiny_model(seed=0, attn_implementation="psa")
     psa_vlm.configure(psa, "video_mme")
@@ -108,7 +109,7 @@ def test_vision_tower_runs_one_call_per_layer_and_matches_sdpa():
 def test_an_unconfigured_model_batches_its_windows_from_the_second_forward():
     processor = testing.build_tiny_processor()
     frames = testing.make_video_frames(4, 224, 224, seed=int(torch.seed() % 2**31))
-    inputs = testing.video_inputs(processor, frames, "What colour?", max_pixels=224 * 224)
+    inputs = video_inputs(processor, frames, "What colour?", **{**testing.TINY_VIDEO, "max_pixels": 224 * 224})
     model = testing.build_tiny_model(seed=0, attn_implementation="psa")  # no psa_vlm.configure
     first = vision(model, inputs)
     attn = model.model.visual.blocks[0].attn
@@ -130,7 +131,7 @@ def test_a_preset_on_the_vision_tower_runs_its_frame_groups_in_one_psa_call_per_
 
     processor = testing.build_tiny_processor()
     frames = testing.make_video_frames(8, 224, 224, seed=int(torch.seed() % 2**31))
-    inputs = testing.video_inputs(processor, frames, "What colour?", max_pixels=224 * 224)
+    inputs = video_inputs(processor, frames, "What colour?", **{**testing.TINY_VIDEO, "max_pixels": 224 * 224})
     sdpa = testing.build_tiny_model(seed=0, attn_implementation="sdpa")
     psa = testing.build_tiny_model(seed=0, attn_implementation="psa")
     psa_vlm.configure(psa, "dense", block_q=64, block_k=32)

@@ -9,7 +9,7 @@ sparsity; with ``predictions=PATH`` every answer is appended to a JSONL file as 
 and a rerun answers from it, so a killed run resumes where it stopped.
 
 Model arguments (``--model_args`` in lm-eval): ``pretrained`` (folder, hub id, a shape of
-:data:`psa_vlm.bench.SHAPES` or ``tiny``), ``attn`` (``psa``, ``sdpa``, ``eager``, ...),
+:data:`psa_vlm.models.SHAPES` or ``tiny``), ``attn`` (``psa``, ``sdpa``, ``eager``, ...),
 ``preset`` and ``overrides`` (``"field=value;field=value"``) for ``psa``, ``device``,
 ``dtype`` (``auto``, ``bf16``, ``fp16``, ``fp32``), ``device_map`` (``auto`` for a model larger
 than one GPU), ``batch_size``, ``max_new_tokens`` (default: the task's ``max_gen_toks``),
@@ -33,7 +33,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..bench import default_device, load_model, resolve_dtype
+from ..models import TINY_MODEL_OVERRIDES, default_device, load_model, resolve_dtype
 
 logger = logging.getLogger("psa_vlm.eval")
 
@@ -114,7 +114,6 @@ class PSAQwenVL(LM):
         self.preset = preset
         self.overrides = parse_overrides(overrides)
         if str(pretrained) == "tiny":  # blocks small enough for the tiny model's few hundred tokens
-            from ..cli import TINY_MODEL_OVERRIDES
 
             self.overrides = {**TINY_MODEL_OVERRIDES, **self.overrides}
         self._set_attention()
@@ -219,7 +218,7 @@ class PSAQwenVL(LM):
     def _answer(self, requests) -> list[dict]:
         """Generate for a batch; a sample whose video cannot be read gets an empty answer and its error."""
         import psa_vlm
-        from ..video import MediaError, load_video, question_messages
+        from ..video import MediaError, load_video, video_inputs
 
         records, loaded = [], []
         for request in requests:
@@ -235,11 +234,7 @@ class PSAQwenVL(LM):
                 records.append(dict(response="", error=str(err)))
         if not loaded:
             return records
-        texts = [self.processor.apply_chat_template(question_messages(c), tokenize=False, add_generation_prompt=True)
-                 for c, _, _ in loaded]
-        inputs = self.processor(text=texts, videos=[v.frames for _, _, v in loaded],
-                                video_metadata=[v.metadata for _, _, v in loaded], do_sample_frames=False,
-                                padding=True, padding_side="left", return_tensors="pt").to(self.model.device)
+        inputs = video_inputs(self.processor, [v for _, _, v in loaded], [c for c, _, _ in loaded]).to(self.model.device)
         if "pixel_values_videos" in inputs:
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
         gen_kwargs = loaded[0][1]

@@ -24,7 +24,7 @@ DURATIONS = ("short", "medium", "long")
 
 def needle_video(seed: int, *, frames: int = 16, size: tuple[int, int] = (84, 112)):
     """(frames ``[T, H, W, 3]`` uint8, colour name): the clip with the needle painted in."""
-    from ..testing import make_video_frames
+    from ..clips import make_video_frames
 
     rng = np.random.default_rng(seed)
     height, width = size
@@ -42,7 +42,7 @@ def write_benchmark(root, *, videos: int = 4, seed: int = 0, fps: float = 4.0, f
     """Write ``root/{videomme,mlvu,longvideobench,egoschema}``; returns ``root``."""
     import pandas as pd
 
-    from ..testing import write_video
+    from ..clips import write_video
 
     root = Path(root)
     names = list(COLOURS)

@@ -282,12 +282,12 @@ def fp32_check(L=16384, device="cuda"):
 def tiny_model_check(device="cuda"):
     import psa_vlm
     from psa_vlm import testing
+    from psa_vlm.video import video_inputs
 
     processor = testing.build_tiny_processor()
     frames = testing.make_video_frames(16, 224, 224, seed=0)
-    inputs = testing.video_inputs(processor, [frames, frames], ["What colour is the square?",
-                                                               "Where does the disc go at the end?"],
-                                  max_pixels=224 * 224).to(device)
+    inputs = video_inputs(processor, [frames, frames], ["What colour is the square?", "Where does the disc go at the end?"],
+                          **testing.TINY_VIDEO).to(device)
     results = {}
     for attn in ("sdpa", "psa"):
         model = testing.build_tiny_model(seed=0, attn_implementation=attn).to(device)
