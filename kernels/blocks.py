@@ -56,20 +56,30 @@ def block_visibility(
 
 
 def density(
-    level_map: torch.Tensor,
+    level_map,
     *,
-    causal: bool,
-    q_len: int,
-    k_len: int,
-    block_q: int,
-    block_k: int,
+    causal: bool | None = None,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Compute density ``rho`` per ``[B, Hm]``: the mean of ``1/p`` (0 when skipped) over visible pairs.
 
     ``1 - rho`` is the sparsity of a binary block-sparse method with the same FLOPs (the paper's
     definition of PSA's sparsity). A head with no visible pair has density 1 (nothing skipped).
+    A :class:`~psa_kernels.LevelMap` carries its geometry (pass nothing else); a dense map
+    needs ``causal``, ``q_len``, ``k_len``, ``block_q``, ``block_k`` (and the padding mask).
     """
+    geometry = dict(causal=causal, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k)
+    if not isinstance(level_map, torch.Tensor) and hasattr(level_map, "plan"):  # a LevelMap
+        if any(v is not None for v in geometry.values()) or key_padding_mask is not None:
+            raise ValueError("a LevelMap carries its geometry: call density(layout) / sparsity(layout) alone")
+        return level_map.density()
+    missing = [name for name, value in geometry.items() if value is None]
+    if missing:
+        raise ValueError(f"the density of a dense level map needs {', '.join(missing)}")
     B = level_map.shape[0]
     vis = block_visibility(
         batch=B, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, causal=causal,
@@ -82,7 +92,7 @@ def density(
     return torch.where(n_vis > 0, rho, torch.ones_like(rho))
 
 
-def sparsity(level_map: torch.Tensor, **kwargs) -> torch.Tensor:
+def sparsity(level_map, **kwargs) -> torch.Tensor:
     """``1 - density(level_map, **kwargs)``, per ``[B, Hm]``."""
     return 1.0 - density(level_map, **kwargs)
 

@@ -59,22 +59,21 @@ def psa_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: ``query [B,Hq,Lq,D]``, ``key/value [B,Hkv,Lk,D]`` ->
-    ``([B, Lq, Hq, D], None)``. PSA where it pays, dense attention (logged once) where it cannot."""
+    """transformers attention function (its argument order): ``query [B,Hq,Lq,D]``,
+    ``key/value [B,Hkv,Lk,D]`` -> ``([B, Lq, Hq, D], None)``. PSA where it pays, dense attention
+    (logged once) where it cannot. On the vision tower each batch entry is one window or frame
+    group, and the statistics count them one by one."""
     state = layer_state(module)
     segments, state.segments = state.segments, None
     if segments is not None:  # the vision tower's windows, collapsed by psa_vlm.windows' hook
-        out = attend_segments(
-            query, key, value, segments, scale=scaling,
-            reason_for=lambda n: _dense_reason(state, state.config, n, n, query.dtype, None, dropout),
-            one_segment=lambda q, k, v: psa_attention_forward(module, q, k, v, None, scaling, dropout, **kwargs)[0],
-            record_dense=lambda reason, count: _note_dense(state, reason, count),
-        )
+        out = attend_segments(query, key, value, segments, lambda q, k, v: psa_attention_forward(
+            module, q, k, v, None, dropout=dropout, scaling=scaling, **kwargs)[0])
         return out, None
+    calls = query.shape[0] if state.tower == "vision" else 1
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     padding = None
@@ -88,7 +87,7 @@ def psa_attention_forward(
     config = state.config
     reason = _dense_reason(state, config, query.shape[2], key.shape[2], query.dtype, attention_mask, dropout)
     if reason is not None:
-        _note_dense(state, reason)
+        _note_dense(state, reason, calls)
         if attention_mask is not None and attention_mask.dim() == 4 or dropout > 0:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -120,12 +119,12 @@ def psa_attention_forward(
         if os.environ.get(STRICT_ENV) == "1":
             raise
         reason = f"PSA failed ({type(err).__name__}: {err})"[:300]
-        state.record_dense(reason)
+        state.record_dense(reason, calls)
         log_once(f"failed:{type(err).__name__}", f"PSA -> dense attention: {reason}; set {STRICT_ENV}=1 to raise",
                  logging.WARNING)
         out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
-    state.record_psa(level_map)
+    state.record_psa(level_map, calls)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -123,14 +123,16 @@ class LayerState:
     def record_dense(self, reason: str, count: int = 1) -> None:
         self.dense_calls[reason] += count
 
-    def record_psa(self, layout: psa_kernels.LevelMap) -> torch.Tensor:
-        """Account one PSA call; returns its per-head sparsity ``[Hm]`` (mean over the batch).
+    def record_psa(self, layout: psa_kernels.LevelMap, count: int = 1) -> torch.Tensor:
+        """Account one PSA call standing for ``count`` attentions (a batch of vision windows);
+        returns its per-head sparsity ``[Hm]`` (mean over the batch).
 
         The sparsity comes from the layout's per-row cost (two small reductions, no decoding and
         no host synchronisation); the dense map is decoded only when level maps are recorded."""
         per_head = layout.sparsity().mean(0)
-        self.sparsity_sum = per_head if self.sparsity_sum is None else self.sparsity_sum + per_head
-        self.psa_calls += 1
+        weighted = per_head * count
+        self.sparsity_sum = weighted if self.sparsity_sum is None else self.sparsity_sum + weighted
+        self.psa_calls += count
         if self.record_level_maps:
             geometry = dict(causal=layout.causal, q_len=layout.q_len, k_len=layout.k_len, block_q=layout.block_q,
                             block_k=layout.block_k, key_padding_mask=layout.key_padding_mask)

@@ -9,9 +9,9 @@ tower spends seconds launching kernels (FIELD_NOTES: 0.87 s vs 0.10 s batched).
 A forward pre-hook on each vision attention module (installed by ``psa_vlm.configure``) hands the
 module one segment spanning the whole sequence and keeps the real ``cu_seqlens`` in the layer's
 state; the ``"psa"`` attention function then calls :func:`attend_segments`, which groups the
-segments by length and runs each group as one batch: batched SDPA for segments PSA does not
-serve, and one batched PSA call (one mask generation, one attention launch) for the frame groups
-of a preset that runs on the vision tower.
+segments by length and hands each group back to it as one batch: batched SDPA for segments PSA
+does not serve, one batched PSA call (one mask generation, one attention launch) for the frame
+groups of a preset that runs on the vision tower.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
-import psa_kernels
 
 #: Most tokens gathered into one batched call: bounds the extra memory of the gathered copies.
 CHUNK_TOKENS = 1 << 17
@@ -58,17 +56,15 @@ def length_groups(lengths: list[int]) -> dict[int, list[int]]:
     return groups
 
 
-def attend_segments(query, key, value, cu_seqlens, *, scale, reason_for: Callable[[int], str | None],
-                    one_segment: Callable, record_dense: Callable[[str, int], None]) -> torch.Tensor:
+def attend_segments(query, key, value, cu_seqlens, attend: Callable) -> torch.Tensor:
     """Bidirectional attention within each ``cu_seqlens`` segment of ``query/key/value
     [1, H, N, D]``; returns ``[1, N, H, D]`` (the layout attention functions return).
 
-    Segments are grouped by length and each group runs as one batch (``[n, H, L, D]``, at most
-    :data:`CHUNK_TOKENS` tokens per call). ``reason_for(length)`` says why segments of that length
-    run dense (batched SDPA, ``record_dense(reason, count)`` accounting them); ``None`` means PSA
-    serves them: the whole batch goes through ``one_segment(q, k, v) -> [n, L, H, D]`` in one
-    call (one mask generation and one attention launch for all the frame groups of a video, not
-    one per group).
+    Segments are grouped by length and each group runs as one batch ``[n, H, L, D]`` (at most
+    :data:`CHUNK_TOKENS` tokens per call) through ``attend(q, k, v) -> [n, L, H, D]``: the
+    ``"psa"`` attention function itself, which runs PSA on the batch where the preset serves
+    it (one mask generation, one attention launch for all the frame groups of a video) and
+    batched SDPA where it does not (windows shorter than a block, say).
     """
     if query.shape[0] != 1:
         raise ValueError(f"segmented attention takes one packed sequence, got batch {query.shape[0]}")
@@ -79,18 +75,12 @@ def attend_segments(query, key, value, cu_seqlens, *, scale, reason_for: Callabl
     if sum(lengths) != q.shape[0]:
         raise ValueError(f"cu_seqlens covers {sum(lengths)} tokens, the sequence has {q.shape[0]}")
     for length, starts in length_groups(lengths).items():
-        reason = reason_for(length)
-        if reason is not None:
-            record_dense(reason, len(starts))
         per_chunk = max(1, CHUNK_TOKENS // length)
         offsets = torch.arange(length, device=q.device)
         for i in range(0, len(starts), per_chunk):
             first = torch.tensor(starts[i : i + per_chunk], device=q.device)
             index = (first[:, None] + offsets).reshape(-1)
             batch = [t.index_select(0, index).unflatten(0, (-1, length)).transpose(1, 2) for t in (q, k, v)]
-            if reason is None:
-                o = one_segment(*batch)  # [n, L, H, D]
-            else:
-                o = psa_kernels.dense_attention(*batch, causal=False, scale=scale).transpose(1, 2)
+            o = attend(*batch)  # [n, L, H, D]
             out.index_copy_(0, index, o.reshape(-1, *o.shape[2:]))
     return out.unsqueeze(0)

@@ -511,3 +511,15 @@ def test_block_similarities_kernel_matches_the_reference():
     assert torch.equal(torch.isinf(got), torch.isinf(want)), f"seed {seed}"
     finite = torch.isfinite(want)
     assert torch.allclose(got[finite].double(), want[finite], atol=1e-5), f"seed {seed}"
+
+
+def test_sparsity_of_a_layout_needs_no_geometry():
+    g = torch.Generator().manual_seed(fresh_seed())
+    lm = LEVELS[torch.randint(0, 5, (2, 3, 4, 7), generator=g)].to(DEVICE)
+    geometry = dict(causal=True, q_len=200, k_len=220, block_q=64, block_k=32)
+    layout = LevelMap.from_dense(lm, **geometry)
+    assert torch.allclose(psa_kernels.sparsity(layout), psa_kernels.sparsity(lm, **geometry).float(), atol=1e-6)
+    with pytest.raises(ValueError, match="carries its geometry"):
+        psa_kernels.sparsity(layout, causal=True)
+    with pytest.raises(ValueError, match="needs"):
+        psa_kernels.sparsity(lm, causal=True)
