@@ -25,7 +25,7 @@ from . import reference
 from .blocks import block_visibility, density, forced_full_blocks, sparsity
 from .level_map import LevelMap
 from .reference import PyramidLevel, assign_levels, dense_attention
-from .utils import kernels_available
+from .utils import kernels_available, log_once
 from .validation import LEVEL_VALUES, POOL_FACTORS, check_attention_inputs, check_key_padding_mask, check_qkv, num_blocks
 
 __all__ = [
@@ -49,13 +49,6 @@ __all__ = [
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 logger = logging.getLogger("psa_kernels")
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str, *args) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message, *args)
 
 
 def _use_triton(q: torch.Tensor, block_q: int, block_k: int) -> bool:
@@ -147,8 +140,8 @@ def antidiagonal_importance(
             try:
                 return antidiagonal_importance_triton(q, k, **kw)
             except OutOfResources as err:  # a GPU with less shared memory than the launch asks for
-                _warn_once("importance", "antidiagonal importance kernel does not fit this GPU (%s); using the "
-                           "reference", err)
+                log_once(logger, "importance", f"antidiagonal importance kernel does not fit this GPU ({err}); "
+                         "using the reference", logging.WARNING)
     return reference.antidiagonal_importance(q, k, **kw)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
+import threading
 
 import torch
 
@@ -64,3 +66,17 @@ def next_pow2(n: int) -> int:
 def index_dtype(nk: int) -> torch.dtype:
     """Key block indices fit int16 up to 32,767 blocks (4M tokens at 128-token blocks)."""
     return torch.int16 if nk < 2**15 else torch.int32
+
+
+_logged: set[tuple[str, str]] = set()
+_log_lock = threading.Lock()
+
+
+def log_once(logger: logging.Logger, key: str, message: str, level: int = logging.INFO) -> None:
+    """Log ``message`` on ``logger`` the first time ``key`` is seen (per logger) in this process:
+    a fallback or a warning that would otherwise repeat on every layer of every forward."""
+    with _log_lock:
+        if (logger.name, key) in _logged:
+            return
+        _logged.add((logger.name, key))
+    logger.log(level, message)

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_PRESET
+from .variants import PSA_OFF, parse_variants
+
 def frames_for_tokens(tokens: int) -> tuple[int, int]:
     """(frame side in pixels, number of frames) whose visual tokens reach ``tokens``."""
     if tokens < 64:
@@ -103,27 +106,16 @@ def _timed_prefill(model, inputs, clock: _LanguageClock, device: str, repeats: i
     return ttft, language
 
 
-#: Label of the PSA hook with PSA switched off: dense SDPA everywhere, vision windows batched.
-PSA_OFF = "psa-off"
+def attention_variants(preset=DEFAULT_PRESET, overrides=None, sparsities=()) -> dict:
+    """``{label: PSAConfig or None}`` (:mod:`psa_vlm.variants`): ``sdpa`` (None, transformers' own
+    path), ``psa-off`` (the ``"psa"`` hook running every call dense: separates the batched vision
+    windows from sparse attention), ``psa`` with the preset (plus ``overrides``), and ``psa@S``
+    for each fixed sparsity S."""
+    labels = ["sdpa", PSA_OFF, "psa", *(f"psa@{s:g}" for s in sparsities)]
+    return {label: v.config for label, v in parse_variants(labels, preset=preset, overrides=overrides).items()}
 
 
-def attention_variants(preset="video_mme", overrides=None, sparsities=()) -> dict:
-    """``{label: PSAConfig or None}``: ``sdpa`` (None, transformers' own path), ``psa-off``
-    (the ``"psa"`` hook running every call dense: separates the batched vision windows from
-    sparse attention), ``psa`` with the preset (plus ``overrides``), and ``psa@S`` for each
-    fixed sparsity S (:meth:`PSAConfig.at_sparsity`)."""
-    from .config import load_preset
-
-    config = load_preset(preset)
-    if overrides:
-        config = config.replace(**overrides)
-    variants = {"sdpa": None, PSA_OFF: config.replace(min_seq_len=1 << 40, overrides=()), "psa": config}
-    for s in sparsities:
-        variants[f"psa@{s:g}"] = config.at_sparsity(s)
-    return variants
-
-
-def run(spec: str, lengths, *, preset="video_mme", overrides=None, sparsities=(), device="cuda",
+def run(spec: str, lengths, *, preset=DEFAULT_PRESET, overrides=None, sparsities=(), device="cuda",
         dtype=torch.bfloat16, repeats: int = 3, out_dir=None, progress=print, only=None) -> dict:
     """Benchmark ``spec`` at each target length; returns (and writes, with ``out_dir``) the report.
 

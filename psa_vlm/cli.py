@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .config import DEFAULT_PRESET
 from .models import TINY_MODEL_OVERRIDES, check_model_spec
 
 DESCRIPTION = """\
@@ -151,7 +152,7 @@ def _cmd_demo(args) -> int:
         print(f"note: the prefill varied more than 2x between runs ({'; '.join(unsteady)}): the CPU is busy, so "
               "compare the timings with care (OMP_NUM_THREADS=1 steadies a small run on a shared CPU).")
     print(f"PSA settings: preset {preset.name!r} with tiny-model overrides {TINY_MODEL_OVERRIDES}; "
-          "mean text-layer sparsity of the prefill (1 - density, PSA_SEMANTICS.md section 6).")
+          "mean text-layer sparsity of the prefill (1 - density, docs/semantics.md section 6).")
     print("The tiny model has random weights: its answers are noise; agreement and sparsity are the point.")
     if map_png is not None:
         print(f"level map of one text layer with PSA at a fixed sparsity {PICTURE_SPARSITY} (the preset keeps "
@@ -278,29 +279,14 @@ def _preset(name, overrides: dict):
         raise ValueError(f"--override: {err}") from None
 
 
-#: Preset fields that hold lists: ``--override`` takes them as comma lists too.
-LIST_FIELDS = ("towers", "levels", "thresholds", "similarity")
-
-
 def _overrides(items) -> dict:
-    """``--override FIELD=VALUE`` pairs -> preset overrides. VALUE is YAML (0, true, null, [1, 2]);
-    a list field also takes a comma list or a single item (towers=text,vision; towers=vision)."""
-    import yaml
+    """``--override FIELD=VALUE`` pairs -> preset overrides (:func:`psa_vlm.config.parse_overrides`)."""
+    from .config import parse_overrides
 
-    out = {}
-    for item in items or []:
-        field, sep, value = item.partition("=")
-        field = field.strip()
-        if not sep or not field:
-            raise ValueError(f"--override takes FIELD=VALUE, got {item!r}")
-        listed = field in LIST_FIELDS and not value.strip().startswith("[")
-        try:  # a comma list is a YAML flow list without its brackets
-            parsed = yaml.safe_load(f"[{value}]" if listed else value)
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ValueError(f"--override {item!r}: the value is not valid YAML ({problem})") from None
-        out[field] = None if listed and parsed == [None] else parsed  # similarity=null turns the cap off
-    return out
+    try:
+        return parse_overrides(items)
+    except ValueError as err:
+        raise ValueError(f"--{err}" if str(err).startswith("override") else f"--override: {err}") from None
 
 
 def _cmd_bench(args) -> int:
@@ -324,14 +310,14 @@ def _cmd_bench(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .evaluation import runner
+    from .variants import parse_variants
 
     check_model_spec(args.model)
     runner.set_data_dirs(args.data_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    variants, overrides = runner.parse_variants(args.attn), _overrides(args.override)
-    for _, attn, preset in variants:  # a bad preset or override fails now, not after loading the model
-        if attn == "psa":
-            _preset(preset, overrides)
+    overrides = _overrides(args.override)
+    # A bad label, preset or override fails now, not after loading the model.
+    variants = parse_variants(args.attn, overrides=overrides)
     report = runner.run(args.model, tasks, variants, output=args.output, limit=args.limit,
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
                         overrides=overrides, max_new_tokens=args.max_new_tokens)
@@ -435,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "generated tokens agree, and writes a PNG of one text layer's level map with PSA at a "
                           "fixed sparsity of 0.8 (pooled levels, causally invisible pairs in grey, text blocks "
                           "marked). No network, no weights.")
-    demo.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
+    demo.add_argument("--preset", default=DEFAULT_PRESET, help=f"PSA preset name or YAML path (default: {DEFAULT_PRESET})")
     demo.add_argument("--question", default="What colour is the moving square?", help="question about the video")
     demo.add_argument("--frames", type=int, default=32, help="frames in the generated video (default: 32)")
     demo.add_argument("--size", type=int, default=224, help="frame width and height in pixels, even (default: 224)")
@@ -461,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "with random weights)")
     ask.add_argument("--video", required=True, help="local video file (anything decord reads: mp4, mkv, avi, ...)")
     ask.add_argument("--attn", choices=("psa", "sdpa"), default="psa", help="attention implementation (default: psa)")
-    ask.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
+    ask.add_argument("--preset", default=DEFAULT_PRESET, help=f"PSA preset name or YAML path (default: {DEFAULT_PRESET})")
     _override_arg(ask, "a preset field", "min_seq_len=0")
     ask.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
     ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps: even and at "
@@ -486,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the real architecture: qwen2.5-vl-7b (default), qwen2.5-vl-3b, or tiny (the test model)")
     bench.add_argument("--lengths", default="16384,32768,65536,131072",
                        help="comma-separated target language-token counts (default: 16k,32k,64k,128k)")
-    bench.add_argument("--preset", default="video_mme", help="PSA preset name or YAML path (default: video_mme)")
+    bench.add_argument("--preset", default=DEFAULT_PRESET, help=f"PSA preset name or YAML path (default: {DEFAULT_PRESET})")
     _override_arg(bench, "a preset field", "min_seq_len=16384")
     bench.add_argument("--sparsity", action="append", type=float, metavar="S",
                        help="also run PSA at a fixed sparsity S in [0, 1) (quantile mode, the preset's other "
@@ -554,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     vn.add_argument("--kinds", default="colour", help="needle questions: colour, shape, position, order "
                     "(comma-separated, taken in turn; default: colour)")
     vn.add_argument("--size", default="224x224", help="frame HEIGHTxWIDTH in pixels (default: 224x224)")
-    vn.add_argument("--presets", default="video_mme,fast", help="PSA presets to run (default: video_mme,fast)")
+    vn.add_argument("--presets", default=f"{DEFAULT_PRESET},fast", help=f"PSA presets to run (default: {DEFAULT_PRESET},fast)")
     vn.add_argument("--sparsity", default="0.5,0.65,0.8,0.9",
                     help="fixed sparsities for PSA and binary block-sparse (default: 0.5,0.65,0.8,0.9)")
     vn.add_argument("--policies", default="quantile,budget",

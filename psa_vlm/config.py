@@ -308,6 +308,38 @@ def _validate(c: PSAConfig) -> None:
         _fail("name", "name and description must be strings", (c.name, c.description))
 
 
+#: Fields holding lists: an override may give them as a comma list (``towers=text,vision``).
+LIST_FIELDS = ("towers", "levels", "thresholds", "similarity")
+
+
+def parse_overrides(items) -> dict[str, Any]:
+    """Preset overrides from ``FIELD=VALUE`` pairs: a list of them (``--override`` on the command
+    line), one string of them separated by ``;`` (lm-eval's ``model_args``), or a mapping (as is).
+    VALUE is YAML (``0``, ``true``, ``null``, ``[1, 2]``); a list field also takes a comma list or
+    a single item (``towers=text,vision``; ``towers=vision``). Field names and values are
+    validated when the overrides are applied (:meth:`PSAConfig.replace`)."""
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        return dict(items)
+    if isinstance(items, str):
+        items = [item for item in items.split(";") if item.strip()]
+    out: dict[str, Any] = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        field = field.strip()
+        if not sep or not field:
+            raise ValueError(f"an override takes FIELD=VALUE (e.g. min_seq_len=0), got {item!r}")
+        listed = field in LIST_FIELDS and not value.strip().startswith("[")
+        try:  # a comma list is a YAML flow list without its brackets
+            parsed = yaml.safe_load(f"[{value}]" if listed else value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+        out[field] = None if listed and parsed == [None] else parsed  # similarity=null turns the cap off
+    return out
+
+
 def quantile_thresholds(sparsity: float) -> tuple[float, float, float, float]:
     """Quantile thresholds for levels (1, 2, 4, 8) that read ``1 - sparsity`` of the dense FLOPs
     (forced blocks aside): level fractions c:c:c:2c; when those do not fit in a row, c:c:c:rest;

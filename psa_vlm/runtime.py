@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 import psa_kernels
+from psa_kernels.utils import log_once as _log_once
 
 from .config import PSAConfig, load_preset
 from .windows import collapse_segments_hook
@@ -27,17 +27,9 @@ ATTN_NAME = "psa"  # free of "flash", "sdpa", "flex_attention", "paged|" and "or
 _STATE_ATTR = "_psa_state"
 _SEGMENTS_HOOK_ATTR = "_psa_segments_hook"
 _HOOK_ATTR = "_psa_text_hook"
-_logged: set[str] = set()
-_log_lock = threading.Lock()
-
-
 def log_once(key: str, message: str, level: int = logging.INFO) -> None:
-    """Log ``message`` the first time ``key`` is seen in this process."""
-    with _log_lock:
-        if key in _logged:
-            return
-        _logged.add(key)
-    logger.log(level, message)
+    """Log ``message`` on the ``psa_vlm`` logger the first time ``key`` is seen in this process."""
+    _log_once(logger, key, message, level)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A fixed, seeded test set of :mod:`psa_vlm.needles` questions per video length; e
 variant answers every question with one prefill, the answer being the option letter with the
 highest logit at the last prompt position (what the trained model learns to put there). Variants:
 
-- ``dense``: every pair at level 1 (``sdpa``);
+- ``sdpa``: dense attention;
 - ``psa:<preset>``: the presets as shipped, except ``min_seq_len`` = 0 (short test videos);
 - ``psa@S``: PSA in quantile mode at sparsity S (:meth:`PSAConfig.at_sparsity`);
 - ``budget@S``: PSA with the budget-aware assignment at sparsity S (``mode: budget``), and
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PSAConfig, load_preset
+from .config import DEFAULT_PRESET
 from .models import checkpoint_dir
+from .variants import at_sparsities, parse_variants
 from .needles import LETTERS, BatchRenderer, default_workers, make_sample
 
 DEFAULT_SPARSITIES = (0.5, 0.65, 0.8, 0.9)
@@ -51,28 +52,16 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 POLICIES = ("quantile", "budget")
 
 
-def variants(presets=("video_mme", "fast"), sparsities=DEFAULT_SPARSITIES, overrides=None,
+def variants(presets=(DEFAULT_PRESET, "fast"), sparsities=DEFAULT_SPARSITIES, overrides=None,
              policies=POLICIES) -> dict:
-    """``{label: PSAConfig or None}`` in the order above (None = dense ``sdpa``): per sparsity and
-    assignment policy, PSA and the binary block-sparse attention that spends its FLOPs the same
-    way (``psa@S`` / ``binary@S``: fixed fractions of the visible blocks, forced blocks on top;
-    ``budget@S`` / ``topk@S``: a budget of ``1 - S`` of the visible blocks, forced blocks
-    included; top-k is the budget policy with level 1 only)."""
-    overrides = {"min_seq_len": 0, **(overrides or {})}
-    out: dict[str, PSAConfig | None] = {"dense": None}
-    for name in presets:
-        out[f"psa:{name}"] = load_preset(name).replace(**overrides)
-    base = load_preset("video_mme").replace(**overrides)
-    for s in sparsities:
-        if "quantile" in policies:
-            out[f"psa@{s:g}"] = base.at_sparsity(s)
-            out[f"binary@{s:g}"] = base.replace(name=f"binary@{s:g}", mode="quantile", levels=[1],
-                                                thresholds=[1.0 - s], similarity=None, overrides=())
-        if "budget" in policies:
-            budget = base.at_sparsity(s, "budget")
-            out[f"budget@{s:g}"] = budget
-            out[f"topk@{s:g}"] = budget.replace(name=f"topk@{s:g}", levels=[1])
-    return out
+    """``{label: PSAConfig or None}`` (:mod:`psa_vlm.variants`; None = dense ``sdpa``): the presets
+    as shipped, then per sparsity and assignment policy PSA and the binary block-sparse attention
+    that spends its FLOPs the same way (``psa@S`` / ``binary@S``: fixed fractions of the visible
+    blocks, forced blocks on top; ``budget@S`` / ``topk@S``: a budget of ``1 - S`` of the visible
+    blocks, forced blocks included). Every PSA variant runs from length 0 (``min_seq_len`` 0)."""
+    labels = ["sdpa", *(f"psa:{name}" for name in presets), *at_sparsities(sparsities, policies)]
+    chosen = parse_variants(labels, overrides={"min_seq_len": 0, **(overrides or {})})
+    return {label: v.config for label, v in chosen.items()}
 
 
 def letter_ids(tokenizer) -> list[int]:
@@ -200,7 +189,7 @@ def plot(report: dict):
         for r in rows:
             if r["variant"].startswith("psa:"):
                 ax.plot([r["sparsity"]], [r["accuracy"]], "D", label=r["variant"])
-            if r["variant"] == "dense":
+            if r["variant"] == "sdpa":
                 ax.axhline(r["accuracy"], color="k", lw=1, label="dense")
         ax.axhline(0.25, color="grey", ls=":", lw=1, label="chance")
         ax.set_ylim(0, 1.02)

@@ -79,7 +79,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     CPU). With workers the next ``workers`` batches are drawn ahead of the step that trains on
     them, so a promotion reaches the batches a few steps later than without."""
     from . import use_attention
-    from .bench import attention_variants
+    from .variants import PSA_OFF, variant
     from .models import default_device
     from .tiny import build_tiny_processor
     from .vniah import batch_specs
@@ -91,7 +91,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     output.mkdir(parents=True, exist_ok=True)
     processor = build_tiny_processor(video_pixels=(56 * 56, size[0] * size[1]))
     model = build_model(seed).to(device)
-    use_attention(model, attention_variants()["psa-off"])  # dense everywhere, vision windows batched
+    use_attention(model, variant(PSA_OFF).config)  # dense everywhere, vision windows batched
     ids = torch.tensor(letters_of(processor.tokenizer), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     levels = [f for f in (2, 4, 8, 16, 32, 64, 128, 256, 512) if f <= max_frames]

@@ -120,3 +120,34 @@ def test_budget_mode_needs_a_target_and_at_sparsity_builds_it():
     assert cfg.replace(levels=[1]).levels == (1,)  # budget mode: thresholds need not pair with levels
     with pytest.raises(ValueError, match="policy"):
         load_preset("video_mme").at_sparsity(0.9, "greedy")
+
+
+def test_one_override_parser_for_the_command_line_and_lm_eval():
+    from psa_vlm.config import parse_overrides
+
+    listed = parse_overrides(["towers=text,vision", "min_seq_len=0"])
+    assert listed == parse_overrides("towers=text,vision;min_seq_len=0") == {"towers": ["text", "vision"],
+                                                                            "min_seq_len": 0}
+    assert parse_overrides({"block_q": 64}) == {"block_q": 64} and parse_overrides(None) == {}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides("min_seq_len")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_overrides(["thresholds=[0.5,"])
+
+
+def test_one_label_scheme_for_every_attention_variant():
+    from psa_vlm.variants import PSA_OFF, at_sparsities, parse_variants
+
+    labels = ["sdpa", "eager", "psa", "psa:fast", PSA_OFF, *at_sparsities([0.9])]
+    assert labels[5:] == ["psa@0.9", "binary@0.9", "budget@0.9", "topk@0.9"]
+    chosen = parse_variants(labels, overrides={"min_seq_len": 0})
+    assert chosen["sdpa"].config is None and chosen["eager"].attn == "eager" and chosen["psa"].attn == "psa"
+    assert chosen["psa"].config.name == "video_mme" and chosen["psa:fast"].config.name == "fast"
+    assert chosen[PSA_OFF].config.min_seq_len > 2**30
+    assert chosen["psa@0.9"].config.mode == "quantile" and chosen["binary@0.9"].config.levels == (1,)
+    assert chosen["budget@0.9"].config.mode == "budget" and chosen["topk@0.9"].config.levels == (1,)
+    assert all(v.config.min_seq_len == 0 for k, v in chosen.items() if v.config is not None and k != PSA_OFF)
+    for bad, message in (("sdpa:fast", "only psa takes a preset"), ("psa@x", "unknown attention"),
+                         ("psa,psa:video_mme", "repeat"), ("", "no attention")):
+        with pytest.raises(ValueError, match=message):
+            parse_variants(bad)

@@ -58,11 +58,11 @@ def test_dense_and_default_psa_keep_the_recorded_accuracy(monkeypatch):
     model, processor = load_model("vniah", device="cpu", dtype=torch.float32)
     preset = record["psa_preset"]
     attention = vniah.variants(presets=(preset,), sparsities=())
-    assert list(attention) == ["dense", f"psa:{preset}"]
+    assert list(attention) == ["sdpa", f"psa:{preset}"]
     report = vniah.evaluate(model, processor, frames=(record["frames"],), samples=record["samples"],
                             kinds=tuple(record["kinds"]), attention=attention, batch_size=8)
     rows = {r["variant"]: r for r in report["rows"]}
-    dense, psa = rows["dense"], rows[f"psa:{preset}"]
+    dense, psa = rows["sdpa"], rows[f"psa:{preset}"]
     assert dense["samples"] == record["samples"] and dense["tokens"] >= 1024
     assert dense["accuracy"] >= record["dense_accuracy"] - MARGIN, (dense, record)
     assert psa["accuracy"] >= record["psa_accuracy"] - MARGIN, (psa, record)

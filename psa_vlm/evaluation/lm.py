@@ -33,28 +33,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from ..config import DEFAULT_PRESET, parse_overrides
 from ..models import TINY_MODEL_OVERRIDES, default_device, load_model, resolve_dtype
 
 logger = logging.getLogger("psa_vlm.eval")
 
 MODEL_NAME = "psa-qwen2.5-vl"
-
-
-def parse_overrides(text) -> dict:
-    """``"block_q=64;min_seq_len=0"`` (or a dict) -> ``{"block_q": 64, "min_seq_len": 0}``."""
-    import yaml
-
-    if not text:
-        return {}
-    if isinstance(text, dict):
-        return dict(text)
-    out = {}
-    for item in str(text).split(";"):
-        field, sep, value = item.partition("=")
-        if not sep or not field.strip():
-            raise ValueError(f"overrides take field=value pairs separated by ';', got {item!r}")
-        out[field.strip()] = yaml.safe_load(value)
-    return out
 
 
 def request_key(task: str, doc_id, context: str) -> str:
@@ -80,7 +64,7 @@ class _FirstTokenClock:
 class PSAQwenVL(LM):
     MULTIMODAL = True
 
-    def __init__(self, pretrained: str = "tiny", attn: str = "psa", preset: str = "video_mme", overrides=None,
+    def __init__(self, pretrained: str = "tiny", attn: str = "psa", preset=DEFAULT_PRESET, overrides=None,
                  device: str | None = None, dtype: str = "auto", device_map: str | None = None, batch_size=1,
                  max_new_tokens: int | None = None, predictions: str | None = None, model=None, processor=None,
                  **unused):
@@ -112,6 +96,7 @@ class PSAQwenVL(LM):
         self.model, self.processor, self.pretrained = model, processor, str(pretrained)
         self.attn = attn
         self.preset = preset
+        self.preset_name = getattr(preset, "name", str(preset))  # a PSAConfig or a preset name/path
         self.overrides = parse_overrides(overrides)
         if str(pretrained) == "tiny":  # blocks small enough for the tiny model's few hundred tokens
 
@@ -267,7 +252,7 @@ class PSAQwenVL(LM):
 
     def _save(self, key: str, request, record: dict) -> None:
         record = dict(key=key, task=request.task_name, doc_id=request.doc_id, attn=self.attn,
-                      preset=self.preset if self.attn == "psa" else None, **record)
+                      preset=self.preset_name if self.attn == "psa" else None, **record)
         self.done[key] = record
         if self.predictions is None:
             return

@@ -15,6 +15,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ..config import DEFAULT_PRESET
+from ..variants import parse_variants
 from .tasks import DATA_ENV
 
 #: Benchmark of each task (which data folder it reads).
@@ -28,26 +30,6 @@ def tasks_dir() -> Path:
         return Path(str(resources.files("psa_vlm.eval_tasks")))
     except ModuleNotFoundError:  # a source tree that was not installed
         return Path(__file__).resolve().parents[2] / "eval_tasks"
-
-
-def parse_variants(text: str) -> list[tuple[str, str, str | None]]:
-    """``"sdpa,psa:video_mme"`` -> ``[("sdpa", "sdpa", None), ("psa:video_mme", "psa", "video_mme")]``."""
-    out = []
-    for item in [x.strip() for x in text.split(",") if x.strip()]:
-        attn, _, preset = item.partition(":")
-        if attn == "psa":
-            preset = preset or "video_mme"
-            out.append((f"psa:{preset}", "psa", preset))
-        elif preset:
-            raise ValueError(f"only psa takes a preset (psa:NAME), got {item!r}")
-        else:
-            out.append((attn, attn, None))
-    if not out:
-        raise ValueError("no attention variant given, e.g. --attn sdpa,psa:video_mme")
-    labels = [label for label, _, _ in out]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"attention variants repeat: {labels}")
-    return out
 
 
 def set_data_dirs(items) -> None:
@@ -87,7 +69,8 @@ def sample_stats(records) -> dict:
 
 def run(model: str, tasks: list[str], variants, *, output, limit=None, batch_size: int = 1, device=None,
         dtype: str = "auto", device_map=None, overrides=None, max_new_tokens=None) -> dict | None:
-    """Evaluate ``tasks`` with each variant of :func:`parse_variants`; returns the report (rank 0)."""
+    """Evaluate ``tasks`` with each attention ``variants`` (labels, :mod:`psa_vlm.variants`, or their
+    parsed dict); returns the report (rank 0)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -96,21 +79,23 @@ def run(model: str, tasks: list[str], variants, *, output, limit=None, batch_siz
     unknown = [t for t in tasks if t not in TASK_DATA]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(TASK_DATA)}")
-    variants = parse_variants(variants) if isinstance(variants, str) else list(variants)
+    if isinstance(variants, (str, list, tuple)):
+        variants = parse_variants(variants, overrides=overrides)
     output = Path(output)
     manager = TaskManager(include_path=str(tasks_dir()))
     shared = None
     report = dict(model=model, tasks=tasks, limit=limit, variants={})
-    for label, attn, preset in variants:
+    for label, v in variants.items():
+        attn, preset = v.attn, v.config if v.config is not None else DEFAULT_PRESET
         folder = output / label.replace(":", "_")
         predictions = folder / "predictions.jsonl"
         if shared is None:
-            lm = PSAQwenVL(pretrained=model, attn=attn, preset=preset or "video_mme", overrides=overrides,
+            lm = PSAQwenVL(pretrained=model, attn=attn, preset=preset, overrides=overrides,
                            device=device, dtype=dtype, device_map=device_map, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, predictions=str(predictions))
             shared = (lm.model, lm.processor)
         else:
-            lm = PSAQwenVL(pretrained=model, attn=attn, preset=preset or "video_mme", overrides=overrides,
+            lm = PSAQwenVL(pretrained=model, attn=attn, preset=preset, overrides=overrides,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=str(predictions),
                            model=shared[0], processor=shared[1])
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
@@ -124,7 +109,8 @@ def run(model: str, tasks: list[str], variants, *, output, limit=None, batch_siz
         records = [r for r in read_predictions(predictions).values() if r["task"] in tasks]
         per_task = {task: sample_stats(r for r in records if r["task"] == task) for task in tasks}
         (folder / "results.json").write_text(json.dumps(dict(metrics=metrics, stats=per_task), indent=1))
-        report["variants"][label] = dict(attn=attn, preset=preset, metrics=metrics, stats=per_task,
+        report["variants"][label] = dict(attn=attn, preset=v.config.name if v.config is not None else None,
+                                         metrics=metrics, stats=per_task,
                                          overall=sample_stats(records))
     if not report["variants"]:
         return None
