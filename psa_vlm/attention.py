@@ -96,25 +96,16 @@ def psa_attention_forward(
         out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
 
-    B, _, Lq, _ = query.shape
-    Lk = key.shape[2]
-    mask_kwargs = config.mask_kwargs()
-    text = state.text.for_keys(B, Lk) if state.text is not None else None
-    if state.tower == "vision" or not config.dense_text:  # a frame group holds no text; or: force none
-        text, mask_kwargs["dense_tail_tokens"] = None, 0
-    elif text is None:
-        log_once("text-unknown", f"text positions unknown: the last {config.dense_tail_tokens} tokens count as text")
+    text = state.text.for_keys(query.shape[0], key.shape[2]) if state.text is not None else None
     if query.dtype == torch.float32 and query.is_cuda:
         log_once("fp32-cuda", "fp32 PSA on CUDA: the kernels use three TF32 products per dot (about fp32 accuracy "
                  "on the tensor cores); bf16 is several times faster")
+    starts = _left_padding_starts(padding) if causal else None
     try:
-        level_map = psa_kernels.build_level_map(
-            query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, compact=True,
-            **mask_kwargs
-        )
-        out = psa_kernels.psa_attention(
-            query, key, value, level_map, causal=causal, scale=scaling, key_padding_mask=padding,
-        )
+        if starts is None:
+            out, layouts = _psa(state, config, query, key, value, causal, scaling, padding, text)
+        else:  # each sample on its own real tokens: the block grid starts at its first one
+            out, layouts = _psa_per_sample(state, config, query, key, value, scaling, starts, text)
     except Exception as err:  # noqa: BLE001 - a model must keep running; PSA_VLM_STRICT=1 makes it loud
         if os.environ.get(STRICT_ENV) == "1":
             raise
@@ -124,8 +115,63 @@ def psa_attention_forward(
                  logging.WARNING)
         out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
-    state.record_psa(level_map, calls)
+    for layout in layouts:
+        state.record_psa(layout, calls if starts is None else 1)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _psa(state, config, query, key, value, causal, scaling, padding, text):
+    """One PSA call (mask generation + attention) on ``[B, H, L, D]`` tensors; returns the
+    output ``[B, Hq, Lq, D]`` and the layouts it used."""
+    mask_kwargs = config.mask_kwargs()
+    if state.tower == "vision" or not config.dense_text:  # a frame group holds no text; or: force none
+        text, mask_kwargs["dense_tail_tokens"] = None, 0
+    elif text is None:
+        log_once("text-unknown", f"text positions unknown: the last {config.dense_tail_tokens} tokens count as text")
+    level_map = psa_kernels.build_level_map(
+        query, key, causal=causal, scale=scaling, text_mask=text, key_padding_mask=padding, compact=True, **mask_kwargs
+    )
+    out = psa_kernels.psa_attention(query, key, value, level_map, causal=causal, scale=scaling,
+                                    key_padding_mask=padding)
+    return out, [level_map]
+
+
+def _left_padding_starts(padding) -> list[int] | None:
+    """Each sample's first real key when ``padding`` ``[B, Lk]`` is left padding (every row's
+    real tokens a suffix) and the samples start at different places; None otherwise."""
+    if padding is None:
+        return None
+    real = padding.sum(1)
+    starts = padding.shape[1] - real
+    is_suffix = padding.flip(1).cumsum(1).gather(1, (real - 1).clamp(min=0)[:, None]).squeeze(1) == real
+    if not bool(is_suffix.all()):
+        return None  # holes or right padding: the mask is read as it is, the grid starts at 0
+    return starts.tolist()
+
+
+def _psa_per_sample(state, config, query, key, value, scaling, starts, text):
+    """Causal PSA on a left-padded batch, sample by sample on its real tokens, so a sample's
+    output is the one it gets alone: the block grid, the pyramid's pooling groups and the
+    estimate's sampling all start at its first real token. Queries of padding see no real key
+    (output 0, as the dense path gives them)."""
+    Lq, Lk = query.shape[2], key.shape[2]
+    out = query.new_zeros(query.shape)
+    layouts = []
+    for b, start in enumerate(starts):
+        first_query = max(0, start - (Lk - Lq))  # queries sit at key positions Lk - Lq ... Lk - 1
+        if first_query >= Lq:
+            continue
+        q, k, v = (t[b : b + 1, :, s:] for t, s in ((query, first_query), (key, start), (value, start)))
+        t = None if text is None else text[b : b + 1, start:]
+        if q.shape[2] < config.block_q or k.shape[2] < config.min_seq_len:  # this sample alone would run dense
+            reason = _dense_reason(state, config, q.shape[2], k.shape[2], q.dtype, None, 0.0)
+            _note_dense(state, reason, 1)
+            out[b : b + 1, :, first_query:] = psa_kernels.dense_attention(q, k, v, causal=True, scale=scaling)
+            continue
+        o, maps = _psa(state, config, q, k, v, True, scaling, None, t)
+        out[b : b + 1, :, first_query:] = o
+        layouts += maps
+    return out, layouts
 
 
 def _note_dense(state, reason: str, count: int = 1) -> None:

@@ -305,13 +305,47 @@ def tiny_model_check(device="cuda"):
                 and psa_calls > 0)
 
 
+def batch_invariance_check(device="cuda"):
+    """A left-padded sample through the attention hook equals the sample alone (fp32 and bf16),
+    for the shipped presets and PSA at sparsity 0.8 with each policy, on the GPU kernels."""
+    from psa_vlm import attention, runtime
+    from psa_vlm.config import load_preset
+
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    def hook(config, q, k, v, mask):
+        module = Layer()
+        setattr(module, runtime._STATE_ATTR, runtime.LayerState(config, "text", 0))
+        return attention.psa_attention_forward(module, q, k, v, mask, is_causal=True)[0]
+
+    base = load_preset("video_mme").replace(min_seq_len=0)
+    configs = {name: load_preset(name).replace(min_seq_len=0) for name in ("video_mme", "fast", "block_sparse")}
+    configs.update({"quantile@0.8": base.at_sparsity(0.8), "budget@0.8": base.at_sparsity(0.8, "budget")})
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        L, pad = 6000, 1337  # not block multiples; GQA 28/4
+        q = video_like(2, 28, L, 128, 11, device).to(dtype)
+        k = video_like(2, 4, L, 128, 12, device).to(dtype)
+        v = torch.randn(2, 4, L, 128, device=device, dtype=dtype)
+        mask = torch.ones(2, L, dtype=torch.bool, device=device)
+        mask[0, :pad] = False
+        for name, config in configs.items():
+            batched = hook(config, q, k, v, mask)
+            alone = hook(config, q[:1, :, pad:], k[:1, :, pad:], v[:1, :, pad:], None)
+            diff = (batched[0, pad:].float() - alone[0].float()).abs().max().item()
+            rows.append(dict(preset=name, dtype=str(dtype), max_abs_diff=diff, ok=diff <= (1e-5 if dtype == torch.float32
+                                                                                            else 1e-2)))
+    return dict(rows=rows, ok=all(r["ok"] for r in rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for check_kernels.json")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
     parser.add_argument("--memory-length", type=int, default=0, help="tokens of the memory check (default 64k; "
                         "16k with --quick)")
-    parser.add_argument("--sections", default="accuracy,importance,graph,memory,timing,fp32,tiny",
+    parser.add_argument("--sections", default="accuracy,importance,graph,memory,timing,fp32,tiny,batch",
                         help="comma-separated subset of: accuracy,importance,graph,memory,timing,fp32,tiny")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -379,9 +413,11 @@ def main():
     except ImportError as err:  # qwen-vl-utils missing on the machine
         report["tiny_model"] = {"ok": False, "error": str(err)}
     print(f"\ntiny model on GPU, dense preset vs sdpa: {report['tiny_model']}")
+    report["batch_invariance"] = batch_invariance_check() if "batch" in sections else {"ok": True, "skipped": True}
+    print(f"\nbatch invariance (padded sample vs alone, via the hook): {report['batch_invariance']}", flush=True)
     ok = (all(r["ok"] for r in report["accuracy"] + report["importance"]) and dense["ok"] and mem["ok"]
           and report["graph"]["ok"] and report["fp32"]["ok"]
-          and report["tiny_model"]["ok"])
+          and report["tiny_model"]["ok"] and report["batch_invariance"]["ok"])
     report["all_ok"] = ok
     report["seconds"] = time.time() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)
