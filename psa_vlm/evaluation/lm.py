@@ -67,7 +67,7 @@ class PSAQwenVL(LM):
     def __init__(self, pretrained: str = "tiny", attn: str = "psa", preset=DEFAULT_PRESET, overrides=None,
                  device: str | None = None, dtype: str = "auto", device_map: str | None = None, batch_size=1,
                  max_new_tokens: int | None = None, predictions: str | None = None, model=None, processor=None,
-                 **unused):
+                 system_prompt: str | None = None, **unused):
         super().__init__()
         if unused:
             logger.warning("psa-qwen2.5-vl ignores unknown model arguments %s", sorted(unused))
@@ -95,6 +95,8 @@ class PSAQwenVL(LM):
             raise ValueError("a model given as an object needs its processor too")
         self.model, self.processor, self.pretrained = model, processor, str(pretrained)
         self.attn = attn
+        self.system_prompt = system_prompt
+        self.records: list[dict] = []  # what this process answered (not the resumed ones), in order
         self.preset = preset
         self.preset_name = getattr(preset, "name", str(preset))  # a PSAConfig or a preset name/path
         self.overrides = parse_overrides(overrides)
@@ -158,6 +160,7 @@ class PSAQwenVL(LM):
             batch = todo[start : start + self.batch_size]
             for (i, key, request), record in zip(batch, self._answer([r for _, _, r in batch])):
                 answers[i] = record["response"]
+                self.records.append(record)
                 self._save(key, request, record)
             bar.update(len(batch))
         bar.close()
@@ -219,7 +222,8 @@ class PSAQwenVL(LM):
                 records.append(dict(response="", error=str(err)))
         if not loaded:
             return records
-        inputs = video_inputs(self.processor, [v for _, _, v in loaded], [c for c, _, _ in loaded]).to(self.model.device)
+        inputs = video_inputs(self.processor, [v for _, _, v in loaded], [c for c, _, _ in loaded],
+                              system_prompt=self.system_prompt).to(self.model.device)
         if "pixel_values_videos" in inputs:
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
         gen_kwargs = loaded[0][1]

@@ -58,7 +58,8 @@ def write_benchmark(root, *, videos: int = 4, seed: int = 0, fps: float = 4.0, f
     rows = []
     for i, item in enumerate(items):
         put(vm / "data" / f"{item['name']}.mp4", item)
-        rows.append(dict(video_id=f"{i:03d}", duration=DURATIONS[i % 3], domain="Synthetic", sub_category="Needle",
+        # Real Video-MME domain names: lmms-eval's videomme task scores by them.
+        rows.append(dict(video_id=f"{i:03d}", duration=DURATIONS[i % 3], domain="Life Record", sub_category="Daily Life",
                          url="", videoID=item["name"], question_id=f"{i:03d}-1", task_type="Object Recognition",
                          question=QUESTION, options=[f"{l}. {n.capitalize()}." for l, n in zip("ABCD", names)],
                          answer="ABCD"[item["answer"]]))
