@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from .config import DEFAULT_PRESET
 from .models import TINY_MODEL_OVERRIDES, check_model_spec
+from .timing import FirstTokenClock
 
 DESCRIPTION = """\
 psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen2.5-VL.
@@ -43,26 +43,6 @@ def _cmd_tiny_model(args) -> int:
 PICTURE_SPARSITY = 0.8
 
 
-class _FirstTokenClock:
-    """A logits processor noting when the first token's logits exist: the end of the prefill
-    (``cuda``: after the GPU finished it). ``on_first`` runs then, e.g. to read the prefill's
-    PSA statistics before the decode steps add theirs."""
-
-    def __init__(self, cuda: bool = False, on_first=None):
-        self.cuda, self.on_first, self.at = cuda, on_first, None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            if self.cuda:
-                import torch
-
-                torch.cuda.synchronize()
-            self.at = time.perf_counter()
-            if self.on_first is not None:
-                self.on_first()
-        return scores
-
-
 def _run(model, processor, inputs, max_new_tokens, repeats):
     """Greedy generation, timed: (tokens, prefill s per run, decode s per token per run, answer).
 
@@ -75,7 +55,7 @@ def _run(model, processor, inputs, max_new_tokens, repeats):
     prefills, decodes = [], []
     with torch.no_grad():
         for i in range(repeats + 1):
-            clock = _FirstTokenClock()
+            clock = FirstTokenClock()
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                  do_sample=False, logits_processor=[clock])
@@ -242,7 +222,7 @@ def _cmd_ask(args) -> int:
     def prefill_sparsity():
         seen["sparsity"] = mean_sparsity(model) if preset is not None else None
 
-    clock = _FirstTokenClock(device.startswith("cuda"), on_first=prefill_sparsity)
+    clock = FirstTokenClock(device.startswith("cuda"), on_first=prefill_sparsity)
     with torch.no_grad():
         start = synced()
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, logits_processor=[clock])

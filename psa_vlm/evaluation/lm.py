@@ -13,7 +13,7 @@ Model arguments (``--model_args`` in lm-eval): ``pretrained`` (folder, hub id, a
 ``preset`` and ``overrides`` (``"field=value;field=value"``) for ``psa``, ``device``,
 ``dtype`` (``auto``, ``bf16``, ``fp16``, ``fp32``), ``device_map`` (``auto`` for a model larger
 than one GPU), ``batch_size``, ``max_new_tokens`` (default: the task's ``max_gen_toks``),
-``predictions``. Under ``accelerate launch`` or ``torchrun`` each process takes its share of the
+``predictions``, ``system_prompt`` (default: the chat template's own). Under ``accelerate launch`` or ``torchrun`` each process takes its share of the
 requests (``torch.distributed``: NCCL on GPUs, gloo on CPUs) and writes its own
 ``<predictions>.rank<r>.jsonl``.
 """
@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..config import DEFAULT_PRESET, parse_overrides
 from ..models import TINY_MODEL_OVERRIDES, default_device, load_model, resolve_dtype
+from ..timing import FirstTokenClock
 
 logger = logging.getLogger("psa_vlm.eval")
 
@@ -44,20 +45,6 @@ MODEL_NAME = "psa-qwen2.5-vl"
 def request_key(task: str, doc_id, context: str) -> str:
     """Identifies a request across runs: the task, the document and its prompt."""
     return f"{task}|{doc_id}|{hashlib.sha1(context.encode()).hexdigest()[:12]}"
-
-
-class _FirstTokenClock:
-    """A logits processor that notes when the first token's logits exist: the prefill's end."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.at = cuda, None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.at = time.perf_counter()
-        return scores
 
 
 @register_model(MODEL_NAME)
@@ -230,7 +217,7 @@ class PSAQwenVL(LM):
         max_new = self.max_new_tokens or int(gen_kwargs.get("max_gen_toks", 16))
         until = [u for u in (gen_kwargs.get("until") or []) if u]
         cuda = self.model.device.type == "cuda"
-        clock = _FirstTokenClock(cuda)
+        clock = FirstTokenClock(cuda)
         if self.attn == "psa":
             psa_vlm.reset_stats(self.model)
         if cuda:
