@@ -1,0 +1,141 @@
+"""Attention-output error of PSA and binary block-sparse attention on a trained model's own Q/K/V.
+
+The synthetic generators (``benchmarks/attention.py``) say how far each policy's output is from
+dense attention on video-like inputs. This script asks the same on real attention: it runs the
+shipped V-NIAH model on its test questions, captures every text layer's query, key and value
+(after RoPE) and the text positions, and per layer measures the output error of each variant at
+equal FLOPs against dense attention on those tensors:
+
+- ``psa@S`` / ``binary@S``: the quantile policy and the binary map spending the same FLOPs;
+- ``budget@S`` / ``topk@S``: the budget policy and level-1-only top-k at the same budget.
+
+Errors are relative L2 (``||o - o_dense|| / ||o_dense||``) over three row sets: all rows, the
+question's rows (the text after the video) and the last row (where the model reads its answer).
+Put beside the V-NIAH accuracies of the same variants (``psa-vlm vniah``), they show whether the
+error ranking predicts the answer ranking.
+
+    python benchmarks/real_attention_error.py --frames 128 --questions 8 --dense-text false \\
+        --output benchmarks/results/real_error_cpu
+
+Writes ``real_error.json`` and ``real_error.txt`` (and prints the table). CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import psa_kernels
+from psa_vlm.models import load_model
+from psa_vlm.needles import render_batch
+from psa_vlm.variants import at_sparsities, parse_variants
+from psa_vlm.vniah import TEST_SEED
+
+CAPTURE = "psa_capture"
+
+
+def register_capture(store: dict):
+    """Register ``psa_capture``: SDPA that keeps each causal layer's (q, k, v, scale)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def capture(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if getattr(module, "is_causal", False):
+            store[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+
+    AttentionInterface.register(CAPTURE, capture)
+    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def layer_errors(q, k, v, scale, text, configs, dense_text: bool) -> dict:
+    """``{label: dict(all, question, last, sparsity)}`` for one layer's tensors ``[1, H, L, D]``."""
+    dense = psa_kernels.dense_attention(q, k, v, causal=True, scale=scale)
+    question = torch.nonzero(~text[0]).max().item() + 1  # rows after the last visual token
+    out = {}
+    for label, config in configs.items():
+        kwargs = config.mask_kwargs()
+        if not dense_text:
+            kwargs["dense_tail_tokens"] = 0
+        level_map = psa_kernels.build_level_map(q, k, causal=True, scale=scale, text_mask=text if dense_text else None,
+                                                compact=True, **kwargs)
+        o = psa_kernels.psa_attention(q, k, v, level_map, causal=True, scale=scale)
+        out[label] = dict(all=rel(o, dense), question=rel(o[:, :, question:], dense[:, :, question:]),
+                          last=rel(o[:, :, -1:], dense[:, :, -1:]), sparsity=float(level_map.sparsity().mean()))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vniah", help="a trained V-NIAH checkpoint (default: the shipped one)")
+    parser.add_argument("--frames", type=int, default=128, help="video length in frames (default: 128)")
+    parser.add_argument("--questions", type=int, default=8, help="test questions (default: 8)")
+    parser.add_argument("--sparsity", default="0.5,0.65,0.8,0.9", help="sparsities (default: 0.5,0.65,0.8,0.9)")
+    parser.add_argument("--dense-text", default="false", choices=("true", "false"),
+                        help="keep text blocks at level 1 (the product setting) or not (default: false, the "
+                        "setting where the policies differ in answers)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", help="folder for real_error.json and real_error.txt")
+    args = parser.parse_args(argv)
+
+    dense_text = args.dense_text == "true"
+    sparsities = [float(s) for s in args.sparsity.split(",")]
+    labels = at_sparsities(sparsities)
+    configs = {label: v.config for label, v in parse_variants(
+        labels, overrides={"min_seq_len": 0, "dense_text": dense_text}).items()}
+    model, processor = load_model(args.model, device=args.device, dtype=torch.float32)
+    store: dict = {}
+    register_capture(store)
+    model.set_attn_implementation(CAPTURE)
+    sums: dict = {}
+    started = time.perf_counter()
+    for i in range(args.questions):
+        answers, inputs = render_batch((args.frames, [(TEST_SEED + i, "colour")], (224, 224)), processor)
+        inputs = {key: value.to(args.device) for key, value in inputs.items()}
+        store.clear()
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+        text = (inputs["mm_token_type_ids"] == 0)
+        for layer, (q, k, v, scale) in sorted(store.items()):
+            for label, err in layer_errors(q, k, v, scale, text, configs, dense_text).items():
+                acc = sums.setdefault((layer, label), dict(all=0.0, question=0.0, last=0.0, sparsity=0.0))
+                for key in acc:
+                    acc[key] += err[key] / args.questions
+        tokens = int(inputs["input_ids"].shape[1])
+        print(f"question {i + 1}/{args.questions}: {tokens} tokens, {time.perf_counter() - started:.0f} s", flush=True)
+    rows = [dict(layer=layer, variant=label, **values) for (layer, label), values in sorted(sums.items())]
+    lines = [f"{'layer':>5s} {'variant':12s} {'sparsity':>8s} {'err all':>8s} {'err question':>12s} {'err last':>8s}"]
+    for r in rows:
+        lines.append(f"{r['layer']:5d} {r['variant']:12s} {r['sparsity']:8.3f} {r['all']:8.4f} {r['question']:12.4f} "
+                     f"{r['last']:8.4f}")
+    means = {}
+    for label in labels:
+        sel = [r for r in rows if r["variant"] == label]
+        means[label] = {key: sum(r[key] for r in sel) / len(sel) for key in ("sparsity", "all", "question", "last")}
+        lines.append(f"{'mean':>5s} {label:12s} {means[label]['sparsity']:8.3f} {means[label]['all']:8.4f} "
+                     f"{means[label]['question']:12.4f} {means[label]['last']:8.4f}")
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        report = dict(model=args.model, frames=args.frames, questions=args.questions, tokens=tokens,
+                      dense_text=dense_text, device=args.device, rows=rows, means=means,
+                      seconds=round(time.perf_counter() - started, 1))
+        (out / "real_error.json").write_text(json.dumps(report, indent=1))
+        (out / "real_error.txt").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
