@@ -20,7 +20,7 @@ import torch
 
 import psa_kernels
 
-from .runtime import ATTN_NAME, layer_state, log_once
+from .runtime import ATTN_NAME, DECODE_REASON, layer_state, log_once
 from .windows import attend_segments
 #: Set to 1 to raise instead of falling back to dense attention when PSA fails (tests do).
 STRICT_ENV = "PSA_VLM_STRICT"
@@ -99,7 +99,7 @@ def psa_attention_forward(
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
     mask_kwargs = config.mask_kwargs()
-    text = state.text.for_keys(B, Lk) if state.text is not None else None
+    text = state.text.for_keys(B, Lk, config.media_gap_tokens) if state.text is not None else None
     if state.tower == "vision" or not config.dense_text:  # a frame group holds no text; or: force none
         text, mask_kwargs["dense_tail_tokens"] = None, 0
     elif text is None:
@@ -142,9 +142,10 @@ def _dense_reason(state, config, q_len, k_len, dtype, attention_mask, dropout) -
     if not config.runs_on(state.tower):
         return f"preset {config.name!r} does not run PSA on the {state.tower} tower"
     if q_len < config.block_q:
-        return f"query shorter than one block (decode step or short frame group; Lq < block_q = {config.block_q})"
+        return f"{DECODE_REASON} (decode step or short frame group; Lq < block_q = {config.block_q})"
     if k_len < config.min_seq_len:
-        return f"sequence shorter than min_seq_len = {config.min_seq_len}"
+        return (f"sequence shorter than min_seq_len = {config.min_seq_len} (the preset's break-even length; "
+                "min_seq_len=0 runs PSA at any length)")
     if dtype not in _PSA_DTYPES:
         return f"unsupported dtype {dtype}"
     return None
