@@ -181,7 +181,7 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
     import torch
 
     from . import configure
-    from .runtime import level_maps
+    from .runtime import forced_text, level_maps
     from .viz import plot_level_map
 
     configure(model, preset.at_sparsity(PICTURE_SPARSITY), record_level_maps=True, **TINY_MODEL_OVERRIDES)
@@ -195,7 +195,8 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
     q_len, k_len, block_q, block_k = rec["q_len"], rec["k_len"], rec["block_q"], rec["block_k"]
     visible = psa_kernels.block_visibility(batch=1, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
                                            causal=rec["causal"], key_padding_mask=rec.get("key_padding_mask"))[0]
-    text = (inputs["mm_token_type_ids"][0] == 0).cpu()  # 0 = text; the keys are the whole prompt
+    # the text PSA forces (0 = text, less the media's seams); the keys are the whole prompt
+    text = forced_text(inputs["mm_token_type_ids"][:1] == 0, preset.media_gap_tokens)[0].cpu()
     fig = plot_level_map(rec["level_map"], block_q=block_q, block_k=block_k, visible=visible,
                          text_rows=_blocks_holding(text, k_len - q_len, q_len, block_q),
                          text_cols=_blocks_holding(text, 0, k_len, block_k),

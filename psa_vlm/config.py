@@ -59,7 +59,7 @@ class PSAConfig:
     from fp8 copies of Q and K, half the bytes of bf16), block sizes, ``min_full_fraction`` (level-1 blocks kept per
     row) and ``dense_tail_tokens`` (tokens treated as text when text positions are unknown).
     ``share_kv_group`` builds one level map per kv head instead of per query head.
-    ``dense_text`` (default true) keeps every block holding text at level 1 (section 7.5);
+    ``dense_text`` (default true) keeps every block holding text at level 1 (section 7, step 5);
     false forces no text block, as if the caller knew of no text: a stress setting for
     measurements (the question's rows are then sparse too), not for serving.
     ``media_gap_tokens``: a run of at most this many text tokens with media tokens on both
