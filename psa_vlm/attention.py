@@ -20,7 +20,7 @@ import torch
 
 import psa_kernels
 
-from .runtime import ATTN_NAME, layer_state, log_once
+from .runtime import ATTN_NAME, DECODE_REASON, layer_state, log_once
 from .windows import attend_segments
 #: Set to 1 to raise instead of falling back to dense attention when PSA fails (tests do).
 STRICT_ENV = "PSA_VLM_STRICT"
@@ -96,7 +96,7 @@ def psa_attention_forward(
         out = psa_kernels.dense_attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
 
-    text = state.text.for_keys(query.shape[0], key.shape[2]) if state.text is not None else None
+    text = None if state.text is None else state.text.for_keys(query.shape[0], key.shape[2], config.media_gap_tokens)
     if query.dtype == torch.float32 and query.is_cuda:
         log_once("fp32-cuda", "fp32 PSA on CUDA: the kernels use three TF32 products per dot (about fp32 accuracy "
                  "on the tensor cores); bf16 is several times faster")
@@ -188,9 +188,10 @@ def _dense_reason(state, config, q_len, k_len, dtype, attention_mask, dropout) -
     if not config.runs_on(state.tower):
         return f"preset {config.name!r} does not run PSA on the {state.tower} tower"
     if q_len < config.block_q:
-        return f"query shorter than one block (decode step or short frame group; Lq < block_q = {config.block_q})"
+        return f"{DECODE_REASON} (decode step or short frame group; Lq < block_q = {config.block_q})"
     if k_len < config.min_seq_len:
-        return f"sequence shorter than min_seq_len = {config.min_seq_len}"
+        return (f"sequence shorter than min_seq_len = {config.min_seq_len} (the preset's break-even length; "
+                "min_seq_len=0 runs PSA at any length)")
     if dtype not in _PSA_DTYPES:
         return f"unsupported dtype {dtype}"
     return None

@@ -1,8 +1,8 @@
 """End-to-end prefill benchmark: time to first token with ``"sdpa"`` vs ``"psa"`` (``psa-vlm bench``).
 
 For each target number of language tokens, a synthetic video is sized so that its visual tokens
-reach the target (square frames of side ``28 * ceil(sqrt(L / 256))``, two frames per temporal
-patch), and the same inputs are run through the model with each attention:
+reach the target (square frames of side ``28 * ceil(sqrt(L / 256))``, 32 for Qwen3-VL's patches,
+two frames per temporal patch), and the same inputs are run through the model with each attention:
 
 - ``ttft_ms``: the whole prefill forward (vision + language, logits of the last token only), i.e.
   the time to the first token (median wall time of ``--repeats`` runs after a warm-up);
@@ -18,12 +18,13 @@ each fixed sparsity given (``--sparsity``). Under ``"psa"`` the vision tower att
 batched call per layer instead of one call per window (:mod:`psa_vlm.windows`), which is the
 whole difference between ``sdpa`` and ``psa-off``; ``language_ratio`` isolates sparse attention.
 
-Shapes use Qwen2.5-VL's own video pixel limits (4 to 16,384 merged tokens per frame) without the
-processor's total-video budget, so a video can reach 128k tokens.
+Shapes use the released processors' own video pixel limits (4 to 16,384 merged tokens per frame)
+without the total-video budget, so a video can reach 128k tokens.
 
-``--model`` is a local checkpoint, a hub id (needs the weights) or a shape: ``qwen2.5-vl-7b`` and
-``qwen2.5-vl-3b`` build the real architecture (layers, heads, hidden sizes, vision windows) with
-random weights and the offline tiny tokenizer, so it runs on a machine without weights;
+``--model`` is a local checkpoint, a hub id (needs the weights) or a shape of
+:data:`psa_vlm.models.SHAPES` (``qwen2.5-vl-7b``, ``qwen2-vl-7b``, ``qwen3-vl-8b``, ...): the real
+architecture (layers, heads, hidden sizes, vision tower) with random weights and the offline tiny
+tokenizer, so it runs on a machine without weights;
 ``tiny`` is the test model. Random weights give meaningless answers and real dense cost, but
 their attention is nearly uniform, so energy thresholds keep most blocks: the ``psa@S`` rows give
 the cost at the sparsity a trained model reaches.
@@ -41,12 +42,13 @@ import torch
 from .config import DEFAULT_PRESET
 from .variants import PSA_OFF, parse_variants
 
-def frames_for_tokens(tokens: int) -> tuple[int, int]:
-    """(frame side in pixels, number of frames) whose visual tokens reach ``tokens``."""
+def frames_for_tokens(tokens: int, factor: int = 28) -> tuple[int, int]:
+    """(frame side in pixels, number of frames) whose visual tokens reach ``tokens``, for frame
+    sides in multiples of ``factor`` (one merged token: 28 pixels, Qwen3-VL 32)."""
     if tokens < 64:
         raise ValueError(f"target token count must be at least 64, got {tokens}")
-    side = 28 * max(8, math.ceil(math.sqrt(tokens / 256)))
-    per_group = (side // 28) ** 2  # merged tokens per temporal patch of two frames
+    side = factor * max(8, math.ceil(math.sqrt(tokens / 256)))
+    per_group = (side // factor) ** 2  # merged tokens per temporal patch of two frames
     return side, 2 * math.ceil(tokens / per_group)
 
 
@@ -128,7 +130,7 @@ def run(spec: str, lengths, *, preset=DEFAULT_PRESET, overrides=None, sparsities
     """
     from . import mean_sparsity, reset_stats, use_attention
     from .clips import make_video_frames
-    from .video import video_inputs
+    from .video import patch_factor, video_inputs
 
     variants = attention_variants(preset, overrides, sparsities)  # fails early on a bad preset
     if only is not None:
@@ -145,7 +147,7 @@ def run(spec: str, lengths, *, preset=DEFAULT_PRESET, overrides=None, sparsities
                   dtype=str(dtype).replace("torch.", ""), preset=preset, overrides=overrides or {},
                   attentions=list(variants), configs={k: v and v.to_dict() for k, v in variants.items()}, rows=[])
     for target in lengths:
-        side, n_frames = frames_for_tokens(target)
+        side, n_frames = frames_for_tokens(target, patch_factor(processor))
         progress(f"target {target} tokens: {n_frames} frames of {side}x{side}")
         frames = make_video_frames(n_frames, side, side, seed=0)
         inputs = video_inputs(processor, frames, "Describe the video.", nframes=n_frames, video_fps=2.0,

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 from .config import DEFAULT_PRESET
-from .models import TINY_MODEL_OVERRIDES, check_model_spec
+from .families import DEFAULT_FAMILY, FAMILIES
+from .models import SHAPES, TINY_MODEL_OVERRIDES, check_model_spec
 from .timing import FirstTokenClock
 
 DESCRIPTION = """\
-psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen2.5-VL.
+psa-vlm: Pyramid Sparse Attention for long-video understanding with Qwen-VL models
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE).
 
 New here? `psa-vlm demo` runs offline (no weights, no network) and shows dense and PSA
 attention side by side. `psa-vlm COMMAND --help` explains a command and its options.
@@ -32,9 +34,11 @@ def _cmd_presets(args) -> int:
 def _cmd_tiny_model(args) -> int:
     from .tiny import save_tiny_model
 
-    path = save_tiny_model(args.directory, seed=args.seed)
-    print(f"wrote the tiny Qwen2.5-VL to {path}")
-    print(f"load it with Qwen2_5_VLForConditionalGeneration.from_pretrained({str(path)!r}, local_files_only=True)")
+    path = save_tiny_model(args.directory, seed=args.seed, family=args.family)
+    family = FAMILIES[args.family]
+    print(f"wrote the tiny {family.label} to {path}")
+    print(f"load it with {family.model_class}.from_pretrained({str(path)!r}, local_files_only=True), or pass it as "
+          "--model to psa-vlm ask / eval")
     return 0
 
 
@@ -74,7 +78,7 @@ def _cmd_demo(args) -> int:
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from . import configure, load_preset, mean_sparsity, reset_stats
+    from . import configure, load_preset, mean_sparsity, not_run_reason, reset_stats
     from .clips import make_video
     from .tiny import tiny_model_dir
     from .video import video_inputs
@@ -94,7 +98,7 @@ def _cmd_demo(args) -> int:
     n_tokens = inputs["input_ids"].shape[1]
     n_visual = int((inputs["mm_token_type_ids"] != 0).sum())
 
-    rows, map_png, unsteady = [], None, []
+    rows, map_png, unsteady, not_run = [], None, [], None
     for step, attn in ((3, "sdpa"), (4, "psa")):
         print(f"[{step}/4] {args.max_new_tokens} greedy tokens with attn_implementation={attn!r}: a warm-up, then "
               f"{args.repeats} timed run(s)", flush=True)
@@ -112,7 +116,7 @@ def _cmd_demo(args) -> int:
             reset_stats(model)
             with torch.no_grad():
                 model(**inputs)  # the prefill alone: its sparsity, without the decode steps
-            sparsity = mean_sparsity(model)
+            sparsity, not_run = mean_sparsity(model), not_run_reason(model)
             map_png = _save_level_map(model, preset, inputs, out_dir / "level_map.png")
         rows.append((attn, preset.name if attn == "psa" else "-", tokens, prefill, decode, sparsity, answer))
 
@@ -125,6 +129,8 @@ def _cmd_demo(args) -> int:
         dec = "-" if decode is None else f"{decode * 1e3:.1f}"
         print(f"{attn:10s} {name:12s} {n_tokens:7d} {n_visual:7d} {prefill * 1e3:11.1f} {dec:>13s} "
               f"{sp:>9s}  {answer!r}")
+    if not_run is not None:
+        print(not_run)
     print(f"\ngenerated tokens identical: {agree}/{args.max_new_tokens}")
     print(f"timings: median of {args.repeats} run(s) after a warm-up; prefill = time to the first token, decode "
           "ms/tok = each further token (a whole answer takes prefill + decode x the tokens after the first).")
@@ -155,7 +161,7 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
     import torch
 
     from . import configure
-    from .runtime import level_maps
+    from .runtime import forced_text, level_maps
     from .viz import plot_level_map
 
     configure(model, preset.at_sparsity(PICTURE_SPARSITY), record_level_maps=True, **TINY_MODEL_OVERRIDES)
@@ -169,7 +175,8 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
     q_len, k_len, block_q, block_k = rec["q_len"], rec["k_len"], rec["block_q"], rec["block_k"]
     visible = psa_kernels.block_visibility(batch=1, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
                                            causal=rec["causal"], key_padding_mask=rec.get("key_padding_mask"))[0]
-    text = (inputs["mm_token_type_ids"][0] == 0).cpu()  # 0 = text; the keys are the whole prompt
+    # the text PSA forces (0 = text, less the media's seams); the keys are the whole prompt
+    text = forced_text(inputs["mm_token_type_ids"][:1] == 0, preset.media_gap_tokens)[0].cpu()
     fig = plot_level_map(rec["level_map"], block_q=block_q, block_k=block_k, visible=visible,
                          text_rows=_blocks_holding(text, k_len - q_len, q_len, block_q),
                          text_cols=_blocks_holding(text, 0, k_len, block_k),
@@ -185,8 +192,8 @@ def _save_level_map(model, preset, inputs, path: Path) -> Path | None:
 def _cmd_ask(args) -> int:
     import torch
 
-    from . import mean_sparsity, use_attention
-    from .models import default_device, load_model, resolve_dtype
+    from . import mean_sparsity, not_run_reason, use_attention
+    from .models import default_device, load_model, resolve_dtype, vision_factor
     from .video import load_video, video_inputs
 
     # Everything a user can mistype is checked before the video is decoded (minutes for a long one).
@@ -202,7 +209,9 @@ def _cmd_ask(args) -> int:
     elif args.override:
         print(f"psa-vlm ask: note: --override changes PSA presets; --attn {args.attn} ignores it", file=sys.stderr)
     sampling = {"nframes": args.nframes} if args.nframes is not None else {"fps": args.fps}
-    video = load_video(args.video, max_pixels=args.max_pixels, progress=True, **sampling)
+    # frames sized for the model's patches (Qwen3-VL: multiples of 32), read from its config alone
+    video = load_video(args.video, max_pixels=args.max_pixels, progress=True, factor=vision_factor(args.model),
+                       **sampling)
     print(f"video: {args.video}: {video.frames.shape[0]} frames of {video.frames.shape[3]}x{video.frames.shape[2]} "
           f"at {video.sample_fps:.3g} frames/s", flush=True)
     model, processor = load_model(args.model, device=device, dtype=dtype)
@@ -220,7 +229,8 @@ def _cmd_ask(args) -> int:
     seen = {}
 
     def prefill_sparsity():
-        seen["sparsity"] = mean_sparsity(model) if preset is not None else None
+        if preset is not None:
+            seen.update(sparsity=mean_sparsity(model), not_run=not_run_reason(model))
 
     clock = FirstTokenClock(device.startswith("cuda"), on_first=prefill_sparsity)
     with torch.no_grad():
@@ -235,16 +245,18 @@ def _cmd_ask(args) -> int:
           "first call: one-time start-up costs included)")
     if sparsity is not None:
         print(f"PSA sparsity (mean over text layers; preset {preset.name!r}): {sparsity:.3f}")
+    elif seen.get("not_run"):  # rather than no sparsity at all
+        print(f"{seen['not_run']} (preset {preset.name!r})")
     print(f"answer: {processor.tokenizer.decode(new, skip_special_tokens=True)}")
     return 0
 
 
 def _check_frames(option: str, count: int) -> None:
-    """Qwen2.5-VL reads frames in pairs (a temporal patch of two): an odd count would change
+    """Qwen-VL models read frames in pairs (a temporal patch of two): an odd count would change
     silently, so it is refused."""
     if count < 2 or count % 2:
         fix = "use 2" if count < 2 else f"use {count - 1} or {count + 1}"
-        raise ValueError(f"{option} {count}: must be even and at least 2 (Qwen2.5-VL groups frames in pairs, one "
+        raise ValueError(f"{option} {count}: must be even and at least 2 (Qwen-VL models group frames in pairs, one "
                          f"temporal patch per two frames); {fix}")
 
 
@@ -303,7 +315,7 @@ def _cmd_eval(args) -> int:
                         overrides=overrides, max_new_tokens=args.max_new_tokens)
     if report is not None:
         print()
-        print(runner.markdown(report))
+        print(runner.markdown(report))  # says so where PSA did not run
         print(f"wrote {Path(args.output) / 'report.md'} and report.json; per-sample answers in "
               f"{Path(args.output)}/<variant>/predictions.jsonl")
     return 0
@@ -371,6 +383,9 @@ def _cmd_vniah(args) -> int:
     return 0
 
 
+_SHAPE_NAMES = ", ".join(SHAPES)
+
+
 def _device_and_dtype(parser, *, default: str = "auto", what: str = "model dtype") -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     shown = "auto, the checkpoint's" if default == "auto" else default
@@ -413,17 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "temporary folder)")
     demo.set_defaults(func=_cmd_demo)
 
-    ask = sub.add_parser("ask", help="answer a question about a local video with a Qwen2.5-VL model, PSA or dense",
-                         description="Load a Qwen2.5-VL model (checkpoint folder, hub id or built-in name), sample "
+    ask = sub.add_parser("ask", help="answer a question about a local video with a Qwen-VL model, PSA or dense",
+                         description="Load a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE model (checkpoint "
+                         "folder, hub id or built-in name; the class follows the config's model_type), sample "
                          "and resize the video by the Qwen rules (--fps or --nframes, --max-pixels per frame), and "
                          "answer the question greedily with PSA or dense attention. Prints the answer, the number of "
                          "(visual) tokens, the prefill time (to the first token), the decode time per further token "
-                         "and the prefill's mean PSA sparsity. --model, --preset, --override and --nframes are "
-                         "checked before the video is decoded.")
+                         "and the prefill's mean PSA sparsity, or why PSA did not run. --model, --preset, --override "
+                         "and --nframes are checked before the video is decoded.")
     ask.add_argument("question", help="the question, e.g. \"What happens after the door opens?\"")
     ask.add_argument("--model", required=True, help="checkpoint folder (with config.json) or hub id, e.g. "
                      "Qwen/Qwen2.5-VL-7B-Instruct, or a built-in model: tiny (the offline test model, random "
-                     "weights), vniah (the trained V-NIAH model), qwen2.5-vl-7b / qwen2.5-vl-3b (the architecture "
+                     f"weights), vniah (the trained V-NIAH model), or a shape ({_SHAPE_NAMES}: the architecture "
                      "with random weights)")
     ask.add_argument("--video", required=True, help="local video file (anything decord reads: mp4, mkv, avi, ...)")
     ask.add_argument("--attn", choices=("psa", "sdpa"), default="psa", help="attention implementation (default: psa)")
@@ -431,17 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     _override_arg(ask, "a preset field", "min_seq_len=0")
     ask.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
     ask.add_argument("--nframes", type=int, help="sample exactly this many frames instead of --fps: even and at "
-                     "least 2 (Qwen2.5-VL groups frames in pairs, one temporal patch per two frames)")
+                     "least 2 (Qwen-VL models group frames in pairs, one temporal patch per two frames)")
     ask.add_argument("--max-pixels", type=int, default=360 * 420,
-                     help="pixel budget per frame; sides become multiples of 28 (default: 151200, the Qwen "
-                     "video default)")
+                     help="pixel budget per frame; sides become multiples of 28 (Qwen3-VL: 32) (default: 151200, "
+                     "the Qwen video default)")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens to generate (default: 64)")
     _device_and_dtype(ask)
     ask.set_defaults(func=_cmd_ask)
 
     bench = sub.add_parser("bench", help="end-to-end prefill benchmark (time to first token, vision and "
                            "language parts), sdpa vs psa, on generated videos sized to target token counts",
-                           description="Time to first token of Qwen2.5-VL on generated videos sized to each "
+                           description="Time to first token of a Qwen-VL model on generated videos sized to each "
                            "target number of language tokens: the whole prefill (TTFT), the language model's "
                            "part of it (CUDA events) and the rest (the vision tower), peak GPU memory and the "
                            "mean PSA sparsity, for sdpa, psa-off (the psa path with every call dense: batched "
@@ -449,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "runs after a warm-up. Prints a table; --output writes bench.json.")
     bench.add_argument("--model", default="qwen2.5-vl-7b",
                        help="checkpoint folder or hub id (needs weights), or a shape with random weights and "
-                       "the real architecture: qwen2.5-vl-7b (default), qwen2.5-vl-3b, or tiny (the test model)")
+                       f"the real architecture: {_SHAPE_NAMES} (default: qwen2.5-vl-7b), or tiny (the test model)")
     bench.add_argument("--lengths", default="16384,32768,65536,131072",
                        help="comma-separated target language-token counts (default: 16k,32k,64k,128k)")
     bench.add_argument("--preset", default=DEFAULT_PRESET, help=f"PSA preset name or YAML path (default: {DEFAULT_PRESET})")
@@ -477,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "difference to the first variant, mean PSA sparsity and prefill latency p50/p90. Data "
                         "folders: --data-dir or the PSA_VLM_<BENCHMARK>_DIR variables (docs/evaluation.md). "
                         "Several GPUs: `accelerate launch -m psa_vlm.cli eval ...` shards the samples.")
-    ev.add_argument("--model", default="tiny", help="checkpoint folder or hub id, a shape (qwen2.5-vl-7b, "
-                    "qwen2.5-vl-3b: random weights) or tiny (default: tiny, the offline test model)")
+    ev.add_argument("--model", default="tiny", help="checkpoint folder or hub id of a Qwen2-VL, Qwen2.5-VL, "
+                    f"Qwen3-VL or Qwen3-VL-MoE model, a shape ({_SHAPE_NAMES}: random weights) or tiny (default: "
+                    "tiny, the offline test model)")
     ev.add_argument("--tasks", default="videomme", help="comma-separated: videomme, videomme_w_subtitle, mlvu_dev, "
                     "longvideobench_val, egoschema_subset (default: videomme)")
     ev.add_argument("--attn", default="sdpa,psa:video_mme", help="comma-separated variants: sdpa, eager, psa:PRESET "
@@ -535,12 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     vn.add_argument("--output", help="folder for vniah.json, vniah.txt, vniah.png")
     vn.set_defaults(func=_cmd_vniah)
 
-    tiny = sub.add_parser("tiny-model", help="write the offline tiny Qwen2.5-VL to a folder",
-                          description="Write a tiny randomly initialised Qwen2.5-VL (GQA text tower, windowed "
-                          "vision tower), its byte-level BPE tokenizer and Qwen2-VL processors to DIRECTORY. "
-                          "Load it with from_pretrained(DIRECTORY, local_files_only=True).")
+    tiny = sub.add_parser("tiny-model", help="write an offline tiny Qwen-VL model (Qwen2.5-VL by default) to a folder",
+                          description="Write a tiny randomly initialised Qwen-VL model of --family (GQA text tower, "
+                          "the family's vision tower), its byte-level BPE tokenizer and the family's processors to "
+                          "DIRECTORY. Load it with from_pretrained(DIRECTORY, local_files_only=True) or pass it as "
+                          "--model to ask and eval.")
     tiny.add_argument("directory", help="output folder (created if missing)")
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
+    tiny.add_argument("--family", choices=list(FAMILIES), default=DEFAULT_FAMILY,
+                      help=f"model family, by its transformers model_type (default: {DEFAULT_FAMILY})")
     tiny.set_defaults(func=_cmd_tiny_model)
 
     presets = sub.add_parser("presets", help="list the shipped PSA presets", description="List the PSA presets "

@@ -59,9 +59,12 @@ class PSAConfig:
     from fp8 copies of Q and K, half the bytes of bf16), block sizes, ``min_full_fraction`` (level-1 blocks kept per
     row) and ``dense_tail_tokens`` (tokens treated as text when text positions are unknown).
     ``share_kv_group`` builds one level map per kv head instead of per query head.
-    ``dense_text`` (default true) keeps every block holding text at level 1 (section 7.4);
+    ``dense_text`` (default true) keeps every block holding text at level 1 (section 7, step 5);
     false forces no text block, as if the caller knew of no text: a stress setting for
     measurements (the question's rows are then sparse too), not for serving.
+    ``media_gap_tokens``: a run of at most this many text tokens with media tokens on both
+    sides (the separators and timestamps between a video's frames) counts as part of the
+    media, not as text to force (0: every text token is text; docs/semantics.md section 10).
     PSA runs only on ``towers`` and for keys of at least ``min_seq_len`` tokens; elsewhere
     attention is dense.
     """
@@ -83,6 +86,7 @@ class PSAConfig:
     dense_tail_tokens: int = 512
     share_kv_group: bool = False
     dense_text: bool = True
+    media_gap_tokens: int = 32  # Qwen3-VL's "<12.5 seconds>" between two frames: about 10 tokens
     towers: tuple[str, ...] = ("text",)
     overrides: tuple[LayerOverride, ...] = field(default=())
 
@@ -292,7 +296,7 @@ def _validate(c: PSAConfig) -> None:
         _fail("block_k", f"must be one of {BLOCK_K_SIZES} (the key blocks the kernels take)", c.block_k)
     if c.block_q % c.stride or c.block_k % c.stride:
         _fail("stride", f"must divide block_q ({c.block_q}) and block_k ({c.block_k})", c.stride)
-    for name in ("min_seq_len", "dense_tail_tokens"):
+    for name in ("min_seq_len", "dense_tail_tokens", "media_gap_tokens"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             _fail(name, "must be a non-negative int", value)

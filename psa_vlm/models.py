@@ -1,8 +1,9 @@
 """Loading models: the architectures the project knows, dtypes and devices, checkpoints.
 
-``load_model`` takes a checkpoint folder or hub id, a shape name (the real architecture with
-random weights: no download), ``tiny`` (the offline test model) or ``vniah`` (the trained
-V-NIAH model shipped with the package). ``check_model_spec`` refuses what cannot load before any
+``load_model`` takes a checkpoint folder or hub id of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or
+Qwen3-VL-MoE model (the class follows the config's ``model_type``), a shape name (the real
+architecture with random weights: no download), ``tiny`` (the offline test model) or ``vniah``
+(the trained V-NIAH model shipped with the package). ``check_model_spec`` refuses what cannot load before any
 slow work. ``TINY_MODEL_OVERRIDES`` are the preset fields a tiny model's short prompts need.
 """
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .families import DEFAULT_FAMILY, family
+
 # The tiny model's prompts are a few hundred tokens: commands lower the presets' block sizes and
 # minimum length for it so PSA really runs (real models keep the presets as they are).
 TINY_MODEL_OVERRIDES = dict(block_q=64, block_k=32, min_seq_len=0)
@@ -20,22 +23,43 @@ TINY_MODEL_OVERRIDES = dict(block_q=64, block_k=32, min_seq_len=0)
 
 # Architecture of the released checkpoints (their config.json), without the vocabulary: shapes
 # use the tiny tokenizer, so the embedding and output layers are small; attention is unchanged.
-# Both checkpoints share the vision tower and the 3-D RoPE layout; they differ in the text tower.
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
-               fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02)
-_TEXT = dict(head_dim=128, max_position_embeddings=128000, initializer_range=0.02,
-             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]})
+# Each family's checkpoints share its vision tower and 3-D RoPE layout; they differ in the text tower.
+_QWEN2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, initializer_range=0.02)
+_QWEN2_TEXT = dict(max_position_embeddings=32768, initializer_range=0.02,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]})
+_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02)
+_QWEN25_TEXT = dict(_QWEN2_TEXT, head_dim=128, max_position_embeddings=128000)
+_QWEN3_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                     deepstack_visual_indexes=[8, 16, 24], initializer_range=0.02)
+_QWEN3_SMALL_VISION = dict(_QWEN3_VISION, depth=24, hidden_size=1024, intermediate_size=4096,
+                           deepstack_visual_indexes=[5, 11, 17])
+_QWEN3_TEXT = dict(head_dim=128, max_position_embeddings=262144, initializer_range=0.02,
+                   rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
+                                    "mrope_interleaved": True})
 SHAPES = {
-    "qwen2.5-vl-7b": dict(
-        text_config=dict(_TEXT, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4),
-        vision_config=dict(_VISION),
-    ),
-    "qwen2.5-vl-3b": dict(
-        text_config=dict(_TEXT, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2),
-        vision_config=dict(_VISION),
-    ),
+    "qwen2-vl-7b": dict(family="qwen2_vl", vision_config=dict(_QWEN2_VISION),
+                        text_config=dict(_QWEN2_TEXT, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                         num_attention_heads=28, num_key_value_heads=4)),
+    "qwen2-vl-2b": dict(family="qwen2_vl", vision_config=dict(_QWEN2_VISION),
+                        text_config=dict(_QWEN2_TEXT, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                         num_attention_heads=12, num_key_value_heads=2)),
+    "qwen2.5-vl-7b": dict(family="qwen2_5_vl", vision_config=dict(_QWEN25_VISION),
+                          text_config=dict(_QWEN25_TEXT, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                           num_attention_heads=28, num_key_value_heads=4)),
+    "qwen2.5-vl-3b": dict(family="qwen2_5_vl", vision_config=dict(_QWEN25_VISION),
+                          text_config=dict(_QWEN25_TEXT, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                           num_attention_heads=16, num_key_value_heads=2)),
+    "qwen3-vl-8b": dict(family="qwen3_vl", vision_config=dict(_QWEN3_VISION),
+                        text_config=dict(_QWEN3_TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                         num_attention_heads=32, num_key_value_heads=8)),
+    "qwen3-vl-4b": dict(family="qwen3_vl", vision_config=dict(_QWEN3_SMALL_VISION),
+                        text_config=dict(_QWEN3_TEXT, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                         num_attention_heads=32, num_key_value_heads=8)),
+    "qwen3-vl-30b-a3b": dict(family="qwen3_vl_moe", vision_config=dict(_QWEN3_VISION),
+                             text_config=dict(_QWEN3_TEXT, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                                              num_attention_heads=32, num_key_value_heads=4, moe_intermediate_size=768,
+                                              num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1)),
 }
 
 
@@ -60,10 +84,13 @@ def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None =
     """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, ``tiny``
     (the random test model) or ``vniah`` (the trained V-NIAH model shipped with the package).
 
-    ``dtype="auto"``: the checkpoint's (shapes: bf16 on a GPU, fp32 elsewhere). ``device_map``
-    (e.g. ``"auto"``) spreads a checkpoint over the visible GPUs instead of moving it to ``device``.
+    The model class follows the config's ``model_type`` (:data:`psa_vlm.families.FAMILIES`:
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE); another model type is a ValueError naming the
+    supported ones. ``dtype="auto"``: the checkpoint's (shapes: bf16 on a GPU, fp32 elsewhere).
+    ``device_map`` (e.g. ``"auto"``) spreads a checkpoint over the visible GPUs instead of moving
+    it to ``device``.
     """
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
 
     from .tiny import build_tiny_processor, tiny_model_config, tiny_model_dir
 
@@ -72,20 +99,41 @@ def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None =
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         config = tiny_model_config(**SHAPES[spec])
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+            model = family(config.model_type).model_cls()(config).to(dtype)
         # The released processor's per-frame range (preprocessor_config.json), no total budget.
-        return model.eval(), build_tiny_processor(video_pixels=(56 * 56, 28 * 28 * 16384), cap_pixels_per_frame=False)
+        factor = family(config.model_type).factor
+        processor = build_tiny_processor(family=config.model_type, cap_pixels_per_frame=False,
+                                         video_pixels=(4 * factor * factor, 16384 * factor * factor))
+        return model.eval(), processor
     path = tiny_model_dir() if spec == "tiny" else checkpoint_dir() if spec == "vniah" else spec
     try:
+        config = AutoConfig.from_pretrained(path)
+        cls = family(config.model_type, f"--model {spec}").model_cls()
         if device_map is not None:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device_map)
+            model = cls.from_pretrained(path, dtype=dtype, device_map=device_map)
         else:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+            model = cls.from_pretrained(path, dtype=dtype).to(device)
         processor = AutoProcessor.from_pretrained(path)
     except OSError as err:  # a missing folder, a hub id not cached offline: transformers says which
         raise FileNotFoundError(f"cannot load the model {spec!r}: {err} (pass a checkpoint folder, a hub id, "
                                 f"one of {sorted(SHAPES)}, tiny or vniah)") from err
     return model.eval(), processor
+
+
+def vision_factor(spec: str) -> int:
+    """Frame sides the model of ``spec`` takes are multiples of this (28 for Qwen2/2.5-VL, 32 for
+    Qwen3-VL), read from its config alone, so a video can be sized before the weights load."""
+    if spec in SHAPES:
+        return family(SHAPES[spec]["family"]).factor
+    if spec in BUILT_IN_MODELS:
+        return family(DEFAULT_FAMILY).factor
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the config of the model {spec!r}: {err}") from err
+    return family(config.model_type, f"--model {spec}").factor
 
 
 def checkpoint_dir() -> Path:

@@ -37,20 +37,42 @@ def log_once(key: str, message: str, level: int = logging.INFO) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def forced_text(text: torch.Tensor, media_gap_tokens: int) -> torch.Tensor:
+    """The tokens text-aware forcing keeps at full resolution (docs/semantics.md section 10):
+    ``text [B, L]`` (True: a text token) less every run of at most ``media_gap_tokens`` text
+    tokens with a media token on both sides.
+
+    Such runs are the seams of the media, not the question: Qwen3-VL writes ``<t seconds>`` and
+    ``<|vision_end|><|vision_start|>`` between every two frames, and forcing them would force
+    nearly every key block of a video. A prompt's system text, question and answer stand before
+    or after the media, or between two media spans at more than ``media_gap_tokens`` tokens, and
+    stay text. Pure tensor work (no host synchronisation), so it costs nothing per forward.
+    """
+    if media_gap_tokens <= 0 or text.shape[1] == 0:
+        return text
+    media_before = (~text).cumsum(1)  # media tokens up to each position: constant along a text run
+    runs = torch.zeros(text.shape[0], text.shape[1] + 1, dtype=media_before.dtype, device=text.device)
+    run_length = runs.scatter_add_(1, media_before, text.to(runs.dtype)).gather(1, media_before)
+    enclosed = (media_before > 0) & (media_before < media_before[:, -1:])
+    return text & ~(enclosed & (run_length <= media_gap_tokens))
+
+
 class TextPositions:
     """Text-token mask ``[B, L]`` of the sequence a model is processing, kept across cached steps.
 
     A forward pre-hook on the model reads ``mm_token_type_ids`` (0 = text) or, without it, the
     input ids (anything but image/video pads is text) and appends each step's tokens to what the
     cache already holds. Unknown (e.g. ``inputs_embeds`` only) clears it, so stale positions are
-    never used.
+    never used. Layers read the tokens to force through :meth:`for_keys` (:func:`forced_text`).
     """
 
     def __init__(self, media_token_ids: tuple[int, ...]):
         self.media_token_ids = media_token_ids
         self.mask: torch.Tensor | None = None
+        self._forced: dict[int, torch.Tensor] = {}  # per media_gap_tokens: layers share one forward's
 
     def update(self, input_ids, mm_token_type_ids, past_len: int) -> None:
+        self._forced = {}
         current = input_ids.shape[1] if input_ids is not None else None
         text = None
         if mm_token_type_ids is not None and current is not None and mm_token_type_ids.shape[1] in (
@@ -70,16 +92,20 @@ class TextPositions:
         else:
             self.mask = None
 
-    def for_keys(self, batch: int, k_len: int) -> torch.Tensor | None:
+    def for_keys(self, batch: int, k_len: int, media_gap_tokens: int = 0) -> torch.Tensor | None:
+        """The text tokens to force for keys ``[batch, k_len]``, or None where unknown."""
         if self.mask is None or tuple(self.mask.shape) != (batch, k_len):
             return None
-        return self.mask
+        if media_gap_tokens not in self._forced:
+            self._forced[media_gap_tokens] = forced_text(self.mask, media_gap_tokens)
+        return self._forced[media_gap_tokens]
 
 
 def _capture_text_hook(positions: TextPositions):
     def hook(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
+        # transformers 5 passes the cache as `cache` (generate) or the deprecated `past_key_values`
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = 0
         if past is not None and hasattr(past, "get_seq_length"):
             past_len = int(past.get_seq_length())
@@ -276,6 +302,32 @@ def mean_sparsity(model: torch.nn.Module, tower: str | None = "text") -> float |
     """Mean sparsity over the layers (of ``tower``, or all) where PSA ran; None if it never did."""
     values = [s.sparsity for s in stats(model) if s.sparsity is not None and tower in (None, s.tower)]
     return sum(values) / len(values) if values else None
+
+
+#: The dense reason of decode steps (psa_vlm.attention): always dense, so never why PSA did not run.
+DECODE_REASON = "query shorter than one block"
+
+
+def not_run_reason(model: torch.nn.Module, tower: str = "text") -> str | None:
+    """One line saying why PSA served none of ``tower``'s attention calls since :func:`configure`
+    or :func:`reset_stats`, from the layers' fallback counts; None when it served at least one.
+
+    Decode steps (one query) run dense by design, so they are named only when nothing else ran."""
+    layers = [s for s in _states(model) if s.tower == tower]
+    if not layers:
+        return f"PSA did not run: the model has no {tower}-tower attention layer configured for PSA"
+    if any(s.psa_calls for s in layers):
+        return None
+    reasons: Counter = Counter()
+    for s in layers:
+        reasons.update(s.dense_calls)
+    if not reasons:
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        return (f"PSA did not run: no {tower}-tower attention call reached the {ATTN_NAME!r} implementation "
+                f"(the model runs {implementation!r}; load it with attn_implementation={ATTN_NAME!r})")
+    named = [r for r in reasons if not r.startswith(DECODE_REASON)] or list(reasons)
+    named.sort(key=lambda r: -reasons[r])
+    return f"PSA did not run: every {tower}-tower attention call fell back to dense: " + "; ".join(named)
 
 
 def level_maps(model: torch.nn.Module) -> dict[tuple[str, int | None], dict[str, Any]]:

@@ -1,16 +1,19 @@
-"""The offline Qwen2.5-VL: everything needed to build a model and its processor without a hub.
+"""The offline Qwen-VL models: everything needed to build a model and its processor without a hub.
 
 Built locally and deterministically from a seed: a byte-level BPE tokenizer trained on a
-built-in corpus, a processor around it (Qwen's image and video processors), model configs
-(the tiny test model's, or any shape's: :mod:`psa_vlm.models` builds the 7B and 3B
-architectures from them with random weights), the tiny randomly initialised
-``Qwen2_5_VLForConditionalGeneration`` and its on-disk cache (``tiny_model_dir``). Nothing is
-downloaded.
+built-in corpus, a processor around it (the family's image and video processors), model configs
+(the tiny test model's, or any shape's: :mod:`psa_vlm.models` builds the real architectures
+from them with random weights), the tiny randomly initialised model and its on-disk cache
+(``tiny_model_dir``). Nothing is downloaded. Every builder takes ``family``, a ``model_type`` of
+:data:`psa_vlm.families.FAMILIES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE); the default
+is Qwen2.5-VL, the model the project's measurements use.
 
-The tiny model mimics the real one where it matters for attention code: grouped-query attention
-(4 query heads sharing 2 key/value heads), 3-D multimodal RoPE, a windowed vision tower with
-full-attention blocks, and ``<|video_pad|>`` placeholders that the vision tower's merged
-patches replace.
+The tiny models mimic the real ones where it matters for attention code: grouped-query
+attention (4 query heads sharing 2 key/value heads), 3-D multimodal RoPE, the family's vision
+tower (Qwen2.5-VL: windows with full-attention blocks; Qwen2-VL and Qwen3-VL: attention within
+each frame group), and ``<|video_pad|>`` placeholders that the vision tower's merged patches
+replace (Qwen3-VL: one ``<|vision_start|>`` ... ``<|vision_end|>`` group per frame group, after
+its timestamp in text).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .families import DEFAULT_FAMILY, family as _family
 
 # Versions the cached build in ``tiny_model_dir``: bump whenever anything below changes
 # what ``save_tiny_model`` writes, so stale caches are not reused.
@@ -168,9 +173,9 @@ def _special_token_ids(tokenizer) -> dict[str, int]:
 # --------------------------------------------------------------------------- processor
 
 
-def build_tiny_processor(tokenizer=None, *, video_pixels=(VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS),
-                         cap_pixels_per_frame=True):
-    """Build a ``Qwen2_5_VLProcessor`` for tiny images and videos.
+def build_tiny_processor(tokenizer=None, *, family: str = DEFAULT_FAMILY,
+                         video_pixels=(VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS), cap_pixels_per_frame=True):
+    """Build the family's processor (``Qwen2_5_VLProcessor`` by default) for tiny images and videos.
 
     The pixel ranges are small so that a 112x84 video costs a few tokens per frame; the
     video processor's range contains qwen-vl-utils' output sizes, so frames that
@@ -178,17 +183,27 @@ def build_tiny_processor(tokenizer=None, *, video_pixels=(VIDEO_MIN_PIXELS, VIDE
     (min, max per frame) and ``cap_pixels_per_frame`` (the total-video budget) let a benchmark
     feed frames as large and as many as a real model takes.
     """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    import transformers
 
+    spec = _family(family)
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=video_pixels[0],
-        max_pixels=video_pixels[1],
-        # True: qwen-vl-utils' behaviour; also silences transformers' warning about the default.
-        cap_pixels_per_frame=cap_pixels_per_frame,
-    )
-    return Qwen2_5_VLProcessor(
+    image_processor = transformers.Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS,
+                                                         patch_size=spec.patch_size)
+    video_cls = getattr(transformers, spec.video_processor_class)
+    if spec.per_frame_timestamps:
+        # Qwen3-VL's video processor bounds the pixels of the whole clip (frames x height x width):
+        # at least one frame's minimum, at most the per-frame maximum for as many frames as a
+        # video may have (768), so sizes within the per-frame range pass through unchanged.
+        video_processor = video_cls(size={"shortest_edge": video_pixels[0], "longest_edge": video_pixels[1] * 768},
+                                    cap_pixels_per_frame=False)
+    else:
+        video_processor = video_cls(
+            min_pixels=video_pixels[0],
+            max_pixels=video_pixels[1],
+            # True: qwen-vl-utils' behaviour; also silences transformers' warning about the default.
+            cap_pixels_per_frame=cap_pixels_per_frame,
+        )
+    return getattr(transformers, spec.processor_class)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -199,19 +214,21 @@ def build_tiny_processor(tokenizer=None, *, video_pixels=(VIDEO_MIN_PIXELS, VIDE
 # --------------------------------------------------------------------------- model
 
 
-def tiny_model_config(tokenizer=None, **overrides):
-    """Return a tiny ``Qwen2_5_VLConfig`` whose token ids match ``build_tiny_tokenizer``.
+def tiny_model_config(tokenizer=None, *, family: str = DEFAULT_FAMILY, **overrides):
+    """Return a tiny config of ``family`` (``Qwen2_5_VLConfig`` by default) whose token ids match
+    ``build_tiny_tokenizer``.
 
     Text tower: hidden 128, 4 layers, 4 query heads sharing 2 key/value heads (GQA),
-    head_dim 32, ``mrope_section`` [4, 6, 6] (sums to head_dim / 2, as 3-D RoPE needs).
-    Vision tower: depth 4, hidden 64, 4 heads (head_dim 16), 56-pixel windows (2x2
-    merged tokens) with full attention in blocks 1 and 3, output size = text hidden size.
+    head_dim 32, ``mrope_section`` summing to head_dim / 2 (as 3-D RoPE needs; Qwen3-VL
+    interleaves it); Qwen3-VL-MoE: 4 experts, 2 per token. Vision tower: depth 4, 4 heads
+    (head_dim 16), output size = text hidden size; Qwen2.5-VL: 56-pixel windows (2x2 merged
+    tokens) with full attention in blocks 1 and 3; Qwen3-VL: 16-pixel patches, an 8x8 learned
+    position grid and one deepstack layer.
 
     ``overrides`` go to the top-level config; keys ``text_config`` / ``vision_config``
     given as dicts are merged into the defaults instead of replacing them.
     """
-    from transformers import Qwen2_5_VLConfig
-
+    spec = _family(family)
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     ids = _special_token_ids(tokenizer)
     text_config = {
@@ -232,20 +249,29 @@ def tiny_model_config(tokenizer=None, **overrides):
     }
     vision_config = {
         "depth": 4,
-        "hidden_size": 64,
-        "intermediate_size": 128,
         "num_heads": 4,
-        "patch_size": 14,
+        "patch_size": spec.patch_size,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
-        "window_size": 56,
-        "fullatt_block_indexes": [1, 3],
-        "tokens_per_second": 2,
         "initializer_range": 0.2,
     }
+    if family == "qwen2_vl":  # head_dim = hidden / heads; the vision width is embed_dim
+        del text_config["head_dim"]
+        vision_config.update(embed_dim=64, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        vision_config.update(hidden_size=64, intermediate_size=128, window_size=56, fullatt_block_indexes=[1, 3],
+                             tokens_per_second=2)
+    else:  # Qwen3-VL and its MoE
+        text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 5_000_000.0,
+                                          "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+        vision_config.update(hidden_size=64, intermediate_size=128, num_position_embeddings=64,
+                             deepstack_visual_indexes=[1])
+        if family == "qwen3_vl_moe":
+            text_config.update(moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
     text_config.update(overrides.pop("text_config", None) or {})
     vision_config.update(overrides.pop("vision_config", None) or {})
-    vision_config["out_hidden_size"] = text_config["hidden_size"]
+    # The vision tower's output feeds the text tower (Qwen2-VL calls that width hidden_size).
+    vision_config["hidden_size" if family == "qwen2_vl" else "out_hidden_size"] = text_config["hidden_size"]
     _check_head_dims(text_config)
 
     settings = {
@@ -256,12 +282,12 @@ def tiny_model_config(tokenizer=None, **overrides):
         "tie_word_embeddings": False,
     }
     settings.update(overrides)
-    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **settings)
+    return spec.config_cls()(text_config=text_config, vision_config=vision_config, **settings)
 
 
 def _check_head_dims(text_config: dict) -> None:
     """Catch the config mistakes that otherwise fail deep inside RoPE with shape errors."""
-    head_dim = text_config["head_dim"]
+    head_dim = text_config.get("head_dim") or text_config["hidden_size"] // text_config["num_attention_heads"]
     section = text_config["rope_parameters"]["mrope_section"]
     if 2 * sum(section) != head_dim:
         raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
@@ -272,20 +298,21 @@ def _check_head_dims(text_config: dict) -> None:
 
 def build_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                      **config_overrides):
-    """Build a randomly initialised tiny ``Qwen2_5_VLForConditionalGeneration`` in eval mode.
+    """Build a randomly initialised tiny model (``Qwen2_5_VLForConditionalGeneration`` unless
+    ``family=`` names another) in eval mode.
 
     The weights depend only on ``seed`` (and the config), so two calls give the same model;
     the seed is applied inside a forked RNG so the caller's random state is left alone.
     ``attn_implementation`` is set on the model, not stored in the config, so a saved model
-    can be reloaded with any attention backend. ``config_overrides`` (``tokenizer=`` too)
-    go to ``tiny_model_config``.
+    can be reloaded with any attention backend. ``config_overrides`` (``tokenizer=`` and
+    ``family=`` too) go to ``tiny_model_config``.
     """
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig
 
     config = tiny_model_config(**config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = _family(config.model_type).model_cls()(config)
     model.set_attn_implementation(attn_implementation)
     text = config.text_config
     model.generation_config = GenerationConfig(
@@ -297,18 +324,19 @@ def build_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, attn_imp
     return model.to(dtype).eval()
 
 
-def save_tiny_model(directory, seed: int = 0) -> Path:
-    """Write the tiny model (safetensors), config, tokenizer and processor to ``directory``.
+def save_tiny_model(directory, seed: int = 0, family: str = DEFAULT_FAMILY) -> Path:
+    """Write the tiny model of ``family`` (safetensors), config, tokenizer and processor to ``directory``.
 
-    The result loads like a hub checkpoint with ``local_files_only=True``, through
-    ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and ``AutoProcessor``.
+    The result loads like a hub checkpoint with ``local_files_only=True``, through the family's
+    ``*ForConditionalGeneration.from_pretrained`` (or :func:`psa_vlm.models.load_model`) and
+    ``AutoProcessor``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(seed=seed, tokenizer=tokenizer)
+    model = build_tiny_model(seed=seed, tokenizer=tokenizer, family=family)
     model.save_pretrained(directory, safe_serialization=True)
-    build_tiny_processor(tokenizer).save_pretrained(directory)
+    build_tiny_processor(tokenizer, family=family).save_pretrained(directory)
     _drop_attn_implementation(directory / "config.json")
     return directory
 
@@ -335,15 +363,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "psa_vlm"
 
 
-def tiny_model_dir(cache_dir=None, *, seed: int = 0) -> Path:
-    """Return a directory holding the saved tiny model, building it on first use.
+def tiny_model_dir(cache_dir=None, *, seed: int = 0, family: str = DEFAULT_FAMILY) -> Path:
+    """Return a directory holding the saved tiny model of ``family``, building it on first use.
 
     The build goes to a temporary sibling directory which is renamed into place only after
     a marker file is written last, so an aborted or concurrent build never leaves a
     half-written directory behind; a complete one is reused as it is.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / f"tiny-v{TINY_MODEL_VERSION}-seed{seed}"
+    _family(family)  # an unknown family fails here, not in a subprocess
+    kind = "" if family == DEFAULT_FAMILY else f"-{family}"
+    final = cache_dir / f"tiny{kind}-v{TINY_MODEL_VERSION}-seed{seed}"
     if (final / _COMPLETE_MARKER).is_file():
         return final
 
@@ -355,12 +385,13 @@ def tiny_model_dir(cache_dir=None, *, seed: int = 0) -> Path:
         import subprocess
         import sys
 
-        code = "import sys; from psa_vlm.tiny import tiny_model_dir; tiny_model_dir(sys.argv[1], seed=int(sys.argv[2]))"
-        subprocess.run([sys.executable, "-c", code, str(cache_dir), str(seed)], check=True)
+        code = ("import sys; from psa_vlm.tiny import tiny_model_dir; "
+                "tiny_model_dir(sys.argv[1], seed=int(sys.argv[2]), family=sys.argv[3])")
+        subprocess.run([sys.executable, "-c", code, str(cache_dir), str(seed), family], check=True)
         return final
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
     try:
-        save_tiny_model(staging, seed=seed)
+        save_tiny_model(staging, seed=seed, family=family)
         (staging / _COMPLETE_MARKER).write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}) + "\n")
         if final.exists() and not (final / _COMPLETE_MARKER).is_file():
             shutil.rmtree(final)  # left by something other than this function: not trustworthy

@@ -1,10 +1,12 @@
-"""Load local videos and images for Qwen2.5-VL by qwen-vl-utils' rules, with clear errors.
+"""Load local videos and images for Qwen-VL models by qwen-vl-utils' rules, with clear errors.
 
 Qwen2.5-VL was trained on frames prepared by ``qwen_vl_utils``: a video is sampled at a
 target frame rate (or to an exact frame count), the count is even (two frames make one
 temporal patch) and bounded, and every frame is resized so that both sides are multiples
 of 28 (a 14-pixel patch merged 2x2) within a per-frame pixel range that also shrinks as
-the frame count grows (a total pixel budget for the whole video). Reproducing those
+the frame count grows (a total pixel budget for the whole video). Qwen3-VL's 16-pixel patches
+make that 32 (``factor``; the pixel ranges are token counts times ``factor ** 2``, as
+qwen-vl-utils' ``image_patch_size`` does); :func:`video_inputs` takes it from the processor. Reproducing those
 rules exactly matters: a different frame count or size changes the number of visual
 tokens, and a wrong sampled frame rate changes ``second_per_grid_ts``, which sets the
 temporal positions of 3-D RoPE.
@@ -56,9 +58,10 @@ FPS_MAX_FRAMES = 768
 # Per-frame pixel range for videos (128 to 768 merged tokens) and the whole-video budget
 # (90% of a 128k-token context), as in qwen-vl-utils. The budget is written as the same
 # floating-point expression so that edge cases round the same way.
-VIDEO_MIN_PIXELS = 128 * PATCH_FACTOR * PATCH_FACTOR
-VIDEO_MAX_PIXELS = 768 * PATCH_FACTOR * PATCH_FACTOR
-VIDEO_TOTAL_PIXELS = 128000 * PATCH_FACTOR * PATCH_FACTOR * 0.9
+VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS, VIDEO_TOTAL_TOKENS = 128, 768, 128000
+VIDEO_MIN_PIXELS = VIDEO_MIN_TOKENS * PATCH_FACTOR * PATCH_FACTOR
+VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * PATCH_FACTOR * PATCH_FACTOR
+VIDEO_TOTAL_PIXELS = VIDEO_TOTAL_TOKENS * PATCH_FACTOR * PATCH_FACTOR * 0.9
 
 IMAGE_MIN_PIXELS = 4 * PATCH_FACTOR * PATCH_FACTOR
 IMAGE_MAX_PIXELS = 16384 * PATCH_FACTOR * PATCH_FACTOR
@@ -217,17 +220,18 @@ def sample_frame_count(total_frames: int, video_fps: float, *, fps: float | None
 
 
 def frame_pixel_range(nframes: int, *, min_pixels: float | None = None, max_pixels: float | None = None,
-                      total_pixels: float | None = None) -> tuple[float, float]:
+                      total_pixels: float | None = None, factor: int = PATCH_FACTOR) -> tuple[float, float]:
     """The per-frame pixel range for a video of ``nframes`` sampled frames.
 
     The upper bound is the smallest of 768 tokens' worth of pixels, an even share of
     ``total_pixels`` per temporal patch, and the caller's ``max_pixels`` (a larger request
     is capped with a warning, as in qwen-vl-utils); the share never drops below 1.05 x
-    ``min_pixels``, so very long videos still get usable frames.
+    ``min_pixels``, so very long videos still get usable frames. The defaults are token counts
+    times ``factor ** 2`` (the pixels of one merged token).
     """
-    min_pixels = VIDEO_MIN_PIXELS if min_pixels is None else min_pixels
-    total_pixels = VIDEO_TOTAL_PIXELS if total_pixels is None else total_pixels
-    limit = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    min_pixels = VIDEO_MIN_TOKENS * factor * factor if min_pixels is None else min_pixels
+    total_pixels = VIDEO_TOTAL_TOKENS * factor * factor * 0.9 if total_pixels is None else total_pixels
+    limit = max(min(VIDEO_MAX_TOKENS * factor * factor, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
     if max_pixels is None:
         return min_pixels, limit
     if max_pixels > limit:
@@ -274,13 +278,15 @@ class LoadedVideo:
 def load_video(path, *, fps: float | None = None, nframes: int | None = None, min_frames: int = FPS_MIN_FRAMES,
                max_frames: int | None = None, start: float | None = None, end: float | None = None,
                min_pixels: float | None = None, max_pixels: float | None = None,
-               total_pixels: float | None = None, backend: str = "decord", progress: bool = False) -> LoadedVideo:
+               total_pixels: float | None = None, backend: str = "decord", progress: bool = False,
+               factor: int = PATCH_FACTOR) -> LoadedVideo:
     """Read a local video, sample and resize its frames by qwen-vl-utils' rules.
 
     Sampling: ``fps`` (default 2) or ``nframes`` (see :func:`sample_frame_count`), spread
     evenly over the clip, or over ``[start, end]`` seconds when given (an ``end`` past the
     end of the video means its end). Size: :func:`frame_pixel_range` then
-    :func:`smart_resize`, bicubic with antialiasing. ``backend``: ``"decord"`` (what
+    :func:`smart_resize` to multiples of ``factor`` (28; Qwen3-VL: 32), bicubic with
+    antialiasing. ``backend``: ``"decord"`` (what
     qwen-vl-utils uses) or ``"pyav"`` (no decord needed; decodes the file sequentially).
     ``progress`` shows a progress bar (stderr) while frames are decoded.
 
@@ -304,8 +310,9 @@ def load_video(path, *, fps: float | None = None, nframes: int | None = None, mi
     count = sample_frame_count(clip_frames, reader.fps, fps=fps, nframes=nframes, min_frames=min_frames,
                                max_frames=max_frames, source=str(path))
     indices = torch.linspace(first, last, count).round().long().tolist()
-    low, high = frame_pixel_range(count, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
-    height, width = smart_resize(reader.height, reader.width, min_pixels=low, max_pixels=high)
+    low, high = frame_pixel_range(count, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
+                                  factor=factor)
+    height, width = smart_resize(reader.height, reader.width, min_pixels=low, max_pixels=high, factor=factor)
     frames = _read_resized(reader, indices, height, width, desc=path.name if progress else None)
     metadata = {"fps": reader.fps, "frames_indices": indices, "total_num_frames": clip_frames,
                 "video_backend": backend}
@@ -662,7 +669,7 @@ def question_messages(question: str, media: str = "video", system_prompt: str | 
 
 def frames_from_array(frames, *, video_fps: float = DEFAULT_FPS, fps: float | None = None,
                       nframes: int | None = None, min_pixels: float | None = None, max_pixels: float | None = None,
-                      total_pixels: float | None = None) -> LoadedVideo:
+                      total_pixels: float | None = None, factor: int = PATCH_FACTOR) -> LoadedVideo:
     """Sample and resize in-memory frames (uint8 ``[T, H, W, 3]`` playing at ``video_fps``) by the
     same rules as :func:`load_video` (:func:`sample_frame_count`, :func:`frame_pixel_range`,
     :func:`smart_resize`, bicubic with antialiasing). ``path`` of the result is None."""
@@ -672,8 +679,9 @@ def frames_from_array(frames, *, video_fps: float = DEFAULT_FPS, fps: float | No
     total, height, width = array.shape[:3]
     count = sample_frame_count(total, video_fps, fps=fps, nframes=nframes, source="frame array")
     indices = torch.linspace(0, total - 1, count).round().long().tolist()
-    low, high = frame_pixel_range(count, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
-    new_h, new_w = smart_resize(height, width, min_pixels=low, max_pixels=high)
+    low, high = frame_pixel_range(count, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
+                                  factor=factor)
+    new_h, new_w = smart_resize(height, width, min_pixels=low, max_pixels=high, factor=factor)
     resized = _read_resized(_ArrayReader(array), indices, new_h, new_w)
     metadata = {"fps": float(video_fps), "frames_indices": indices, "total_num_frames": total,
                 "video_backend": "ndarray"}
@@ -700,8 +708,8 @@ def video_inputs(processor, videos, questions, *, fps: float | None = None, nfra
     :class:`LoadedVideo`, a uint8 ``[T, H, W, 3]`` frame array playing at ``video_fps``
     (:func:`frames_from_array`), or a list of them; ``questions``: a string or a list (one video
     with several questions is shared by all of them). Frames are sampled at ``fps`` (default 2)
-    or exactly ``nframes`` and sized by qwen-vl-utils' rules; a ``max_pixels`` below the default
-    ``min_pixels`` lowers it too. The frames go in with their metadata and
+    or exactly ``nframes`` and sized by qwen-vl-utils' rules for the processor's patches
+    (:func:`patch_factor`); a ``max_pixels`` below the default ``min_pixels`` lowers it too. The frames go in with their metadata and
     ``do_sample_frames=False``, so the processor neither resamples them nor guesses
     ``second_per_grid_ts``.
 
@@ -709,14 +717,16 @@ def video_inputs(processor, videos, questions, *, fps: float | None = None, nfra
     ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
     ``mm_token_type_ids``), ready for ``model(**inputs)`` or ``model.generate(**inputs)``.
     """
+    factor = patch_factor(processor)
     if max_pixels is not None and min_pixels is None:
-        min_pixels = min(VIDEO_MIN_PIXELS, max_pixels)
+        min_pixels = min(frame_pixel_range(FRAME_FACTOR, factor=factor)[0], max_pixels)
     video_list, question_list = _as_list(videos, "videos"), _as_list(questions, "questions")
     if len(video_list) == 1 and len(question_list) > 1:
         video_list = video_list * len(question_list)
     if len(video_list) != len(question_list):
         raise ValueError(f"got {len(video_list)} videos for {len(question_list)} questions")
     sizing = dict(fps=fps, nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
+    resize = dict(sizing, factor=factor)
     loaded = []
     for video in video_list:
         if isinstance(video, LoadedVideo):
@@ -724,13 +734,21 @@ def video_inputs(processor, videos, questions, *, fps: float | None = None, nfra
                 raise ValueError("sampling or size options given with an already loaded video")
             loaded.append(video)
         elif isinstance(video, (str, os.PathLike)):
-            loaded.append(load_video(video, **sizing, **load_options))
+            loaded.append(load_video(video, **resize, **load_options))
         else:
-            loaded.append(frames_from_array(video, video_fps=video_fps, **sizing))
+            loaded.append(frames_from_array(video, video_fps=video_fps, **resize))
     texts = [processor.apply_chat_template(question_messages(q, "video", system_prompt), tokenize=False,
                                            add_generation_prompt=True) for q in question_list]
     return processor(text=texts, videos=[v.frames for v in loaded], video_metadata=[v.metadata for v in loaded],
                      do_sample_frames=False, padding=True, padding_side="left", return_tensors=return_tensors)
+
+
+def patch_factor(processor) -> int:
+    """Frame sides ``processor`` takes without resizing again: its patch merged 2 x 2 (28 for
+    Qwen2/2.5-VL, 32 for Qwen3-VL)."""
+    video = getattr(processor, "video_processor", None)
+    patch, merge = getattr(video, "patch_size", None), getattr(video, "merge_size", None)
+    return int(patch * merge) if patch and merge else PATCH_FACTOR
 
 
 def image_question_inputs(processor, image, question: str, *, system_prompt: str | None = None,
@@ -758,6 +776,7 @@ __all__ = [
     "image_question_inputs",
     "load_image",
     "load_video",
+    "patch_factor",
     "question_messages",
     "frames_from_array",
     "sample_frame_count",

@@ -157,9 +157,9 @@ def test_tiny_model_dir_builds_once(tmp_path, monkeypatch):
     calls = []
     real_save = tiny.save_tiny_model
 
-    def counting_save(directory, seed=0):
+    def counting_save(directory, seed=0, **kwargs):
         calls.append(directory)
-        return real_save(directory, seed=seed)
+        return real_save(directory, seed=seed, **kwargs)
 
     monkeypatch.setattr(tiny, "save_tiny_model", counting_save)
     first = testing.tiny_model_dir(tmp_path)

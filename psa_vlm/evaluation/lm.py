@@ -1,4 +1,5 @@
-"""``psa-qwen2.5-vl``: Qwen2.5-VL with a chosen attention as an lm-eval model.
+"""``psa-qwen2.5-vl``: a Qwen-VL model (Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE) with a chosen
+attention as an lm-eval model.
 
 Greedy generation for multiple-choice video QA. Each request carries its video as
 ``{"type": "video", "video": path, "fps"/"nframes", "max_pixels", ...}`` (the task decides how
@@ -193,7 +194,7 @@ class PSAQwenVL(LM):
     def _answer(self, requests) -> list[dict]:
         """Generate for a batch; a sample whose video cannot be read gets an empty answer and its error."""
         import psa_vlm
-        from ..video import MediaError, load_video, video_inputs
+        from ..video import MediaError, load_video, patch_factor, video_inputs
 
         records, loaded = [], []
         for request in requests:
@@ -202,7 +203,8 @@ class PSAQwenVL(LM):
             video = _one_video(visuals)
             options = {k: v for k, v in video.items() if k not in ("type", "video")}
             try:
-                loaded.append((context, gen_kwargs, load_video(video["video"], **options)))
+                loaded.append((context, gen_kwargs, load_video(video["video"], factor=patch_factor(self.processor),
+                                                                **options)))
                 records.append(None)
             except (MediaError, FileNotFoundError) as err:
                 logger.warning("%s/%s: %s (answer left empty, counted wrong)", request.task_name, request.doc_id, err)
@@ -227,6 +229,7 @@ class PSAQwenVL(LM):
             out = self.model.generate(**inputs, max_new_tokens=max_new, do_sample=False, logits_processor=[clock],
                                       pad_token_id=self.processor.tokenizer.pad_token_id)
         sparsity = psa_vlm.mean_sparsity(self.model) if self.attn == "psa" else None
+        not_run = psa_vlm.not_run_reason(self.model) if self.attn == "psa" else None
         prefill_ms = ((clock.at or time.perf_counter()) - start) * 1e3
         new = out[:, inputs["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
@@ -239,6 +242,8 @@ class PSAQwenVL(LM):
                     text = text.split(stop)[0]
                 records[j] = dict(response=text, prefill_ms=prefill_ms, batch=len(loaded), visual_tokens=int(n_visual),
                                   tokens=int(inputs["input_ids"].shape[1]), sparsity=sparsity)
+                if not_run is not None:  # why the sparsity is missing, for the report
+                    records[j]["psa_not_run"] = not_run
         return records
 
     def _save(self, key: str, request, record: dict) -> None:

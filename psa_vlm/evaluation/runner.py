@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def sample_stats(records) -> dict:
     records = list(records)
     prefill = [r["prefill_ms"] for r in records if r.get("prefill_ms") is not None]
     sparsity = [r["sparsity"] for r in records if r.get("sparsity") is not None]
+    not_run = Counter(r["psa_not_run"] for r in records if r.get("psa_not_run"))
     return dict(samples=len(records), errors=sum(1 for r in records if r.get("error")),
                 mean_sparsity=sum(sparsity) / len(sparsity) if sparsity else None,
+                # why PSA ran on no sample (the commonest reason), None when it ran on some
+                psa_not_run=not_run.most_common(1)[0][0] if not_run and not sparsity else None,
                 prefill_p50_ms=_percentile(prefill, 0.5), prefill_p90_ms=_percentile(prefill, 0.9),
                 visual_tokens_mean=(sum(r["visual_tokens"] for r in records if "visual_tokens" in r)
                                     / max(1, sum(1 for r in records if "visual_tokens" in r))))
@@ -145,4 +149,9 @@ def markdown(report: dict) -> str:
         s = report["variants"][label]["overall"]
         lines.append(f"| {label} | {s['samples']} | {s['errors']} | {_fmt(s['mean_sparsity'])} | "
                      f"{_fmt(s['prefill_p50_ms'], 1)} | {_fmt(s['prefill_p90_ms'], 1)} | {_fmt(s['visual_tokens_mean'], 0)} |")
+    # A PSA variant without sparsity: one line saying why, rather than a bare "-"
+    notes = [f"- {label}: {report['variants'][label]['overall']['psa_not_run']}" for label in labels
+             if report["variants"][label]["overall"].get("psa_not_run")]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
