@@ -346,7 +346,7 @@ def main():
     parser.add_argument("--memory-length", type=int, default=0, help="tokens of the memory check (default 64k; "
                         "16k with --quick)")
     parser.add_argument("--sections", default="accuracy,importance,graph,memory,timing,fp32,tiny,batch",
-                        help="comma-separated subset of: accuracy,importance,graph,memory,timing,fp32,tiny")
+                        help="comma-separated subset of: accuracy,importance,graph,memory,timing,fp32,tiny,batch")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("check_kernels.py needs a CUDA GPU")
