@@ -58,8 +58,16 @@ PATHS = {
 }
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("preset", PRESETS + list(AT_SPARSITY))
+def _cases():
+    # The Triton interpreter takes 20-60 s a case: the default preset runs in every suite run,
+    # the other presets' kernel runs under the slow marker (which .ci/run also runs).
+    for preset in PRESETS + list(AT_SPARSITY):
+        for path in PATHS:
+            slow = path == "triton" and preset != "video_mme"
+            yield pytest.param(preset, path, marks=[pytest.mark.slow] if slow else [], id=f"{preset}-{path}")
+
+
+@pytest.mark.parametrize("preset, path", list(_cases()))
 def test_padded_sample_equals_the_sample_alone(preset, path, monkeypatch):
     setting = PATHS[path]
     if setting["triton"] and not psa_kernels.kernels_available("cpu"):
