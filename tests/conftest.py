@@ -1,15 +1,165 @@
-"""Test-session setup.
+"""Test-session setup and the fixtures tests share.
 
 Without a GPU, the Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET`` must be
 set before any kernel module is imported (Triton reads it when a kernel is decorated).
+
+The suite runs on pytest-xdist workers (``-n auto`` in pyproject's ``addopts``): each worker gets
+its share of the cores for torch's threads, so workers do not oversubscribe the machine, and the
+longest tests are collected first so that no worker is left with a long tail.
+
+``@pytest.mark.slow`` tests (the exhaustive sweeps: every model test on the Triton interpreter,
+all Hypothesis examples on the interpreter, the full V-NIAH gate) are left out by default;
+``python -m pytest -m slow`` runs them (``.ci/run`` does, after the quick start).
 """
+
+from __future__ import annotations
 
 import os
 
-import torch
+import pytest
 
-# A failing PSA call must fail the test, not fall back to dense attention quietly.
-os.environ.setdefault("PSA_VLM_STRICT", "1")
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may use (xdist's own guess counts physical
+    cores, one on a two-vCPU machine)."""
+    return _cores()
+
+
+def _is_xdist_controller(config) -> bool:
+    return not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
+
+
+def pytest_configure(config):
+    if _is_xdist_controller(config):
+        return  # it only hands out tests: no torch here, the workers start sooner
+    # This process's share of the cores (1/N under N workers), set before torch is imported;
+    # the subprocesses tests start (torchrun, lm-eval, notebook kernels) inherit it.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // max(1, workers))))
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+
+    import torch
+
+    torch.set_num_threads(int(threads))
+    # A failing PSA call must fail the test, not fall back to dense attention quietly.
+    os.environ.setdefault("PSA_VLM_STRICT", "1")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    _import_the_kernels()
+
+
+def _import_the_kernels():
+    """Import Triton and every kernel module now, while ``TRITON_INTERPRET`` holds its session
+    value: ``@triton.jit`` picks interpreter or compiler when a function is decorated, Triton's
+    own ``tl.*`` helpers included, and a test that unsets the variable (to run the PyTorch path)
+    must not be the first to import them, or every later interpreter test fails."""
+    import importlib
+    import pkgutil
+
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - no Triton: the kernels are never used
+        return
+    import psa_kernels
+
+    for module in pkgutil.iter_modules(psa_kernels.__path__):
+        importlib.import_module(f"psa_kernels.{module.name}")
+
+
+# --------------------------------------------------------------------------- scheduling
+
+#: Tests that take tens of seconds each, longest first: collected before everything else, so
+#: that xdist hands them out first and the short tests fill the gaps (matched by node-id prefix).
+LONG_TESTS = (
+    "tests/test_vniah_checkpoint.py::test_dense_and_default_psa_keep_the_recorded_accuracy",  # slow
+    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[psa]",
+    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[sdpa]",
+    "tests/test_notebooks.py::test_notebook_executes",
+    "tests/test_evaluation.py::test_lm_eval_command_line_runs_the_tasks",
+    "tests/test_evaluation.py::test_data_parallel_shards_the_questions_and_merges_the_report",
+    "tests/test_tiny_model.py::test_tiny_model_dir_builds_on_every_rank_of_a_process_group",
+    "tests/test_reference.py::test_mask_generator_invariants",
+    "tests/test_benchmarks.py::test_attention_benchmark_smoke",
+    "tests/test_evaluation.py::test_runner_compares_sdpa_and_psa_on_the_tiny_model",
+    "tests/test_evaluation.py::test_oracle_scores_100_and_a_constant_answer_scores_chance",
+    "tests/test_kernels.py::test_property_random_shapes_and_maps",
+    "tests/test_kernels.py::test_fused_assignment_matches_the_reference_exactly",
+    "tests/test_kernels.py::test_budget_assignment_matches_the_reference_exactly",
+    "tests/test_needles.py::test_training",
+    "tests/test_needles.py::test_vniah",
+    "tests/test_integration.py::test_hf_kernels_probe_is_unchanged",
+    "tests/test_integration.py::test_psa_kernels_imports_from_anywhere",
+    "tests/test_integration.py::test_dense_preset_reproduces_sdpa_left_padded_batch[interpreter]",
+    "tests/test_cli_and_packaging.py::test_demo_prints_the_side_by_side_table",
+    "tests/test_cli_and_packaging.py::test_bench",
+    "tests/test_cli_and_packaging.py::test_wheel_contains_both_packages_and_the_presets",
+    "tests/test_evaluation.py::test_interrupted_run_resumes_without_losing_or_repeating",
+    "tests/test_evaluation.py::test_batches_left_pad_and_match_single_answers",
+    "tests/test_evaluation.py::test_plain_lm_eval_runs_the_task_files",
+)
+
+
+def _rank(item) -> int:
+    node = item.nodeid.replace(os.sep, "/")
+    for rank, prefix in enumerate(LONG_TESTS):
+        if node.startswith(prefix) or node.endswith("/" + prefix):
+            return rank
+    return len(LONG_TESTS)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A stable sort: the same order on every xdist worker (xdist checks that collections agree).
+    items.sort(key=_rank)
+
+
+# --------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    """The offline tiny model in the default cache (``PSA_VLM_CACHE``), built at most once per
+    test run: the first worker to get here builds it while the others wait on a lock; what
+    ``--model tiny`` and ``load_model("tiny")`` load."""
+    from psa_vlm.testing import default_cache_dir, tiny_model_dir
+
+    cache = default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: tiny_model_dir is safe under concurrent builds anyway
+        return tiny_model_dir(cache)
+    with open(cache / ".tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return tiny_model_dir(cache)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    """The tiny model's processor (read-only: tests must not change it)."""
+    from psa_vlm.testing import build_tiny_processor
+
+    return build_tiny_processor()
+
+
+@pytest.fixture(params=["reference", pytest.param("interpreter", marks=pytest.mark.slow)])
+def kernels_path(request, monkeypatch):
+    """Which implementation a model-level test's PSA calls run on a CPU: ``reference`` (the
+    PyTorch path a CPU user gets; the kernels are checked against it in test_kernels.py) or
+    ``interpreter`` (the Triton kernels in Triton's CPU interpreter: minutes per model, so
+    ``slow``). On a GPU both run the compiled kernels."""
+    import torch
+
+    if request.param == "reference" and not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return request.param

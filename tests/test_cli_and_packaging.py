@@ -53,6 +53,7 @@ def test_tiny_model_command_writes_a_loadable_model(tmp_path, capsys):
     assert processor.tokenizer.convert_tokens_to_ids("<|video_pad|>") == model.config.video_token_id
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_demo_prints_the_side_by_side_table(tmp_path, capsys, monkeypatch):
     import numpy as np
     import psa_kernels
@@ -158,10 +159,11 @@ def test_reference_accepts_fp32_cpu_and_half_inputs():
         assert out.dtype == dtype and torch.isfinite(out).all()
 
 
-def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys, monkeypatch):
+@pytest.mark.usefixtures("kernels_path")
+@pytest.mark.usefixtures("tiny_model_path")
+def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys):
     """The benchmark's plumbing on CPU (its timings mean nothing here): the video reaches the
     target token count, both attentions run, PSA reports a sparsity, JSON is written."""
-    monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
     assert cli.main(["bench", "--model", "tiny", "--lengths", "256", "--device", "cpu", "--dtype", "fp32",
                      "--repeats", "1", "--sparsity", "0.7", "--override", "stride=16",
                      "--output", str(tmp_path / "out")]) == 0
@@ -182,8 +184,9 @@ def test_bench_runs_both_attentions_on_the_tiny_model(tmp_path, capsys, monkeypa
     assert "TTFT/sdpa" in out and "psa@0.7" in out
 
 
-def test_bench_runs_the_attentions_asked_for_and_names_unknown_ones(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PSA_VLM_CACHE", str(tmp_path / "cache"))
+@pytest.mark.usefixtures("kernels_path")
+@pytest.mark.usefixtures("tiny_model_path")
+def test_bench_runs_the_attentions_asked_for_and_names_unknown_ones(tmp_path, capsys):
     assert cli.main(["bench", "--model", "tiny", "--lengths", "256", "--attentions", "psa-off,psa@0.5",
                      "--device", "cpu"]) == 2  # psa@0.5 without --sparsity 0.5
     assert "psa@0.5" in capsys.readouterr().err
@@ -196,10 +199,11 @@ def test_bench_runs_the_attentions_asked_for_and_names_unknown_ones(tmp_path, ca
     assert "sdpa" not in row and row["psa@0.5"]["ttft_vs_off"] > 0
 
 
-def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, monkeypatch):
-    from psa_vlm.testing import make_video, save_tiny_model
+@pytest.mark.usefixtures("kernels_path")
+def test_ask_answers_about_a_video_with_the_tiny_model(tmp_path, capsys, tiny_model_path):
+    from psa_vlm.testing import make_video
 
-    model = save_tiny_model(tmp_path / "tiny")
+    model = tiny_model_path  # a checkpoint folder, as a user passes one
     video = make_video(tmp_path / "clip.mp4", frames=12, width=112, height=84)
     assert cli.main(["ask", "--model", str(model), "--video", str(video), "--max-new-tokens", "3", "--device", "cpu",
                      "--dtype", "fp32", "--override", "block_q=64", "--override", "block_k=32",

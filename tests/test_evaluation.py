@@ -146,6 +146,7 @@ def _cli_eval(out, *extra):
                      "--data-dir", "synthetic", *extra])
 
 
+@pytest.mark.usefixtures("tiny_model_path", "kernels_path")
 def test_runner_compares_sdpa_and_psa_on_the_tiny_model(tmp_path, capsys):
     assert _cli_eval(tmp_path, "--tasks", "videomme,mlvu_dev", "--attn", "sdpa,psa:video_mme", "--limit", "3") == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -162,6 +163,7 @@ def test_runner_compares_sdpa_and_psa_on_the_tiny_model(tmp_path, capsys):
     assert "prefill p50 ms" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_interrupted_run_resumes_without_losing_or_repeating(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = PSAQwenVL._answer
@@ -218,6 +220,7 @@ def test_resume_rewrites_predictions_without_torn_lines(tmp_path):
     assert path.stat().st_ino == inode and read_predictions(path) == {r["key"]: r for r in records}
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_batches_left_pad_and_match_single_answers(tmp_path):
     def answers(batch):
         out = tmp_path / f"b{batch}"
@@ -230,6 +233,7 @@ def test_batches_left_pad_and_match_single_answers(tmp_path):
     assert {k: r for k, (r, _) in single.items()} == {k: r for k, (r, _) in batched.items()}
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_a_missing_video_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     data = tmp_path / "ego"
     shutil.copytree(SYNTHETIC / "egoschema", data)
@@ -242,6 +246,7 @@ def test_a_missing_video_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "needle01.mp4" in errors[0]["error"] and errors[0]["response"] == ""
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_loglikelihood_is_refused_clearly():
     lm = PSAQwenVL(pretrained="tiny", attn="sdpa", device="cpu", dtype="fp32")
     with pytest.raises(NotImplementedError, match="generate_until"):
@@ -265,6 +270,7 @@ def test_bad_variants_and_data_dirs_are_refused():
         runner.set_data_dirs(["nonsense=/x"])
 
 
+@pytest.mark.usefixtures("tiny_model_path", "kernels_path")
 def test_lm_eval_command_line_runs_the_tasks(tmp_path):
     env = dict(os.environ, PSA_VLM_VIDEOMME_DIR=str(SYNTHETIC / "videomme"))
     result = subprocess.run(
@@ -278,6 +284,7 @@ def test_lm_eval_command_line_runs_the_tasks(tmp_path):
     assert list(tmp_path.rglob("results*.json"))
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_data_parallel_shards_the_questions_and_merges_the_report(tmp_path):
     """torchrun with two CPU processes (gloo): what `accelerate launch` does on GPUs."""
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -300,6 +307,7 @@ def test_data_parallel_shards_the_questions_and_merges_the_report(tmp_path):
     assert report["variants"]["sdpa"]["overall"]["samples"] == 8
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_plain_lm_eval_runs_the_task_files(tmp_path):
     """`lm_eval` itself, given the task files: loading them imports eval_tasks/utils.py, which
     registers psa-qwen2.5-vl before lm-eval looks the model up."""

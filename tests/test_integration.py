@@ -24,8 +24,8 @@ SMALL_BLOCKS = dict(block_q=64, block_k=32, min_seq_len=0)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return testing.tiny_model_dir(tmp_path_factory.mktemp("cache"))
+def model_dir(tiny_model_path):
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,7 @@ def assert_psa_ran(model, towers=("text", "vision")):
         assert by_tower.get(tower, 0) > 0, f"PSA never ran on the {tower} tower: {psa_vlm.stats(model)}"
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_dense_preset_reproduces_sdpa_single_prompt(model_dir, sdpa_model, single):
     psa = load(model_dir, "psa", "dense", **SMALL_BLOCKS)
     ref, out = logits(sdpa_model, single), logits(psa, single)
@@ -85,6 +86,7 @@ def test_dense_preset_reproduces_sdpa_single_prompt(model_dir, sdpa_model, singl
     assert all(s.sparsity == 0 for s in psa_vlm.stats(psa) if s.psa_calls)
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_dense_preset_reproduces_sdpa_left_padded_batch(model_dir, sdpa_model, batch):
     mask = batch["attention_mask"].bool()
     assert not mask.all(), "the two prompts should differ in length (left padding)"
@@ -96,6 +98,7 @@ def test_dense_preset_reproduces_sdpa_left_padded_batch(model_dir, sdpa_model, b
     assert_psa_ran(psa)
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_dense_preset_generates_the_same_tokens(model_dir, sdpa_model, batch):
     psa = load(model_dir, "psa", "dense", **SMALL_BLOCKS)
     kwargs = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
@@ -108,6 +111,7 @@ def test_dense_preset_generates_the_same_tokens(model_dir, sdpa_model, batch):
     assert decode, "decode steps should run dense"
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_static_cache_generation_matches(model_dir, sdpa_model, single):
     psa = load(model_dir, "psa", "dense", **SMALL_BLOCKS)
     kwargs = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6, cache_implementation="static")
@@ -117,6 +121,7 @@ def test_static_cache_generation_matches(model_dir, sdpa_model, single):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_per_tower_dict_form_and_set_attn_implementation(model_dir, sdpa_model, single):
     mixed = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_dir, local_files_only=True, dtype=torch.float32,
@@ -134,6 +139,7 @@ def test_per_tower_dict_form_and_set_attn_implementation(model_dir, sdpa_model, 
     assert_psa_ran(switched)
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_sparse_preset_generates_and_reports_the_density_of_its_level_maps(model_dir, batch):
     psa = load(model_dir, "psa")
     psa_vlm.configure(psa, "video_mme", record_level_maps=True, **SMALL_BLOCKS)
@@ -159,6 +165,7 @@ def test_sparse_preset_generates_and_reports_the_density_of_its_level_maps(model
     assert any((maps[("text", s.layer)]["level_map"] != 1).any() for s in text_stats)
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_dense_text_false_lets_the_question_rows_go_sparse(model_dir, batch):
     """The stress setting of V-NIAH: no text block forced to level 1, so the question's own
     query blocks are assigned like any other (the default keeps them dense, test above)."""
@@ -185,6 +192,7 @@ def test_fallbacks_are_logged_once_and_keep_running(model_dir, single, caplog):
     assert any("min_seq_len" in r for r in reasons)
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_unconfigured_model_uses_the_default_preset(model_dir, single, caplog, monkeypatch):
     monkeypatch.setenv("PSA_VLM_PRESET", "dense")
     psa = load(model_dir, "psa")
@@ -197,6 +205,7 @@ def test_unconfigured_model_uses_the_default_preset(model_dir, single, caplog, m
     )
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_half_precision_and_cpu_run(model_dir, single):
     psa = load(model_dir, "psa", "video_mme", **SMALL_BLOCKS).to(torch.bfloat16)
     inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in single.items()}
@@ -228,6 +237,7 @@ def test_psa_kernels_imports_from_anywhere(tmp_path):
         assert res.returncode == 0 and "psa_attention" in res.stdout, res.stderr
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_a_failing_psa_call_falls_back_to_dense_and_says_why(model_dir, sdpa_model, single, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded")

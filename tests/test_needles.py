@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from psa_vlm import needles, testing
+from psa_vlm import needles
 
 
 def _seed():
@@ -69,11 +69,11 @@ def test_answer_letters_are_balanced_and_shapes_differ():
     assert all(not np.array_equal(a, b) for i, a in enumerate(masks) for b in masks[i + 1:])
 
 
-def test_prompt_and_processor_path():
+def test_prompt_and_processor_path(tiny_processor):
     s = needles.make_sample(_seed(), frames=8, size=(224, 224), kind="order")
     assert "Which colour appears first?" in s.prompt().splitlines()[1]
     assert "A. red" in s.prompt() and "D. yellow" in s.prompt()
-    inputs = needles.sample_inputs(testing.build_tiny_processor(), [s, needles.make_sample(1, frames=8, size=(224, 224))])
+    inputs = needles.sample_inputs(tiny_processor, [s, needles.make_sample(1, frames=8, size=(224, 224))])
     assert inputs["video_grid_thw"].tolist() == [[4, 16, 16], [4, 16, 16]]  # every frame kept, 2 per patch
     assert ((inputs["mm_token_type_ids"] != 0).sum(1) == 4 * 64).all()
 
@@ -97,6 +97,7 @@ def test_wilson_interval():
     assert wilson_interval(10, 20)[0] == pytest.approx(1 - wilson_interval(10, 20)[1])
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_vniah_runs_every_variant_and_matches_binary_flops(tmp_path, capsys, monkeypatch):
     import json
 
@@ -125,6 +126,7 @@ def test_vniah_runs_every_variant_and_matches_binary_flops(tmp_path, capsys, mon
     assert "95% interval" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("tiny_model_path")
 def test_vniah_renders_the_same_questions_in_worker_processes(monkeypatch):
     """The GPU path renders batches ahead in spawned processes: same questions, same order, same
     answers and sparsity as rendering them one by one here; the set is built batch by batch."""

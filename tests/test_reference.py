@@ -268,8 +268,7 @@ def smooth_tokens(B, H, L, D, seed):
     return x + 0.05 * torch.randn(B, H, L, D, generator=g)
 
 
-@SETTINGS
-@given(
+MASK_CASES = dict(
     causal=st.booleans(),
     Lk=st.integers(100, 400),
     ratio=st.sampled_from([1, 2, 7]),
@@ -278,7 +277,34 @@ def smooth_tokens(B, H, L, D, seed):
     seed=st.integers(0, 10_000),
     text_len=st.integers(0, 40),
 )
+
+
+@SETTINGS
+@given(**MASK_CASES)
 def test_mask_generator_invariants(causal, Lk, ratio, share, mode, seed, text_len):
+    """``build_level_map`` on the PyTorch path (where the Triton kernels do not serve)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        check_mask_generator_invariants(causal, Lk, ratio, share, mode, seed, text_len)
+
+
+@pytest.mark.parametrize("examples", [3, pytest.param(25, marks=pytest.mark.slow)], ids=["some", "all"])
+def test_mask_generator_invariants_on_the_kernels(examples):
+    """The same invariants where the Triton kernels serve (CPU: Triton's interpreter, seconds an
+    example; the kernels match the reference exactly on given scores, test_kernels.py)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not psa_kernels.kernels_available(device):
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+    @settings(SETTINGS, max_examples=examples)
+    @given(**MASK_CASES)
+    def on_the_kernels(causal, Lk, ratio, share, mode, seed, text_len):
+        check_mask_generator_invariants(causal, Lk, ratio, share, mode, seed, text_len, device=device)
+
+    on_the_kernels()
+
+
+def check_mask_generator_invariants(causal, Lk, ratio, share, mode, seed, text_len, device="cpu"):
     B, Hkv, D, bq, bk = 2, 2, 32, 32, 32
     Lq = Lk - seed % 50 if causal else Lk
     q = smooth_tokens(B, Hkv * ratio, Lq, D, seed)
@@ -287,6 +313,7 @@ def test_mask_generator_invariants(causal, Lk, ratio, share, mode, seed, text_le
     pad[1, : seed % 70] = False
     text = torch.zeros(B, Lk, dtype=torch.bool)
     text[:, Lk - text_len :] = text_len > 0
+    q, k, pad, text = (t.to(device) for t in (q, k, pad, text))
     sim = (0.75, 0.7, 0.7)
     lm = psa_kernels.build_level_map(
         q, k, causal=causal, block_q=bq, block_k=bk, mode=mode, thresholds=(0.3, 0.5, 0.7, 0.9), similarity=sim,

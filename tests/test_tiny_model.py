@@ -14,8 +14,8 @@ LONG_QUESTION = "Which colour is the square in the middle of the clip, and where
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return testing.build_tiny_processor()
+def processor(tiny_processor):
+    return tiny_processor
 
 
 @pytest.fixture(scope="module")

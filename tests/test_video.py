@@ -100,8 +100,8 @@ def qwen_fetch():
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return testing.build_tiny_processor()
+def processor(tiny_processor):
+    return tiny_processor
 
 
 @pytest.fixture

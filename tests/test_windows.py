@@ -59,8 +59,8 @@ def vision(model, inputs):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def test_vision_tower_runs_one_call_per_layer_and_matches_sdpa():
-    processor = testing.build_tiny_processor()
+def test_vision_tower_runs_one_call_per_layer_and_matches_sdpa(tiny_processor):
+    processor = tiny_processor
     frames = testing.make_video_frames(8, 224, 168, seed=int(torch.seed() % 2**31))  # edge windows: two lengths
     inputs = video_inputs(processor, frames, "What colour?", **{**testing.TINY_VIDEO, "max_pixels": 224 * 168})
     sdpa = testing.build_tiny_model(seed=0, attn_implementation="sdpa")
@@ -95,8 +95,8 @@ def test_vision_tower_runs_one_call_per_layer_and_matches_sdpa():
     assert all(not s.dense_calls for s in psa_vlm.stats(psa))
 
 
-def test_an_unconfigured_model_batches_its_windows_from_the_second_forward():
-    processor = testing.build_tiny_processor()
+def test_an_unconfigured_model_batches_its_windows_from_the_second_forward(tiny_processor):
+    processor = tiny_processor
     frames = testing.make_video_frames(4, 224, 224, seed=int(torch.seed() % 2**31))
     inputs = video_inputs(processor, frames, "What colour?", **{**testing.TINY_VIDEO, "max_pixels": 224 * 224})
     model = testing.build_tiny_model(seed=0, attn_implementation="psa")  # no psa_vlm.configure
@@ -112,13 +112,13 @@ def test_an_unconfigured_model_batches_its_windows_from_the_second_forward():
     torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
 
 
-def test_a_preset_on_the_vision_tower_runs_its_frame_groups_in_one_psa_call_per_length(monkeypatch):
+def test_a_preset_on_the_vision_tower_runs_its_frame_groups_in_one_psa_call_per_length(monkeypatch, tiny_processor):
     """The dense preset puts PSA on the vision tower: every segment long enough for a block goes
     through the PSA path, and segments of one length go together (one mask generation and one
     attention launch per length and layer, not one per frame group); the result equals sdpa."""
     import psa_kernels
 
-    processor = testing.build_tiny_processor()
+    processor = tiny_processor
     frames = testing.make_video_frames(8, 224, 224, seed=int(torch.seed() % 2**31))
     inputs = video_inputs(processor, frames, "What colour?", **{**testing.TINY_VIDEO, "max_pixels": 224 * 224})
     sdpa = testing.build_tiny_model(seed=0, attn_implementation="sdpa")
