@@ -328,11 +328,15 @@ def load_image(path, *, min_pixels: float | None = None, max_pixels: float | Non
     Raises :class:`ImageError`, naming the file, when it is missing, not an image, or
     truncated.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     path = _local_path(path, ImageError)
     _check_is_file(path, ImageError, "image")
+    # Other libraries (lmms-eval among them) set Pillow's process-wide LOAD_TRUNCATED_IMAGES, which
+    # would fill a cut image with grey silently: a truncated image is refused whatever it says.
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
         with Image.open(path) as opened:
             opened.load()
             image = _to_rgb(opened)
@@ -340,6 +344,8 @@ def load_image(path, *, min_pixels: float | None = None, max_pixels: float | Non
         raise ImageError(path, "is not an image file Pillow can read", "Check the path and the file type") from error
     except (OSError, SyntaxError) as error:  # Pillow reports truncated data as OSError
         raise ImageError(path, f"is truncated or corrupt ({error})", "Re-download or re-save the image") from error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     min_pixels = IMAGE_MIN_PIXELS if min_pixels is None else min_pixels
     max_pixels = IMAGE_MAX_PIXELS if max_pixels is None else max_pixels
     height, width = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)

@@ -140,14 +140,18 @@ def test_per_tower_dict_form_and_set_attn_implementation(model_dir, sdpa_model, 
 
 
 @pytest.mark.usefixtures("kernels_path")
-def test_sparse_preset_generates_and_reports_the_density_of_its_level_maps(model_dir, batch):
+def test_sparse_preset_generates_and_reports_the_density_of_its_level_maps(model_dir, batch, single):
     psa = load(model_dir, "psa")
     psa_vlm.configure(psa, "video_mme", record_level_maps=True, **SMALL_BLOCKS)
     with torch.no_grad():
         out = psa.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > batch["input_ids"].shape[1]
     psa_vlm.reset_stats(psa)
-    logits(psa, batch)  # one prefill: one PSA call per text layer
+    logits(psa, batch)  # a left-padded prefill runs sample by sample: one PSA call per sample and text layer
+    assert all(s.psa_calls == batch["input_ids"].shape[0] for s in psa_vlm.stats(psa) if s.tower == "text")
+    psa_vlm.reset_stats(psa)
+    batch = single
+    logits(psa, batch)  # one prompt: one PSA call per text layer, its level map recorded
     text_stats = [s for s in psa_vlm.stats(psa) if s.tower == "text"]
     assert text_stats and all(s.psa_calls == 1 for s in text_stats)
     assert psa_vlm.mean_sparsity(psa) > 0

@@ -297,18 +297,7 @@ def test_fused_assignment_matches_the_reference_exactly(case):
     (energy/quantile, shared GQA map, similarity cap, text tail, padding, causal with Lq < Lk,
     fewer than four levels). Scores are multiples of 1/1024, so every sum is exact in fp32 and
     the maps must agree bit for bit, dense and compact."""
-    seed = fresh_seed()
-    rnd = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
-    B, Hkv, G = 2, 2, rnd.choice([1, 3])
-    Hq = Hkv * G
-    bq, bk = rnd.choice([32, 64]), rnd.choice([16, 32, 64])
-    Lk = rnd.randrange(100, 700)
-    causal = rnd.random() < 0.6
-    Lq = rnd.randrange(50, Lk + 1) if causal else rnd.randrange(50, 500)
-    q = torch.randn(B, Hq, Lq, 64, generator=g).to(DEVICE)
-    k = torch.randn(B, Hkv, Lk, 64, generator=g).to(DEVICE)
-    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    seed, rnd, g, (B, Hkv, G, Hq, bq, bk, Lq, Lk, causal), (q, k), (nq, nk) = _random_assign_case()
     scores = (torch.randint(0, 1000, (B, Hq, nq, nk), generator=g).float() / 1024).to(DEVICE)
     scores[0, 0, 0] = 0.0  # a row with no mass: uniform over its visible blocks
     pad = None
@@ -458,18 +447,7 @@ def test_budget_assignment_matches_the_reference_exactly(case):
     """The budget policy in kernels/assign.py against reference.build_level_map on the same
     scores and block similarities: dyadic values and budgets (every product and sum exact in
     fp32), every option (levels, shared GQA map, similarity cap, padding, causal Lq < Lk, text)."""
-    seed = fresh_seed()
-    rnd = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
-    B, Hkv, G = 2, 2, rnd.choice([1, 3])
-    Hq = Hkv * G
-    bq, bk = rnd.choice([32, 64]), rnd.choice([16, 32, 64])
-    Lk = rnd.randrange(100, 700)
-    causal = rnd.random() < 0.6
-    Lq = rnd.randrange(50, Lk + 1) if causal else rnd.randrange(50, 500)
-    q = torch.randn(B, Hq, Lq, 64, generator=g).to(DEVICE)
-    k = torch.randn(B, Hkv, Lk, 64, generator=g).to(DEVICE)
-    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    seed, rnd, g, (B, Hkv, G, Hq, bq, bk, Lq, Lk, causal), (q, k), (nq, nk) = _random_assign_case()
     scores = torch.randint(0, 64, (B, Hq, nq, nk), generator=g).float() ** 2 / 4096
     scores[0, 0, 0] = 0.0  # a row with no mass: uniform over its visible blocks
     scores[1, 0, 1] = 0.25  # a row of ties
@@ -523,3 +501,20 @@ def test_sparsity_of_a_layout_needs_no_geometry():
         psa_kernels.sparsity(layout, causal=True)
     with pytest.raises(ValueError, match="needs"):
         psa_kernels.sparsity(lm, causal=True)
+
+
+def _random_assign_case():
+    """A fresh random geometry for the assignment-kernel tests: (seed, its Random and torch
+    Generator, (B, Hkv, G, Hq, block_q, block_k, Lq, Lk, causal), (q, k), (nq, nk))."""
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, G = 2, 2, rnd.choice([1, 3])
+    Hq = Hkv * G
+    bq, bk = rnd.choice([32, 64]), rnd.choice([16, 32, 64])
+    Lk = rnd.randrange(100, 700)
+    causal = rnd.random() < 0.6
+    Lq = rnd.randrange(50, Lk + 1) if causal else rnd.randrange(50, 500)
+    q = torch.randn(B, Hq, Lq, 64, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, Lk, 64, generator=g).to(DEVICE)
+    return seed, rnd, g, (B, Hkv, G, Hq, bq, bk, Lq, Lk, causal), (q, k), (-(-Lq // bq), -(-Lk // bk))
