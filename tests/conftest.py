@@ -158,8 +158,9 @@ def tiny_processor():
 def kernels_path(request, monkeypatch):
     """Which implementation a model-level test's PSA calls run on a CPU: ``reference`` (the
     PyTorch path a CPU user gets; the kernels are checked against it in test_kernels.py) or
-    ``interpreter`` (the Triton kernels in Triton's CPU interpreter: minutes per model, so
-    ``slow``). On a GPU both run the compiled kernels."""
+    ``interpreter`` (the Triton kernels in Triton's CPU interpreter: a minute or more per model
+    test, so ``slow``). Where CUDA is present no interpreter is set, and CPU tensors take the
+    PyTorch path under both."""
     import torch
 
     if request.param == "reference" and not torch.cuda.is_available():
