@@ -76,34 +76,36 @@ def _import_the_kernels():
 
 # --------------------------------------------------------------------------- scheduling
 
-#: Tests that take tens of seconds each, longest first: collected before everything else, so
-#: that xdist hands them out first and the short tests fill the gaps (matched by node-id prefix).
+#: Tests that take tens of seconds each, about longest first: collected before everything else,
+#: so that xdist (handing out tests one at a time, two queued per worker) starts them first and
+#: the short tests fill the gaps (matched by node-id prefix). The two gate tests are apart: the
+#: first two go to one worker's queue.
 LONG_TESTS = (
     "tests/test_vniah_checkpoint.py::test_dense_and_default_psa_keep_the_recorded_accuracy",  # slow
     "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[psa]",
-    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[sdpa]",
-    "tests/test_notebooks.py::test_notebook_executes",
     "tests/test_evaluation.py::test_lm_eval_command_line_runs_the_tasks",
-    "tests/test_evaluation.py::test_data_parallel_shards_the_questions_and_merges_the_report",
-    "tests/test_tiny_model.py::test_tiny_model_dir_builds_on_every_rank_of_a_process_group",
-    "tests/test_reference.py::test_mask_generator_invariants",
-    "tests/test_benchmarks.py::test_attention_benchmark_smoke",
-    "tests/test_evaluation.py::test_runner_compares_sdpa_and_psa_on_the_tiny_model",
-    "tests/test_evaluation.py::test_oracle_scores_100_and_a_constant_answer_scores_chance",
+    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[sdpa]",
     "tests/test_kernels.py::test_property_random_shapes_and_maps",
-    "tests/test_kernels.py::test_fused_assignment_matches_the_reference_exactly",
+    "tests/test_windows.py::test_a_preset_on_the_vision_tower_runs_its_frame_groups_in_one_psa_call_per_length",
+    "tests/test_evaluation.py::test_data_parallel_shards_the_questions_and_merges_the_report",
+    "tests/test_reference.py::test_mask_generator_invariants_on_the_kernels",
     "tests/test_kernels.py::test_budget_assignment_matches_the_reference_exactly",
+    "tests/test_kernels.py::test_fused_assignment_matches_the_reference_exactly",
+    "tests/test_tiny_model.py::test_tiny_model_dir_builds_on_every_rank_of_a_process_group",
+    "tests/test_evaluation.py::test_plain_lm_eval_runs_the_task_files",
+    "tests/test_notebooks.py::test_notebook_executes",
+    "tests/test_evaluation.py::test_runner_compares_sdpa_and_psa_on_the_tiny_model",
     "tests/test_needles.py::test_training",
     "tests/test_needles.py::test_vniah",
+    "tests/test_evaluation.py::test_batches_left_pad_and_match_single_answers",
+    "tests/test_evaluation.py::test_interrupted_run_resumes_without_losing_or_repeating",
+    "tests/test_kernels.py::test_launch_variants_compute_the_same",
     "tests/test_integration.py::test_hf_kernels_probe_is_unchanged",
     "tests/test_integration.py::test_psa_kernels_imports_from_anywhere",
-    "tests/test_integration.py::test_dense_preset_reproduces_sdpa_left_padded_batch[interpreter]",
-    "tests/test_cli_and_packaging.py::test_demo_prints_the_side_by_side_table",
-    "tests/test_cli_and_packaging.py::test_bench",
+    "tests/test_video.py::test_ask_on_a_bad_video_prints_one_line",
+    "tests/test_kernels.py::test_matrix_against_reference",
+    "tests/test_benchmarks.py::test_attention_benchmark_smoke",
     "tests/test_cli_and_packaging.py::test_wheel_contains_both_packages_and_the_presets",
-    "tests/test_evaluation.py::test_interrupted_run_resumes_without_losing_or_repeating",
-    "tests/test_evaluation.py::test_batches_left_pad_and_match_single_answers",
-    "tests/test_evaluation.py::test_plain_lm_eval_runs_the_task_files",
 )
 
 
@@ -156,8 +158,9 @@ def tiny_processor():
 def kernels_path(request, monkeypatch):
     """Which implementation a model-level test's PSA calls run on a CPU: ``reference`` (the
     PyTorch path a CPU user gets; the kernels are checked against it in test_kernels.py) or
-    ``interpreter`` (the Triton kernels in Triton's CPU interpreter: minutes per model, so
-    ``slow``). On a GPU both run the compiled kernels."""
+    ``interpreter`` (the Triton kernels in Triton's CPU interpreter: a minute or more per model
+    test, so ``slow``). Where CUDA is present no interpreter is set, and CPU tensors take the
+    PyTorch path under both."""
     import torch
 
     if request.param == "reference" and not torch.cuda.is_available():

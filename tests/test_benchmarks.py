@@ -1,4 +1,5 @@
-"""The GPU benchmark script still runs end to end (tiny sizes, CPU: reference and interpreter).
+"""The GPU benchmark script still runs end to end (tiny sizes; CPU: the PyTorch path, and
+Triton's interpreter under ``-m slow``).
 
 Timings here mean nothing; the test checks the script's plumbing and its outputs.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.usefixtures("kernels_path")
 def test_attention_benchmark_smoke(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

@@ -32,6 +32,24 @@ def synthetic_data(monkeypatch):
         monkeypatch.setenv(env, str(SYNTHETIC / bench))
 
 
+_TASK_MANAGERS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def one_task_index(monkeypatch):
+    """One lm-eval TaskManager per set of arguments in this process: building one indexes every
+    task lm-eval ships (seconds each), and the runner builds one per run."""
+    import lm_eval.tasks
+
+    def shared(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in _TASK_MANAGERS:
+            _TASK_MANAGERS[key] = TaskManager(*args, **kwargs)
+        return _TASK_MANAGERS[key]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", shared)
+
+
 # ---------------------------------------------------------------------------- answer extraction
 
 
@@ -115,7 +133,7 @@ class _ScriptedLM(LM):
 
 def _evaluate(model):
     out = lm_eval.simple_evaluate(model=model, tasks=ALL_TASKS, bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(runner.tasks_dir())))
+                                  task_manager=lm_eval.tasks.TaskManager(include_path=str(runner.tasks_dir())))
     return {task: {k.split(",")[0]: v for k, v in values.items() if "," in k and "stderr" not in k}
             for task, values in out["results"].items()}
 

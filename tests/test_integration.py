@@ -1,4 +1,7 @@
-"""``attn_implementation="psa"`` on the offline tiny Qwen2.5-VL, against ``"sdpa"``."""
+"""``attn_implementation="psa"`` on the offline tiny Qwen2.5-VL, against ``"sdpa"``.
+
+The model tests run their PSA calls on the PyTorch path a CPU user gets, and again in Triton's
+interpreter under ``-m slow`` (the ``kernels_path`` fixture of conftest.py)."""
 
 from __future__ import annotations
 

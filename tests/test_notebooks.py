@@ -23,6 +23,7 @@ def test_three_notebooks_are_committed_with_their_outputs():
         assert images and not errors, f"{path.name}: {len(images)} plots, {len(errors)} errors in the committed outputs"
 
 
+@pytest.mark.usefixtures("tiny_model_path")  # built once, not by each notebook's kernel
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, monkeypatch):
     # The kernel inherits this process's environment: run it as a user's CPU session would, on the
