@@ -138,7 +138,7 @@ def _psa(state, config, query, key, value, causal, scaling, padding, text):
 
 def _left_padding_starts(padding) -> list[int] | None:
     """Each sample's first real key when ``padding`` ``[B, Lk]`` is left padding (every row's
-    real tokens a suffix) and the samples start at different places; None otherwise."""
+    real tokens a suffix); None otherwise."""
     if padding is None:
         return None
     real = padding.sum(1)
@@ -163,8 +163,8 @@ def _psa_per_sample(state, config, query, key, value, scaling, starts, text):
             continue
         q, k, v = (t[b : b + 1, :, s:] for t, s in ((query, first_query), (key, start), (value, start)))
         t = None if text is None else text[b : b + 1, start:]
-        if q.shape[2] < config.block_q or k.shape[2] < config.min_seq_len:  # this sample alone would run dense
-            reason = _dense_reason(state, config, q.shape[2], k.shape[2], q.dtype, None, 0.0)
+        reason = _dense_reason(state, config, q.shape[2], k.shape[2], q.dtype, None, 0.0)
+        if reason is not None:  # this sample alone would run dense
             _note_dense(state, reason, 1)
             out[b : b + 1, :, first_query:] = psa_kernels.dense_attention(q, k, v, causal=True, scale=scaling)
             continue
