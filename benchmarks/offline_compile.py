@@ -1,6 +1,6 @@
 """Compile the project's Triton kernels for a Hopper GPU (sm_90) on a machine without one.
 
-    python benchmarks/offline_compile.py [--kernels attention,importance,...] [--out DIR]
+    python benchmarks/offline_compile.py [--only attn_n64_w4,importance] [--out DIR]
 
 Registers, spills and shared memory come from ``ptxas -v`` (bundled with Triton); the TTGIR shows
 whether loads became asynchronous copies (``async_copy_global_to_local``, TMA ``async_tma_copy``)
@@ -122,12 +122,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write each kernel's TTGIR and PTX here")
     parser.add_argument("--L", type=int, default=4096)
+    parser.add_argument("--only", default="",
+                        help="comma list of case labels (benchmarks/offline_cases.py) or their prefixes; default all")
     args = parser.parse_args(argv)
+    only = [x for x in args.only.split(",") if x]
     out = Path(args.out) if args.out else None
     from benchmarks.offline_cases import cases
 
     with sm90_compiler() as compiled:
         for label, fn in cases(args.L):
+            if only and not any(label == x or label.startswith(x + "_") for x in only):
+                continue
             start = len(compiled)
             try:
                 fn()

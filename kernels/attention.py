@@ -55,7 +55,7 @@ def _psa_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BN1: tl.constexpr, BN2: tl.constexpr, BN4: tl.constexpr, BN8: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SLACK: tl.constexpr,
 ):
     # Longest query tiles first (the last ones see the most keys when causal): less tail at the end.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -86,22 +86,22 @@ def _psa_fwd_kernel(
                                               0, K, V, K_DESC, V_DESC, PCNT, PLAST, PAD, b, hk, Lk, 0,
                                               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                               stride_cb, 1, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN1, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION)
+                                              DOT_FP32, DOT_PRECISION, SLACK)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               1, KP, VP, K2_DESC, V2_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE2,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 2, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN2, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION)
+                                              DOT_FP32, DOT_PRECISION, SLACK)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               2, KP, VP, K4_DESC, V4_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE4,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 4, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN4, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION)
+                                              DOT_FP32, DOT_PRECISION, SLACK)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               3, KP, VP, K8_DESC, V8_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE8,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 8, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN8, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION)
+                                              DOT_FP32, DOT_PRECISION, SLACK)
 
     out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -114,7 +114,7 @@ def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, 
                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_cb,
                   P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, SLACK: tl.constexpr):
     """Online-softmax update with the row's level-P list (``r = log2 P``), which starts at entry
     ``list_start`` of the row's index list; returns the next level's start too.
 
@@ -130,11 +130,13 @@ def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, 
     acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, 0, whole_end, K, V, K_DESC, V_DESC,
                                  PCNT, PLAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn,
                                  stride_vb, stride_vh, stride_vn, stride_cb, False,
-                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
+                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION,
+                                 SLACK)
     acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, whole_end, n_keys, K, V, K_DESC,
                                  V_DESC, PCNT, PLAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn,
                                  stride_vb, stride_vh, stride_vn, stride_cb, True,
-                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
+                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION,
+                                 SLACK)
     return acc, m_i, l_i, list_start + tl.load(LCNT + row * 4 + r)
 
 
@@ -144,7 +146,7 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_cb,
                  MASKED: tl.constexpr, P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SLACK: tl.constexpr):
     """The tiles ``[start, end)`` (in keys of level P) of one level's block list."""
     KEYS_PER_BLOCK: tl.constexpr = BLOCK_K // P
     CONTIGUOUS: tl.constexpr = KEYS_PER_BLOCK % BLOCK_N == 0
@@ -203,13 +205,29 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
         elif P > 1:
             s += tl.log2(P * 1.0)  # whole groups: every pooled key stands for P tokens
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        if SLACK > 0:
+            # Lazy rescaling: the running maximum moves only when some row's grew by more than
+            # SLACK (log2 units); otherwise this tile's weights are taken against the stale
+            # maximum (at most 2^SLACK, exact enough in fp32 and bf16) and the accumulator is not
+            # touched. One tile-wide test (a row that has seen nothing yet and now sees a key
+            # always triggers it), so the branch is uniform over the program.
+            if tl.max((m_new > m_i + SLACK).to(tl.int32), 0) > 0:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i + tl.sum(p, 1)
         else:
-            m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+            if MASKED:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+            else:
+                m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
         if CONTIGUOUS:
             v = V_DESC.load([b, hk, base + row0, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
@@ -217,8 +235,11 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
                         mask=kv_mask, other=0.0)
         if DOT_FP32:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        if SLACK > 0:
+            acc = acc + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
     return acc, m_i, l_i
 
 
@@ -229,21 +250,30 @@ def launch_config(q: torch.Tensor, block_q: int) -> dict:
     stages: 1.21x SDPA on dense work at 32k, 8 warps x 3 stages 1.30x; ``tune_attention_h200.json``);
     fp32 and head dims above 128 halve the tiles to fit the shared memory."""
     D = q.shape[-1]
+    common = dict(rescale_slack=RESCALE_SLACK, gather_pooled=False)
     if q.dtype == torch.float32:
-        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2)
+        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2, **common)
     if D > 128:
-        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2)
-    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2)
+        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2, **common)
+    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2, **common)
 
 
-def level_tiles(block_k: int, block_n: int) -> tuple[int, int, int, int]:
+#: Lazy rescaling's slack (log2 units; 0: rescale at every tile), see ``_level_tiles``.
+RESCALE_SLACK = 0.0
+
+
+def level_tiles(block_k: int, block_n: int, gather_pooled: bool = False) -> tuple[int, int, int, int]:
     """Keys per tile at levels 1, 2, 4, 8: the largest power of two up to ``block_n`` dividing a
     block's ``block_k / p`` keys (a box of the tensor-memory accelerator), or 16 where that is
-    below 16 (then blocks are gathered into 16-key tiles with pointer loads)."""
+    below 16 (then blocks are gathered into 16-key tiles with pointer loads). ``gather_pooled``:
+    levels whose blocks are narrower than ``block_n`` gather several blocks into ``block_n``-key
+    tiles instead (fewer online-softmax steps, pointer loads)."""
     tiles = []
     for p in (1, 2, 4, 8):
         keys = block_k // p
         n = 1 << min((keys & -keys).bit_length() - 1, block_n.bit_length() - 1)
+        if gather_pooled and n < block_n:
+            n = block_n
         tiles.append(n if n >= 16 else 16)
     return tuple(tiles)
 
@@ -262,7 +292,11 @@ def psa_attention_triton(
     **launch,
 ) -> torch.Tensor:
     """Run the PSA forward kernel (inputs already validated by the caller). ``launch`` overrides
-    :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``)."""
+    :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``,
+    ``rescale_slack``, ``gather_pooled``)."""
+    unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages", "rescale_slack", "gather_pooled"}
+    if unknown:
+        raise TypeError(f"unknown launch option(s) {sorted(unknown)}; see psa_kernels.attention.launch_config")
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     geometry = dict(q_len=Lq, k_len=Lk, causal=causal, key_padding_mask=key_padding_mask)
@@ -275,7 +309,7 @@ def psa_attention_triton(
     scale = D**-0.5 if scale is None else float(scale)
     block_d = max(16, next_pow2(D))
     block_m = min(cfg["block_m"], block_q)
-    tiles = level_tiles(block_k, cfg["block_n"])
+    tiles = level_tiles(block_k, cfg["block_n"], cfg["gather_pooled"])
     with on_device(q):
         k, v = tma_ready(k), tma_ready(v)
         pyr = build_device_pyramid(k, v, key_padding_mask)
@@ -304,6 +338,7 @@ def psa_attention_triton(
             # fp32 inputs: three TF32 products per dot (about fp32 accuracy on the tensor cores;
             # IEEE fp32 dots ran on the CUDA cores: 300 s for one 16k causal call on an H100).
             DOT_PRECISION="tf32x3" if q.dtype == torch.float32 and q.is_cuda else "tf32",
+            SLACK=float(cfg["rescale_slack"]),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
