@@ -33,8 +33,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="32768,65536")
     parser.add_argument("--strides", default="8,16")
+    parser.add_argument("--precisions", default="full,fp8", help="comma list of full, fp8")
+    parser.add_argument("--configs", default="",
+                        help="launches to time as block_r:block_c:num_warps:num_stages, comma-separated "
+                             "(default: CONFIGS)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c] or CONFIGS
     rows = []
     print(f"{'L':>6s} {'stride':>6s} {'prec':5s} {'block_r':>7s} {'block_c':>7s} {'warps':>5s} {'stages':>6s} {'ms':>8s} "
           f"{'x dense':>8s} {'max diff':>9s}")
@@ -44,9 +49,10 @@ def main():
         v = torch.randn_like(k)
         dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                          warmup=25, rep=100, return_mode="median")
-        for stride, precision in itertools.product((int(x) for x in args.strides.split(",")), ("full", "fp8")):
+        for stride, precision in itertools.product((int(x) for x in args.strides.split(",")),
+                                                   args.precisions.split(",")):
             ref = antidiagonal_importance_triton(q, k, causal=True, stride=stride, precision=precision)
-            for br, bc, warps, stages in CONFIGS:
+            for br, bc, warps, stages in configs:
                 kw = dict(causal=True, stride=stride, block_r=br, block_c=bc, num_warps=warps, num_stages=stages,
                           precision=precision)
                 try:

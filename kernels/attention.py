@@ -55,7 +55,8 @@ def _psa_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BN1: tl.constexpr, BN2: tl.constexpr, BN4: tl.constexpr, BN8: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SLACK: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAIR2: tl.constexpr, PAIR4: tl.constexpr, PAIR8: tl.constexpr,
 ):
     # Longest query tiles first (the last ones see the most keys when causal): less tail at the end.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -86,22 +87,22 @@ def _psa_fwd_kernel(
                                               0, K, V, K_DESC, V_DESC, PCNT, PLAST, PAD, b, hk, Lk, 0,
                                               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                               stride_cb, 1, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN1, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, SLACK)
+                                              DOT_FP32, DOT_PRECISION, 0)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               1, KP, VP, K2_DESC, V2_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE2,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 2, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN2, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, SLACK)
+                                              DOT_FP32, DOT_PRECISION, PAIR2)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               2, KP, VP, K4_DESC, V4_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE4,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 4, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN4, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, SLACK)
+                                              DOT_FP32, DOT_PRECISION, PAIR4)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               3, KP, VP, K8_DESC, V8_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE8,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 8, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN8, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, SLACK)
+                                              DOT_FP32, DOT_PRECISION, PAIR8)
 
     out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -114,7 +115,7 @@ def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, 
                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_cb,
                   P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, SLACK: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, PAIR: tl.constexpr):
     """Online-softmax update with the row's level-P list (``r = log2 P``), which starts at entry
     ``list_start`` of the row's index list; returns the next level's start too.
 
@@ -126,18 +127,98 @@ def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, 
     n_whole = tl.load(PLAN + row * 8 + 4 + r)
     idx_list = idx_row + list_start
     n_keys = n_blocks * KEYS_PER_BLOCK
-    whole_end = n_whole * KEYS_PER_BLOCK // BLOCK_N * BLOCK_N  # a tile reaching past the whole blocks runs masked
+    STEP: tl.constexpr = BLOCK_N + BLOCK_N * PAIR
+    whole_end = n_whole * KEYS_PER_BLOCK // STEP * STEP  # a step reaching past the whole blocks runs masked
     acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, 0, whole_end, K, V, K_DESC, V_DESC,
                                  PCNT, PLAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn,
                                  stride_vb, stride_vh, stride_vn, stride_cb, False,
                                  P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION,
-                                 SLACK)
+                                 PAIR)
     acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, whole_end, n_keys, K, V, K_DESC,
                                  V_DESC, PCNT, PLAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn,
                                  stride_vb, stride_vh, stride_vn, stride_cb, True,
                                  P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION,
-                                 SLACK)
+                                 PAIR)
     return acc, m_i, l_i, list_start + tl.load(LCNT + row * 4 + r)
+
+
+@triton.jit
+def _tile_scores(q, q_pos, qk_scale, idx_list, t0, end, block, K, K_DESC, PCNT, PLAST, PAD, b, hk, Lk, base,
+                 stride_kb, stride_kh, stride_kn, stride_cb,
+                 MASKED: tl.constexpr, P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Base-2 logits ``[BLOCK_M, BLOCK_N]`` of the tile starting at key ``t0`` of a level's list
+    (``block``: its block index when the tile lies inside one block), -inf where a key is not
+    visible (masked tiles only); also where its values are (first row, or rows and mask)."""
+    KEYS_PER_BLOCK: tl.constexpr = BLOCK_K // P
+    CONTIGUOUS: tl.constexpr = KEYS_PER_BLOCK % BLOCK_N == 0
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_rows = (Lk + P - 1) // P
+    if CONTIGUOUS:
+        # The tile lies inside one block: contiguous keys, one box of the tensor-memory
+        # accelerator (rows past the end read as zeros and are masked below).
+        row0 = block * KEYS_PER_BLOCK + t0 % KEYS_PER_BLOCK
+        row = row0 + tl.arange(0, BLOCK_N)
+        ok = (row < n_rows) & (t0 < end)
+    else:
+        # Several small blocks share the tile: gather their keys.
+        row0 = 0
+        cols = t0 + tl.arange(0, BLOCK_N)
+        in_list = cols < end
+        blocks = tl.load(idx_list + cols // KEYS_PER_BLOCK, mask=in_list, other=0).to(tl.int32)
+        row = blocks * KEYS_PER_BLOCK + cols % KEYS_PER_BLOCK  # key (P = 1) or group (P > 1) index
+        ok = in_list & (row < n_rows)
+    if MASKED:
+        if P == 1:
+            if HAS_PAD:
+                ok = ok & (tl.load(PAD + b * Lk + row, mask=ok, other=0) != 0)
+            last = row
+        else:
+            cnt = tl.load(PCNT + b * stride_cb + base + row, mask=ok, other=0)
+            last = tl.load(PLAST + b * stride_cb + base + row, mask=ok, other=0)
+            ok = ok & (cnt > 0)
+    key_rows = (base + row)[:, None]
+    kv_mask = ok[:, None] & d_ok[None, :]
+    if CONTIGUOUS:
+        k = K_DESC.load([b, hk, base + row0, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = tl.load(K + b * stride_kb + hk * stride_kh + key_rows * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        if P > 1:
+            s += tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]  # a pooled key stands for cnt tokens
+        visible = ok[None, :]
+        if CAUSAL:
+            # `last < q_pos + 1`, not `last <= q_pos`: with Lq == Lk multiples of 16, Triton
+            # 3.6's alignment analysis treated the broadcast comparison as constant over 16
+            # rows, and rows 8..15 of each 16 reused the mask of rows 0..7 (seen on an H100).
+            # The +1 makes the row positions' divisibility 1, so the mask is computed per row.
+            visible = visible & (last[None, :] < (q_pos + 1)[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    elif P > 1:
+        s += tl.log2(P * 1.0)  # whole groups: every pooled key stands for P tokens
+    return s, row0, key_rows, kv_mask
+
+
+@triton.jit
+def _tile_values(p, V, V_DESC, b, hk, base, row0, key_rows, kv_mask, stride_vb, stride_vh, stride_vn,
+                 P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``p @ V`` of the tile whose keys :func:`_tile_scores` located."""
+    CONTIGUOUS: tl.constexpr = (BLOCK_K // P) % BLOCK_N == 0
+    if CONTIGUOUS:
+        v = V_DESC.load([b, hk, base + row0, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        v = tl.load(V + b * stride_vb + hk * stride_vh + key_rows * stride_vn + tl.arange(0, BLOCK_D)[None, :],
+                    mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        v = v.to(tl.float32)
+    return tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -146,100 +227,51 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_cb,
                  MASKED: tl.constexpr, P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SLACK: tl.constexpr):
-    """The tiles ``[start, end)`` (in keys of level P) of one level's block list."""
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, PAIR: tl.constexpr):
+    """The tiles ``[start, end)`` (in keys of level P) of one level's block list. ``PAIR``: two
+    tiles (two whole blocks of a level whose block is one tile) per online-softmax step, so a
+    16- or 32-key tile does not pay a whole step (row max and sum, accumulator rescale) alone."""
     KEYS_PER_BLOCK: tl.constexpr = BLOCK_K // P
-    CONTIGUOUS: tl.constexpr = KEYS_PER_BLOCK % BLOCK_N == 0
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    n_rows = (Lk + P - 1) // P
-    # The next tile's block index is fetched one iteration ahead, so the tile loads do not wait on it.
+    STEP: tl.constexpr = BLOCK_N + BLOCK_N * PAIR
+    # The next step's block indices are fetched one iteration ahead, so the tile loads do not wait on them.
     next_block = tl.load(idx_list + start // KEYS_PER_BLOCK, mask=start < end, other=0).to(tl.int32)
-    for t0 in range(start, end, BLOCK_N):
-        if CONTIGUOUS:
-            # The tile lies inside one block: contiguous keys, one box of the tensor-memory
-            # accelerator (rows past the end read as zeros and are masked below).
-            block = next_block
-            next_block = tl.load(idx_list + (t0 + BLOCK_N) // KEYS_PER_BLOCK, mask=t0 + BLOCK_N < end,
-                                 other=0).to(tl.int32)
-            row0 = block * KEYS_PER_BLOCK + t0 % KEYS_PER_BLOCK
-            row = row0 + tl.arange(0, BLOCK_N)
-            ok = row < n_rows
-        else:
-            # Several small blocks share the tile: gather their keys.
-            cols = t0 + tl.arange(0, BLOCK_N)
-            in_list = cols < end
-            block = tl.load(idx_list + cols // KEYS_PER_BLOCK, mask=in_list, other=0).to(tl.int32)
-            row = block * KEYS_PER_BLOCK + cols % KEYS_PER_BLOCK  # key (P = 1) or group (P > 1) index
-            ok = in_list & (row < n_rows)
-        if MASKED:
-            if P == 1:
-                if HAS_PAD:
-                    ok = ok & (tl.load(PAD + b * Lk + row, mask=ok, other=0) != 0)
-                last = row
-            else:
-                cnt = tl.load(PCNT + b * stride_cb + base + row, mask=ok, other=0)
-                last = tl.load(PLAST + b * stride_cb + base + row, mask=ok, other=0)
-                ok = ok & (cnt > 0)
-        key_rows = (base + row)[:, None]
-        kv_mask = ok[:, None] & d_ok[None, :]
-        if CONTIGUOUS:
-            k = K_DESC.load([b, hk, base + row0, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = tl.load(K + b * stride_kb + hk * stride_kh + key_rows * stride_kn + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            if P > 1:
-                s += tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]  # a pooled key stands for cnt tokens
-            visible = ok[None, :]
-            if CAUSAL:
-                # `last < q_pos + 1`, not `last <= q_pos`: with Lq == Lk multiples of 16, Triton
-                # 3.6's alignment analysis treated the broadcast comparison as constant over 16
-                # rows, and rows 8..15 of each 16 reused the mask of rows 0..7 (seen on an H100).
-                # The +1 makes the row positions' divisibility 1, so the mask is computed per row.
-                visible = visible & (last[None, :] < (q_pos + 1)[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        elif P > 1:
-            s += tl.log2(P * 1.0)  # whole groups: every pooled key stands for P tokens
+    if PAIR:
+        next_pair = tl.load(idx_list + (start + BLOCK_N) // KEYS_PER_BLOCK, mask=start + BLOCK_N < end,
+                            other=0).to(tl.int32)
+    for t0 in range(start, end, STEP):
+        block = next_block
+        next_block = tl.load(idx_list + (t0 + STEP) // KEYS_PER_BLOCK, mask=t0 + STEP < end, other=0).to(tl.int32)
+        s, row0, key_rows, kv_mask = _tile_scores(
+            q, q_pos, qk_scale, idx_list, t0, end, block, K, K_DESC, PCNT, PLAST, PAD, b, hk, Lk, base,
+            stride_kb, stride_kh, stride_kn, stride_cb,
+            MASKED, P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if SLACK > 0:
-            # Lazy rescaling: the running maximum moves only when some row's grew by more than
-            # SLACK (log2 units); otherwise this tile's weights are taken against the stale
-            # maximum (at most 2^SLACK, exact enough in fp32 and bf16) and the accumulator is not
-            # touched. One tile-wide test (a row that has seen nothing yet and now sees a key
-            # always triggers it), so the branch is uniform over the program.
-            if tl.max((m_new > m_i + SLACK).to(tl.int32), 0) > 0:
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i + tl.sum(p, 1)
+        if PAIR:
+            # The second tile of the step; past the list's end (masked loop only) it is invisible.
+            block2 = next_pair
+            next_pair = tl.load(idx_list + (t0 + STEP + BLOCK_N) // KEYS_PER_BLOCK, mask=t0 + STEP + BLOCK_N < end,
+                                other=0).to(tl.int32)
+            s2, row02, key_rows2, kv_mask2 = _tile_scores(
+                q, q_pos, qk_scale, idx_list, t0 + BLOCK_N, end, block2, K, K_DESC, PCNT, PLAST, PAD, b, hk, Lk,
+                base, stride_kb, stride_kh, stride_kn, stride_cb,
+                MASKED, P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
+            m_new = tl.maximum(m_new, tl.max(s2, 1))
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         else:
-            if MASKED:
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-            else:
-                m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-        if CONTIGUOUS:
-            v = V_DESC.load([b, hk, base + row0, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            v = tl.load(V + b * stride_vb + hk * stride_vh + key_rows * stride_vn + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-        if SLACK > 0:
-            acc = acc + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _tile_values(p, V, V_DESC, b, hk, base, row0, key_rows, kv_mask,
+                                                  stride_vb, stride_vh, stride_vn,
+                                                  P, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
+        if PAIR:
+            p2 = tl.exp2(s2 - m_safe[:, None])
+            l_i += tl.sum(p2, 1)
+            acc += _tile_values(p2, V, V_DESC, b, hk, base, row02, key_rows2, kv_mask2, stride_vb, stride_vh,
+                                stride_vn, P, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -250,7 +282,7 @@ def launch_config(q: torch.Tensor, block_q: int) -> dict:
     stages: 1.21x SDPA on dense work at 32k, 8 warps x 3 stages 1.30x; ``tune_attention_h200.json``);
     fp32 and head dims above 128 halve the tiles to fit the shared memory."""
     D = q.shape[-1]
-    common = dict(rescale_slack=RESCALE_SLACK, gather_pooled=False)
+    common = dict(pair_pooled=PAIR_POOLED)
     if q.dtype == torch.float32:
         return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2, **common)
     if D > 128:
@@ -258,24 +290,26 @@ def launch_config(q: torch.Tensor, block_q: int) -> dict:
     return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2, **common)
 
 
-#: Lazy rescaling's slack (log2 units; 0: rescale at every tile), see ``_level_tiles``.
-RESCALE_SLACK = 0.0
+#: Two tiles per online-softmax step at levels whose block is narrower than a tile (see ``_level_tiles``).
+PAIR_POOLED = False
 
 
-def level_tiles(block_k: int, block_n: int, gather_pooled: bool = False) -> tuple[int, int, int, int]:
+def level_tiles(block_k: int, block_n: int) -> tuple[int, int, int, int]:
     """Keys per tile at levels 1, 2, 4, 8: the largest power of two up to ``block_n`` dividing a
     block's ``block_k / p`` keys (a box of the tensor-memory accelerator), or 16 where that is
-    below 16 (then blocks are gathered into 16-key tiles with pointer loads). ``gather_pooled``:
-    levels whose blocks are narrower than ``block_n`` gather several blocks into ``block_n``-key
-    tiles instead (fewer online-softmax steps, pointer loads)."""
+    below 16 (then blocks are gathered into 16-key tiles with pointer loads)."""
     tiles = []
     for p in (1, 2, 4, 8):
         keys = block_k // p
         n = 1 << min((keys & -keys).bit_length() - 1, block_n.bit_length() - 1)
-        if gather_pooled and n < block_n:
-            n = block_n
         tiles.append(n if n >= 16 else 16)
     return tuple(tiles)
+
+
+def paired_levels(block_k: int, block_n: int, tiles: tuple[int, int, int, int]) -> tuple[bool, bool, bool, bool]:
+    """Levels that run two tiles per step under ``pair_pooled``: those whose tile is one whole
+    block (a TMA box) narrower than ``block_n``."""
+    return tuple(n < block_n and block_k // p == n for p, n in zip((1, 2, 4, 8), tiles))
 
 
 def psa_attention_triton(
@@ -293,8 +327,8 @@ def psa_attention_triton(
 ) -> torch.Tensor:
     """Run the PSA forward kernel (inputs already validated by the caller). ``launch`` overrides
     :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``,
-    ``rescale_slack``, ``gather_pooled``)."""
-    unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages", "rescale_slack", "gather_pooled"}
+    ``pair_pooled``)."""
+    unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages", "pair_pooled"}
     if unknown:
         raise TypeError(f"unknown launch option(s) {sorted(unknown)}; see psa_kernels.attention.launch_config")
     B, Hq, Lq, D = q.shape
@@ -309,7 +343,8 @@ def psa_attention_triton(
     scale = D**-0.5 if scale is None else float(scale)
     block_d = max(16, next_pow2(D))
     block_m = min(cfg["block_m"], block_q)
-    tiles = level_tiles(block_k, cfg["block_n"], cfg["gather_pooled"])
+    tiles = level_tiles(block_k, cfg["block_n"])
+    pairs = paired_levels(block_k, cfg["block_n"], tiles) if cfg["pair_pooled"] else (False,) * 4
     with on_device(q):
         k, v = tma_ready(k), tma_ready(v)
         pyr = build_device_pyramid(k, v, key_padding_mask)
@@ -338,7 +373,7 @@ def psa_attention_triton(
             # fp32 inputs: three TF32 products per dot (about fp32 accuracy on the tensor cores;
             # IEEE fp32 dots ran on the CUDA cores: 300 s for one 16k causal call on an H100).
             DOT_PRECISION="tf32x3" if q.dtype == torch.float32 and q.is_cuda else "tf32",
-            SLACK=float(cfg["rescale_slack"]),
+            PAIR2=int(pairs[1]), PAIR4=int(pairs[2]), PAIR8=int(pairs[3]),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )

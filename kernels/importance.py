@@ -270,6 +270,10 @@ def antidiagonal_importance_triton(
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     launch = LAUNCH[precision]
+    if precision == "full" and q.element_size() == 4:
+        # fp32 tiles take twice the bytes: three stages of 64 query + 128 key rows need 290 KB of
+        # shared memory, over a Hopper SM's 227 KB (seen on an H200); half the key rows, two stages.
+        launch = dict(launch, block_c=64, num_stages=2)
     block_r = block_r or launch["block_r"]
     block_c = block_c or launch["block_c"]
     num_warps = num_warps or launch["num_warps"]

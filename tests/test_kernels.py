@@ -113,18 +113,17 @@ def test_matrix_against_reference(causal, ratio, D, block_k):
 LAUNCH_VARIANTS = {
     "small-tiles": dict(block_m=32, block_n=32),
     "narrow": dict(block_n=16),
-    "lazy-rescale": dict(rescale_slack=8.0),
-    "lazy-gathered-pooled": dict(rescale_slack=8.0, gather_pooled=True),
+    "paired-pooled": dict(pair_pooled=True),
+    "paired-pooled-small-tiles": dict(block_m=32, block_n=32, pair_pooled=True),
 }
 
 
 @pytest.mark.parametrize("launch", LAUNCH_VARIANTS.values(), ids=LAUNCH_VARIANTS.keys())
 def test_launch_variants_compute_the_same(launch):
     """Every launch the tuning sweep may choose (other tile shapes, so other boxes per level and
-    gathered tiles where a block holds fewer keys than a tile; lazy rescaling) computes the
-    reference's output. The logits grow along the keys (key norms ramp up 6x) so that a row's
-    maximum keeps rising by more than lazy rescaling's slack: the rescale is both skipped and
-    taken within a row."""
+    gathered tiles where a block holds fewer keys than a tile; two tiles per online-softmax step)
+    computes the reference's output. The logits grow along the keys (key norms ramp up 6x) so
+    that a row's maximum keeps rising and the accumulator's rescaling matters."""
     seed = fresh_seed()
     rnd = random.Random(seed)
     for causal in (False, True):
