@@ -19,10 +19,8 @@ def cases(L: int = 4096):
     layout = compact_triton(dense, block_q=128, block_k=128, q_len=L, k_len=L, causal=True, key_padding_mask=None)
     for bn in (64, 128):
         for warps in (4, 8):
-            for pair in (False, True):
-                name = f"attn_n{bn}_w{warps}{'_pair' if pair else ''}"
-                yield name, (lambda bn=bn, warps=warps, pair=pair: psa_attention_triton(
-                    q, k, v, layout, causal=True, block_n=bn, num_warps=warps, pair_pooled=pair))
+            yield f"attn_n{bn}_w{warps}", (lambda bn=bn, warps=warps: psa_attention_triton(
+                q, k, v, layout, causal=True, block_n=bn, num_warps=warps))
     yield "importance_s8", lambda: antidiagonal_importance_triton(q, k, causal=True, stride=8)
     yield "importance_s8_fp8", lambda: antidiagonal_importance_triton(q, k, causal=True, stride=8, precision="fp8")
     yield "importance_s16_fp8", lambda: antidiagonal_importance_triton(q, k, causal=True, stride=16, precision="fp8")

@@ -5,7 +5,7 @@
 Causal 28/4 heads, D=128, bf16, video-like inputs (``psa_vlm.compare``). Level maps: every pair
 at level 1 (dense work), the mask generator's maps at fixed sparsities 0.65 and 0.9, and the
 binary block-sparse map of the same FLOPs as the 0.9 one. For every launch of :data:`VARIANTS`
-(``block_m`` x ``num_warps``, ``num_stages``, ``block_n``, two pooled tiles per step) the time of
+(``block_m`` x ``num_warps``, ``num_stages``, ``block_n``) the time of
 ``psa_attention_triton`` with the layout prebuilt (pyramid and launch included), CUDA-event
 medians with warm-up excluded, against dense SDPA, FlexAttention on the binary map, and a plain
 causal flash-attention kernel in Triton (the ceiling this Triton reaches). Every variant's output
@@ -36,16 +36,16 @@ from psa_vlm.config import load_preset  # noqa: E402
 
 VARIANTS = [
     dict(block_m=128, num_warps=4, num_stages=2, block_n=64),
-    dict(block_m=128, num_warps=4, num_stages=2, block_n=64, pair_pooled=True),
-    dict(block_m=128, num_warps=8, num_stages=3, block_n=64, pair_pooled=True),
-    dict(block_m=128, num_warps=4, num_stages=3, block_n=64, pair_pooled=True),
+    dict(block_m=128, num_warps=8, num_stages=3, block_n=64),
+    dict(block_m=128, num_warps=8, num_stages=2, block_n=64),
+    dict(block_m=64, num_warps=4, num_stages=3, block_n=64),
+    dict(block_m=128, num_warps=8, num_stages=2, block_n=128),
 ]
 
 
 def label(cfg: dict) -> str:
-    """A launch in a few characters: m128 w4 s2 n64, plus ``pair`` for two pooled tiles per step."""
-    text = f"m{cfg['block_m']:3d} w{cfg['num_warps']} s{cfg['num_stages']} n{cfg['block_n']:3d}"
-    return text + (" pair" if cfg.get("pair_pooled") else "     ")
+    """A launch in a few characters: m128 w4 s2 n64."""
+    return f"m{cfg['block_m']:3d} w{cfg['num_warps']} s{cfg['num_stages']} n{cfg['block_n']:3d}"
 
 
 @triton.jit

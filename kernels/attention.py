@@ -56,7 +56,6 @@ def _psa_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BN1: tl.constexpr, BN2: tl.constexpr, BN4: tl.constexpr, BN8: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PAIR2: tl.constexpr, PAIR4: tl.constexpr, PAIR8: tl.constexpr,
 ):
     # Longest query tiles first (the last ones see the most keys when causal): less tail at the end.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -87,22 +86,22 @@ def _psa_fwd_kernel(
                                               0, K, V, K_DESC, V_DESC, PCNT, PLAST, PAD, b, hk, Lk, 0,
                                               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                               stride_cb, 1, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN1, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, 0)
+                                              DOT_FP32, DOT_PRECISION)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               1, KP, VP, K2_DESC, V2_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE2,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 2, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN2, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, PAIR2)
+                                              DOT_FP32, DOT_PRECISION)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               2, KP, VP, K4_DESC, V4_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE4,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 4, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN4, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, PAIR4)
+                                              DOT_FP32, DOT_PRECISION)
     acc, m_i, l_i, list_start = _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, PLAN, row,
                                               3, KP, VP, K8_DESC, V8_DESC, PCNT, PLAST, PAD, b, hk, Lk, BASE8,
                                               stride_pb, stride_ph, stride_pn, stride_pb, stride_ph, stride_pn,
                                               stride_cb, 8, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BN8, BLOCK_K,
-                                              DOT_FP32, DOT_PRECISION, PAIR8)
+                                              DOT_FP32, DOT_PRECISION)
 
     out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -115,7 +114,7 @@ def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, 
                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_cb,
                   P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, PAIR: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr):
     """Online-softmax update with the row's level-P list (``r = log2 P``), which starts at entry
     ``list_start`` of the row's index list; returns the next level's start too.
 
@@ -127,18 +126,15 @@ def _attend_level(acc, m_i, l_i, q, q_pos, qk_scale, idx_row, list_start, LCNT, 
     n_whole = tl.load(PLAN + row * 8 + 4 + r)
     idx_list = idx_row + list_start
     n_keys = n_blocks * KEYS_PER_BLOCK
-    STEP: tl.constexpr = BLOCK_N + BLOCK_N * PAIR
-    whole_end = n_whole * KEYS_PER_BLOCK // STEP * STEP  # a step reaching past the whole blocks runs masked
+    whole_end = n_whole * KEYS_PER_BLOCK // BLOCK_N * BLOCK_N  # a tile reaching past the whole blocks runs masked
     acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, 0, whole_end, K, V, K_DESC, V_DESC,
                                  PCNT, PLAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn,
                                  stride_vb, stride_vh, stride_vn, stride_cb, False,
-                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION,
-                                 PAIR)
+                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
     acc, m_i, l_i = _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, whole_end, n_keys, K, V, K_DESC,
                                  V_DESC, PCNT, PLAST, PAD, b, hk, Lk, base, stride_kb, stride_kh, stride_kn,
                                  stride_vb, stride_vh, stride_vn, stride_cb, True,
-                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION,
-                                 PAIR)
+                                 P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
     return acc, m_i, l_i, list_start + tl.load(LCNT + row * 4 + r)
 
 
@@ -227,35 +223,20 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_cb,
                  MASKED: tl.constexpr, P: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, PAIR: tl.constexpr):
-    """The tiles ``[start, end)`` (in keys of level P) of one level's block list. ``PAIR``: two
-    tiles (two whole blocks of a level whose block is one tile) per online-softmax step, so a
-    16- or 32-key tile does not pay a whole step (row max and sum, accumulator rescale) alone."""
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The tiles ``[start, end)`` (in keys of level P) of one level's block list."""
     KEYS_PER_BLOCK: tl.constexpr = BLOCK_K // P
-    STEP: tl.constexpr = BLOCK_N + BLOCK_N * PAIR
-    # The next step's block indices are fetched one iteration ahead, so the tile loads do not wait on them.
+    # The next tile's block index is fetched one iteration ahead, so the tile loads do not wait on it.
     next_block = tl.load(idx_list + start // KEYS_PER_BLOCK, mask=start < end, other=0).to(tl.int32)
-    if PAIR:
-        next_pair = tl.load(idx_list + (start + BLOCK_N) // KEYS_PER_BLOCK, mask=start + BLOCK_N < end,
-                            other=0).to(tl.int32)
-    for t0 in range(start, end, STEP):
+    for t0 in range(start, end, BLOCK_N):
         block = next_block
-        next_block = tl.load(idx_list + (t0 + STEP) // KEYS_PER_BLOCK, mask=t0 + STEP < end, other=0).to(tl.int32)
+        next_block = tl.load(idx_list + (t0 + BLOCK_N) // KEYS_PER_BLOCK, mask=t0 + BLOCK_N < end,
+                             other=0).to(tl.int32)
         s, row0, key_rows, kv_mask = _tile_scores(
             q, q_pos, qk_scale, idx_list, t0, end, block, K, K_DESC, PCNT, PLAST, PAD, b, hk, Lk, base,
             stride_kb, stride_kh, stride_kn, stride_cb,
             MASKED, P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if PAIR:
-            # The second tile of the step; past the list's end (masked loop only) it is invisible.
-            block2 = next_pair
-            next_pair = tl.load(idx_list + (t0 + STEP + BLOCK_N) // KEYS_PER_BLOCK, mask=t0 + STEP + BLOCK_N < end,
-                                other=0).to(tl.int32)
-            s2, row02, key_rows2, kv_mask2 = _tile_scores(
-                q, q_pos, qk_scale, idx_list, t0 + BLOCK_N, end, block2, K, K_DESC, PCNT, PLAST, PAD, b, hk, Lk,
-                base, stride_kb, stride_kh, stride_kn, stride_cb,
-                MASKED, P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-            m_new = tl.maximum(m_new, tl.max(s2, 1))
         if MASKED:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         else:
@@ -266,11 +247,6 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
         acc = acc * alpha[:, None] + _tile_values(p, V, V_DESC, b, hk, base, row0, key_rows, kv_mask,
                                                   stride_vb, stride_vh, stride_vn,
                                                   P, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-        if PAIR:
-            p2 = tl.exp2(s2 - m_safe[:, None])
-            l_i += tl.sum(p2, 1)
-            acc += _tile_values(p2, V, V_DESC, b, hk, base, row02, key_rows2, kv_mask2, stride_vb, stride_vh,
-                                stride_vn, P, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -282,16 +258,11 @@ def launch_config(q: torch.Tensor, block_q: int) -> dict:
     stages: 1.21x SDPA on dense work at 32k, 8 warps x 3 stages 1.30x; ``tune_attention_h200.json``);
     fp32 and head dims above 128 halve the tiles to fit the shared memory."""
     D = q.shape[-1]
-    common = dict(pair_pooled=PAIR_POOLED)
     if q.dtype == torch.float32:
-        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2, **common)
+        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2)
     if D > 128:
-        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2, **common)
-    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2, **common)
-
-
-#: Two tiles per online-softmax step at levels whose block is narrower than a tile (see ``_level_tiles``).
-PAIR_POOLED = False
+        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2)
+    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2)
 
 
 def level_tiles(block_k: int, block_n: int) -> tuple[int, int, int, int]:
@@ -304,12 +275,6 @@ def level_tiles(block_k: int, block_n: int) -> tuple[int, int, int, int]:
         n = 1 << min((keys & -keys).bit_length() - 1, block_n.bit_length() - 1)
         tiles.append(n if n >= 16 else 16)
     return tuple(tiles)
-
-
-def paired_levels(block_k: int, block_n: int, tiles: tuple[int, int, int, int]) -> tuple[bool, bool, bool, bool]:
-    """Levels that run two tiles per step under ``pair_pooled``: those whose tile is one whole
-    block (a TMA box) narrower than ``block_n``."""
-    return tuple(n < block_n and block_k // p == n for p, n in zip((1, 2, 4, 8), tiles))
 
 
 def psa_attention_triton(
@@ -326,9 +291,8 @@ def psa_attention_triton(
     **launch,
 ) -> torch.Tensor:
     """Run the PSA forward kernel (inputs already validated by the caller). ``launch`` overrides
-    :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``,
-    ``pair_pooled``)."""
-    unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages", "pair_pooled"}
+    :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``)."""
+    unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages"}
     if unknown:
         raise TypeError(f"unknown launch option(s) {sorted(unknown)}; see psa_kernels.attention.launch_config")
     B, Hq, Lq, D = q.shape
@@ -344,7 +308,6 @@ def psa_attention_triton(
     block_d = max(16, next_pow2(D))
     block_m = min(cfg["block_m"], block_q)
     tiles = level_tiles(block_k, cfg["block_n"])
-    pairs = paired_levels(block_k, cfg["block_n"], tiles) if cfg["pair_pooled"] else (False,) * 4
     with on_device(q):
         k, v = tma_ready(k), tma_ready(v)
         pyr = build_device_pyramid(k, v, key_padding_mask)
@@ -373,7 +336,6 @@ def psa_attention_triton(
             # fp32 inputs: three TF32 products per dot (about fp32 accuracy on the tensor cores;
             # IEEE fp32 dots ran on the CUDA cores: 300 s for one 16k causal call on an H100).
             DOT_PRECISION="tf32x3" if q.dtype == torch.float32 and q.is_cuda else "tf32",
-            PAIR2=int(pairs[1]), PAIR4=int(pairs[2]), PAIR8=int(pairs[3]),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
