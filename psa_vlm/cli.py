@@ -281,12 +281,25 @@ def _overrides(items) -> dict:
         raise ValueError(f"--{err}" if str(err).startswith("override") else f"--override: {err}") from None
 
 
+def token_counts(text: str, flag: str) -> list[int]:
+    """``"16k,32768"`` -> ``[16384, 32768]``: comma-separated token counts, ``k`` meaning 1024."""
+    counts = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        digits, factor = (item[:-1], 1024) if item[-1:] in ("k", "K") else (item, 1)
+        if not digits.isdigit() or int(digits) == 0:
+            raise SystemExit(f"psa-vlm: {flag} takes positive token counts such as 16384 or 16k, got {item!r}")
+        counts.append(int(digits) * factor)
+    if not counts:
+        raise SystemExit(f"psa-vlm: {flag} is empty; give token counts such as 16k,32k")
+    return counts
+
+
 def _cmd_bench(args) -> int:
     from .bench import run, table
     from .models import default_device, resolve_dtype
 
     check_model_spec(args.model)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = token_counts(args.lengths, "--lengths")
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     overrides = dict(TINY_MODEL_OVERRIDES) if args.model == "tiny" else {}
     overrides.update(_overrides(args.override))
@@ -466,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="qwen2.5-vl-7b",
                        help="checkpoint folder or hub id (needs weights), or a shape with random weights and "
                        f"the real architecture: {_SHAPE_NAMES} (default: qwen2.5-vl-7b), or tiny (the test model)")
-    bench.add_argument("--lengths", default="16384,32768,65536,131072",
-                       help="comma-separated target language-token counts (default: 16k,32k,64k,128k)")
+    bench.add_argument("--lengths", default="16k,32k,64k,128k",
+                       help="comma-separated target language-token counts, k = 1024 (default: 16k,32k,64k,128k)")
     bench.add_argument("--preset", default=DEFAULT_PRESET, help=f"PSA preset name or YAML path (default: {DEFAULT_PRESET})")
     _override_arg(bench, "a preset field", "min_seq_len=16384")
     bench.add_argument("--sparsity", action="append", type=float, metavar="S",

@@ -263,3 +263,14 @@ def test_override_takes_comma_lists_and_yaml_lists():
         cli._overrides(["towers"])
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["ask"].format_help()
     assert "towers=text,vision" in help_text and "towers=[text,vision]" in help_text
+
+
+def test_bench_lengths_take_k_suffixes_and_reject_the_rest(capsys):
+    """``--lengths 32k`` is what the help's default shows, so it parses (k = 1024); anything else
+    is refused in one line before a model is built."""
+    assert cli.token_counts("16k,32768, 2K", "--lengths") == [16384, 32768, 2048]
+    for bad in ("12x", "0", "-5k", ""):
+        with pytest.raises(SystemExit, match="--lengths"):
+            cli.token_counts(bad, "--lengths")
+    with pytest.raises(SystemExit, match="16k"):
+        cli.main(["bench", "--model", "tiny", "--lengths", "1.5k", "--device", "cpu"])
