@@ -194,6 +194,7 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
     if text is not None and tuple(text.shape) != (B, Lk):
         raise ValueError(f"text_mask must have shape [B, Lk] = {(B, Lk)}, got {tuple(text.shape)}")
     reference.check_assignment(a["mode"], a["levels"], a["thresholds"], a["target_sparsity"])
+    reference.check_full_share(a["budget_full_share"])
     budget = a["mode"] == "budget"
     given_sims = a["block_sims"]
     if given_sims is not None and tuple(given_sims.shape) != (B, k.shape[1], -(-Lk // block_k), 3):
@@ -220,6 +221,7 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
             mode=a["mode"], levels=a["levels"], thresholds=a["thresholds"], cap=blocks["cap"],
             sims=given_sims.float().contiguous() if given_sims is not None else blocks["sims"],
             target_sparsity=a["target_sparsity"],
+            budget_full_share=a["budget_full_share"],
             text_cols=blocks["text_cols"], text_rows=blocks["text_rows"], any_valid=blocks["any_valid"],
             all_valid=blocks["all_valid"], min_full_fraction=a["min_full_fraction"], key_padding_mask=pad,
             write_map=not compact,

@@ -482,6 +482,9 @@ def pooling_fidelity(sims: torch.Tensor, levels: Sequence[int], cap: torch.Tenso
 _LEVEL_COST = {1: 1.0, 2: 0.5, 4: 0.25, 8: 0.125}
 #: Bisection steps of the budget policy's multiplier (relative precision 2^-32 of its range).
 BUDGET_STEPS = 32
+#: Share of a row's budget the budget policy spends first on reading its top-ranked blocks at full
+#: resolution (the ``budget_full_share`` of a preset; docs/semantics.md section 7, step 3).
+BUDGET_FULL_SHARE = 0.5
 
 
 def _budget_choice(s: torch.Tensor, fidelity: torch.Tensor, lam: torch.Tensor):
@@ -499,6 +502,12 @@ def _budget_choice(s: torch.Tensor, fidelity: torch.Tensor, lam: torch.Tensor):
     return level, cost
 
 
+def check_full_share(full_share) -> None:
+    """Reject a ``budget_full_share`` that is not a number in [0, 1]."""
+    if isinstance(full_share, bool) or not isinstance(full_share, (int, float)) or not 0.0 <= full_share <= 1.0:
+        raise ValueError(f"budget_full_share must be a number in [0, 1], got {full_share!r}")
+
+
 def assign_budget(
     scores: torch.Tensor,
     visible: torch.Tensor,
@@ -506,22 +515,36 @@ def assign_budget(
     fidelity: torch.Tensor,
     *,
     sparsity: float,
+    full_share: float = BUDGET_FULL_SHARE,
 ) -> torch.Tensor:
     """Budget-aware levels (``mode="budget"``): per query-block row, the levels that keep the most
     of the row's attention for a compute budget of ``(1 - sparsity)`` of its visible pairs.
 
     A block ``j`` at level ``p`` costs ``1/p`` (skipped: 0) and keeps ``s_j * q_j(p)`` of the
     attention, ``s_j`` its importance and ``q_j(p)`` the level's fidelity (:func:`pooling_fidelity`).
-    The forced blocks (``forced``, level 1) spend their cost first; the rest maximises the kept
-    attention under the remaining budget. Each block independently takes the level maximising
-    ``s_j q_j(p) - lambda / p``, and ``lambda`` is the smallest multiplier (bisection, 32 steps)
-    whose choices fit the budget: the optimum on the upper hull of each block's (cost, kept
-    attention) options; the budget that tied blocks leave then goes to them in rank order (the
-    blocks one step finer at a slightly smaller multiplier, best-ranked first). With
-    ``levels=(1,)`` it is binary top-k block-sparse
-    attention; where importance is flat and the keys alike, coarse levels spread the budget
-    over more blocks. A row with no importance at all is uniform over its visible blocks.
+    The forced blocks (``forced``, level 1) spend their cost first; of the budget ``b`` left for
+    the other (free) blocks, the free block at rank ``t`` (importance descending, index
+    ascending; ``t`` from 0) is then read at level 1 when ``t < full_share * b``, ``t + 1 <= b``
+    and its importance is above the mean of the free blocks': a prefix of the blocks binary
+    top-k would read, about ``full_share`` of the budget, at least one block when ``b >= 1``.
+    The optimiser spends the rest on the remaining blocks: each independently takes the level
+    maximising ``s_j q_j(p) - lambda / p``, and ``lambda`` is the smallest multiplier (bisection,
+    32 steps) whose choices fit the budget: the optimum on the upper hull of each block's (cost,
+    kept attention) options; the budget that tied blocks leave then goes to them in rank order
+    (the blocks one step finer at a slightly smaller multiplier, best-ranked first).
+
+    Why the first step: the utility model trusts the importance's magnitudes, and an estimate
+    that averages logits (the antidiagonal) flattens a peak: a block whose weight sits on one
+    key unlike the rest (a needle) shows up barely above the others, so with little budget the
+    optimiser buys many pooled blocks, and pooling averages the peak away. The ranking is what
+    the estimate gets right; spending a share of the budget on it in rank order bounds the loss
+    against binary top-k (it keeps the top blocks top-k at ``full_share`` of the budget keeps)
+    while the optimiser keeps coarse coverage elsewhere. A block at or below the mean carries no
+    sign of a peak (a flat row has no ranking worth following), so it is left to the optimiser.
+    ``full_share=0`` is the optimiser alone; with ``levels=(1,)`` the whole is binary top-k
+    block-sparse attention. A row with no importance at all is uniform over its visible blocks.
     """
+    check_full_share(full_share)
     visible = visible.expand_as(scores)
     forced = forced.expand_as(scores) & visible
     s = torch.where(visible, scores.float().clamp(min=0), torch.zeros_like(scores, dtype=torch.float32))
@@ -532,6 +555,19 @@ def assign_budget(
     fidelity = fidelity.expand(*scores.shape, 4).float()
     density = torch.tensor(1.0 - sparsity, dtype=torch.float32, device=s.device)
     budget = density * visible.sum(-1, keepdim=True).float() - forced.sum(-1, keepdim=True).float()
+    # Rank order of the free blocks (importance descending, index ascending); they come first.
+    priority = torch.where(free, scores.float().clamp(min=0), torch.full_like(s, -1.0))
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+    # 1. Level 1 for the top-ranked free blocks above the mean, within full_share of the budget.
+    share = torch.tensor(full_share, dtype=torch.float32, device=s.device)
+    rank = torch.arange(s.shape[-1], device=s.device, dtype=torch.float32)
+    above = free.sum(-1, keepdim=True).float() * torch.gather(s, -1, order) > s.sum(-1, keepdim=True)
+    first = above & (rank < share * budget) & (rank + 1 <= budget)
+    first = torch.empty_like(first).scatter_(-1, order, first)
+    budget = budget - first.sum(-1, keepdim=True).float()
+    free = free & ~first
+    s = torch.where(free, s, torch.zeros_like(s))
+    # 2. The optimiser on the rest.
     lo = torch.zeros_like(total)
     hi = 8.0 * s.amax(-1, keepdim=True)
     for _ in range(BUDGET_STEPS):
@@ -547,13 +583,11 @@ def assign_budget(
     finer, finer_cost = _budget_choice(s, fidelity, lo)
     extra = torch.where(free, finer_cost - cost, torch.zeros_like(cost))
     left = budget - torch.where(free, cost, torch.zeros_like(cost)).sum(-1, keepdim=True)
-    priority = torch.where(free, scores.float().clamp(min=0), torch.full_like(s, -1.0))
-    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
     upgrade = torch.gather(extra, -1, order).cumsum(-1) <= left
     upgrade = torch.empty_like(upgrade).scatter_(-1, order, upgrade) & (extra > 0)
     level = torch.where(upgrade, finer, level)
     level = torch.where(free, level, torch.zeros_like(level))
-    return torch.where(forced, torch.ones_like(level), level)
+    return torch.where(forced | first, torch.ones_like(level), level)
 
 
 def block_importance(q, k, *, scores=None, estimator="antidiagonal", causal=False, scale=None, block_q=128,
@@ -605,6 +639,7 @@ def build_level_map(
     estimate_precision: str = "full",
     target_sparsity: float | None = None,
     block_sims: torch.Tensor | None = None,
+    budget_full_share: float = BUDGET_FULL_SHARE,
 ) -> torch.Tensor:
     """The full mask generator of section 7: an ``int8`` level map ``[B, Hm, nq, nk]``.
 
@@ -618,7 +653,8 @@ def build_level_map(
     ``estimate_precision`` (``full`` or ``fp8``) is the antidiagonal estimate's
     (:func:`antidiagonal_importance`). ``mode='budget'`` spends a compute budget of
     ``1 - target_sparsity`` per row (:func:`assign_budget`; ``thresholds`` unused; the similarity
-    thresholds, when given, forbid a pooled level to a block as the cap does); ``block_sims
+    thresholds, when given, forbid a pooled level to a block as the cap does; ``budget_full_share``
+    the share of the budget first spent on the top-ranked blocks at level 1); ``block_sims
     [B, Hkv, nk, 3]`` replaces :func:`block_similarity` (already computed) for the cap and the
     budget's fidelity.
     """
@@ -634,6 +670,7 @@ def build_level_map(
     Hm = Hkv if share_kv_group else Hq
     if mode != "dense":
         check_assignment(mode, levels, thresholds, target_sparsity)
+        check_full_share(budget_full_share)
     if mode == "dense":
         return visible.expand(B, Hm, -1, -1).to(torch.int8)
 
@@ -656,7 +693,8 @@ def build_level_map(
     if mode == "budget":
         sims = sims.repeat_interleave(Hm // Hkv, dim=1)[:, :, None]  # [B, Hm, 1, nk, 3]
         fidelity = pooling_fidelity(sims, levels, cap)
-        level_map = assign_budget(scores, visible, forced, fidelity, sparsity=target_sparsity)
+        level_map = assign_budget(scores, visible, forced, fidelity, sparsity=target_sparsity,
+                                  full_share=budget_full_share)
     else:
         level_map = assign_levels(scores, visible, mode=mode, levels=levels, thresholds=thresholds)
         if cap is not None:
