@@ -217,8 +217,8 @@ def assign_levels_triton(
     ``int8`` map when ``write_map``).
 
     ``heads`` is Hq or Hkv (then each map head sums its group's scores); ``cap [B, Hkv, nk]``
-    the similarity cap or None; ``sims [B, Hkv, nk, 3]`` the block similarities (mode ``budget``:
-    its pooling fidelity; ``target_sparsity`` its budget, ``budget_full_share`` the share first
+    the similarity cap or None; ``sims [B, Hkv, nk, 3]`` the least similar pairs' similarities
+    (mode ``budget``: its pooling fidelity; ``target_sparsity`` its budget, ``budget_full_share`` the share first
     spent on level 1 for the top-ranked blocks); ``text_cols [B, nk]`` / ``text_rows [B, nq]`` the key and query
     blocks holding text; ``any_valid`` / ``all_valid [B, nk]`` the key blocks holding some /
     only real tokens (None: no padding). Inputs validated by the caller.

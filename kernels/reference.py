@@ -416,11 +416,16 @@ def block_similarity(
     *,
     block_k: int = 128,
     key_padding_mask: torch.Tensor | None = None,
+    reduce: str = "mean",
 ) -> torch.Tensor:
     """``[B, Hkv, nk, 3]``: for key block ``j`` and pooling factor ``p = 2, 4, 8`` (last axis), the
-    mean cosine similarity ``sim_p`` of the token pairs ``(t*p, t*p + p - 1)`` inside the block
-    (pairs with both tokens valid); ``-inf`` where the block has no such pair. How alike the
-    tokens a level-``p`` mean stands for are: the similarity cap and the budget policy read it."""
+    cosine similarity of the token pairs ``(t*p, t*p + p - 1)`` inside the block (pairs with both
+    tokens valid), reduced over the block's pairs: ``reduce="mean"`` gives ``sim_p``, their mean
+    (how alike the tokens a level-``p`` mean stands for are, on average: the similarity cap reads
+    it), ``"min"`` gives ``wsim_p``, the least similar pair's (the group pooling represents worst:
+    the budget policy's fidelity reads it); ``-inf`` where the block has no such pair."""
+    if reduce not in ("mean", "min"):
+        raise ValueError(f"reduce must be 'mean' or 'min', got {reduce!r}")
     B, H, Lk, D = k.shape
     nk = num_blocks(Lk, block_k)
     valid = valid_keys(key_padding_mask, B, Lk, k.device)
@@ -432,9 +437,12 @@ def block_similarity(
         ok = (vf[:, 0::p] & vf[:, p - 1 :: p]).float()  # [B, groups]
         sim = F.cosine_similarity(first, last, dim=-1)  # [B, H, groups]
         per_block = block_k // p  # groups per key block (block_k is a multiple of 8)
-        num = (sim * ok[:, None]).view(B, H, nk, per_block).sum(-1)
         cnt = ok.view(B, 1, nk, per_block).sum(-1).expand(B, H, nk)
-        out.append(torch.where(cnt > 0, num / cnt.clamp(min=1), torch.full_like(num, float("-inf"))))
+        if reduce == "mean":
+            red = (sim * ok[:, None]).view(B, H, nk, per_block).sum(-1) / cnt.clamp(min=1)
+        else:
+            red = torch.where(ok[:, None] > 0, sim, torch.full_like(sim, float("inf"))).view(B, H, nk, per_block).amin(-1)
+        out.append(torch.where(cnt > 0, red, torch.full_like(red, float("-inf"))))
     return torch.stack(out, dim=-1)
 
 
@@ -467,9 +475,12 @@ def cap_from_similarity(sims: torch.Tensor, thresholds: Mapping[int, float] | Se
 
 def pooling_fidelity(sims: torch.Tensor, levels: Sequence[int], cap: torch.Tensor | None = None) -> torch.Tensor:
     """``[..., nk, 4]``: how much of a block's attention each level keeps, for p = 1, 2, 4, 8 (the
-    budget policy's utility per unit of importance): 1 at level 1, ``clamp(sim_p, 0, 1)`` at a
+    budget policy's utility per unit of importance): 1 at level 1, ``clamp(sims_p, 0, 1)`` at a
     pooled level (a mean of dissimilar keys keeps little), 0 for a level not in ``levels`` or
-    above the block's similarity ``cap``."""
+    above the block's similarity ``cap``. ``build_level_map`` passes the least similar pair's
+    similarity (:func:`block_similarity` with ``reduce="min"``): a row whose weight sits on one
+    key keeps only what that key's group keeps, and nothing in a block's importance says which
+    group that is."""
     q = torch.cat([torch.ones_like(sims[..., :1]), sims.clamp(0.0, 1.0)], dim=-1)
     for r, p in enumerate(POOL_FACTORS):
         allowed = p in levels
@@ -640,6 +651,7 @@ def build_level_map(
     target_sparsity: float | None = None,
     block_sims: torch.Tensor | None = None,
     budget_full_share: float = BUDGET_FULL_SHARE,
+    block_min_sims: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full mask generator of section 7: an ``int8`` level map ``[B, Hm, nq, nk]``.
 
@@ -655,8 +667,8 @@ def build_level_map(
     ``1 - target_sparsity`` per row (:func:`assign_budget`; ``thresholds`` unused; the similarity
     thresholds, when given, forbid a pooled level to a block as the cap does; ``budget_full_share``
     the share of the budget first spent on the top-ranked blocks at level 1); ``block_sims
-    [B, Hkv, nk, 3]`` replaces :func:`block_similarity` (already computed) for the cap and the
-    budget's fidelity.
+    [B, Hkv, nk, 3]`` replaces :func:`block_similarity` (already computed) for the cap, and
+    ``block_min_sims`` (the same shape) its ``reduce="min"`` form for the budget's fidelity.
     """
     check_qkv(q, k, k)
     check_block_sizes(block_q, block_k)
@@ -684,15 +696,18 @@ def build_level_map(
         batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k, causal=causal, text_mask=text_mask,
         dense_tail_tokens=dense_tail_tokens, key_padding_mask=key_padding_mask, device=q.device,
     )[:, None]
-    sims = block_sims
-    if sims is None and (similarity is not None or mode == "budget"):
-        sims = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask)
     cap = None
     if similarity is not None:
+        sims = block_sims
+        if sims is None:
+            sims = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask)
         cap = cap_from_similarity(sims, similarity).repeat_interleave(Hm // Hkv, dim=1)[:, :, None, :]  # per map head
     if mode == "budget":
-        sims = sims.repeat_interleave(Hm // Hkv, dim=1)[:, :, None]  # [B, Hm, 1, nk, 3]
-        fidelity = pooling_fidelity(sims, levels, cap)
+        worst = block_min_sims
+        if worst is None:
+            worst = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask, reduce="min")
+        worst = worst.repeat_interleave(Hm // Hkv, dim=1)[:, :, None]  # [B, Hm, 1, nk, 3]
+        fidelity = pooling_fidelity(worst, levels, cap)
         level_map = assign_budget(scores, visible, forced, fidelity, sparsity=target_sparsity,
                                   full_share=budget_full_share)
     else:
