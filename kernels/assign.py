@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .layout import layout_buffers, row_launch, write_row
 from .level_map import LevelMap
-from .reference import BUDGET_STEPS
+from .reference import BUDGET_FULL_SHARE, BUDGET_STEPS
 from .utils import on_device
 
 
@@ -55,7 +55,7 @@ def _budget_choice(s, q1, q2, q4, q8, lam):
 @triton.jit
 def _assign_kernel(
     SCORES, CAP, SIMS, TEXT_COLS, TEXT_ROWS, ANY_VALID, ALL_VALID, MAP, IDX, CNT, PLAN, COST, VIS,
-    tau1, tau2, tau3, tau4, min_full_fraction, density,
+    tau1, tau2, tau3, tau4, min_full_fraction, density, full_share,
     stride_sb, stride_sh, stride_sm,
     Hm, GROUP_SUM, CAP_DIV, Hkv, nq, nk, Lq, Lk, block_q, block_k,
     LEVEL1: tl.constexpr, LEVEL2: tl.constexpr, LEVEL3: tl.constexpr, LEVEL4: tl.constexpr,
@@ -132,6 +132,14 @@ def _assign_kernel(
             if HAS_CAP:
                 q8 = tl.where(cap >= 8, q8, 0.0)
         budget = density * n_vis.to(tl.float32) - tl.sum(forced.to(tl.float32), 0)
+        # Level 1 first for the top-ranked free lanes above the free mean, within full_share of
+        # the budget (the lanes are ranked; t is the rank among the free ones).
+        t = (tl.cumsum(free.to(tl.int32), 0) - 1).to(tl.float32)
+        above = tl.sum(free.to(tl.float32), 0) * s_r > tl.sum(s_r, 0)
+        first = free & above & (t < full_share * budget) & (t + 1.0 <= budget)
+        budget = budget - tl.sum(first.to(tl.float32), 0)
+        free = free & ~first
+        s_r = tl.where(free, s_r, 0.0)
         lo = 0.0
         hi = 8.0 * tl.max(s_r, 0)
         for _ in tl.static_range(BUDGET_STEPS):
@@ -149,6 +157,7 @@ def _assign_kernel(
         upgrade = (tl.cumsum(extra, 0) <= left) & (extra > 0)
         lvl = tl.where(upgrade, finer, lvl)
         lvl = tl.where(free, lvl, 0)
+        lvl = tl.where(first, 1, lvl)
     else:
         if ENERGY:
             total = tl.sum(ranked, 0)
@@ -195,6 +204,7 @@ def assign_levels_triton(
     cap: torch.Tensor | None,
     sims: torch.Tensor | None = None,
     target_sparsity: float | None = None,
+    budget_full_share: float = BUDGET_FULL_SHARE,
     text_cols: torch.Tensor = None,
     text_rows: torch.Tensor,
     any_valid: torch.Tensor | None,
@@ -207,8 +217,9 @@ def assign_levels_triton(
     ``int8`` map when ``write_map``).
 
     ``heads`` is Hq or Hkv (then each map head sums its group's scores); ``cap [B, Hkv, nk]``
-    the similarity cap or None; ``sims [B, Hkv, nk, 3]`` the block similarities (mode ``budget``:
-    its pooling fidelity; ``target_sparsity`` its budget); ``text_cols [B, nk]`` / ``text_rows [B, nq]`` the key and query
+    the similarity cap or None; ``sims [B, Hkv, nk, 3]`` the least similar pairs' similarities
+    (mode ``budget``: its pooling fidelity; ``target_sparsity`` its budget, ``budget_full_share`` the share first
+    spent on level 1 for the top-ranked blocks); ``text_cols [B, nk]`` / ``text_rows [B, nq]`` the key and query
     blocks holding text; ``any_valid`` / ``all_valid [B, nk]`` the key blocks holding some /
     only real tokens (None: no padding). Inputs validated by the caller.
     """
@@ -224,7 +235,7 @@ def assign_levels_triton(
             any_valid if any_valid is not None else filler, all_valid if all_valid is not None else filler,
             out["dense"] if write_map else filler, out["indices"], out["counts"], out["plan"], out["cost"],
             out["visible"], *taus, float(min_full_fraction),
-            float(1.0 - target_sparsity) if mode == "budget" else 1.0,
+            float(1.0 - target_sparsity) if mode == "budget" else 1.0, float(budget_full_share),
             scores.stride(0), scores.stride(1), scores.stride(2),
             heads, Hq // heads, heads // kv_heads, kv_heads, nq, nk, q_len, k_len, block_q, block_k,
             LEVEL1=levels[0], LEVEL2=levels[1], LEVEL3=levels[2], LEVEL4=levels[3], ENERGY=mode == "energy",

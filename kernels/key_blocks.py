@@ -29,7 +29,8 @@ from .utils import cdiv, next_pow2, on_device
 def _factor_similarity(K, PAD, b, block, Lk, stride_kn, offs_d, d_ok,
                        P: tl.constexpr, PAIRS: tl.constexpr, PAIRS_POW2: tl.constexpr, HAS_PAD: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    """Mean cosine similarity of the block's token pairs ``(t*P, t*P + P - 1)``; -inf without one."""
+    """Mean and least cosine similarity of the block's token pairs ``(t*P, t*P + P - 1)``; -inf
+    without one."""
     t = tl.arange(0, PAIRS_POW2)
     first = block * BLOCK_K + t * P
     last = first + P - 1
@@ -45,16 +46,18 @@ def _factor_similarity(K, PAD, b, block, Lk, stride_kn, offs_d, d_ok,
     sim = tl.sum(x * y, 1) / norms
     count = tl.sum(ok.to(tl.float32), 0)
     mean = tl.sum(tl.where(ok, sim, 0.0), 0) / tl.maximum(count, 1.0)
-    return tl.where(count > 0, mean, float("-inf"))
+    least = tl.min(tl.where(ok, sim, float("inf")), 0)
+    return tl.where(count > 0, mean, float("-inf")), tl.where(count > 0, least, float("-inf"))
 
 
 @triton.jit
 def _key_blocks_kernel(
-    K, PAD, TEXT, CAP, SIMS, TEXT_COLS, TEXT_ROWS, ANY_VALID, ALL_VALID,
+    K, PAD, TEXT, CAP, SIMS, MIN_SIMS, TEXT_COLS, TEXT_ROWS, ANY_VALID, ALL_VALID,
     thr2, thr4, thr8,
     stride_kb, stride_kh, stride_kn,
     Hkv, Lq, Lk, nq, nk, block_q, tail,
-    USE2: tl.constexpr, USE4: tl.constexpr, USE8: tl.constexpr, SIMS_OUT: tl.constexpr, HAS_PAD: tl.constexpr,
+    USE2: tl.constexpr, USE4: tl.constexpr, USE8: tl.constexpr, SIMS_OUT: tl.constexpr, MIN_SIMS_OUT: tl.constexpr,
+    HAS_PAD: tl.constexpr,
     HAS_TEXT: tl.constexpr, FLAGS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_K_POW2: tl.constexpr, BLOCK_Q_POW2: tl.constexpr, PAIRS2: tl.constexpr, PAIRS4: tl.constexpr, PAIRS8: tl.constexpr,
 ):
@@ -63,20 +66,24 @@ def _key_blocks_kernel(
     b = bh // Hkv
     h = bh % Hkv
     if t < nk:
-        if USE2 or USE4 or USE8 or SIMS_OUT:
+        if USE2 or USE4 or USE8 or SIMS_OUT or MIN_SIMS_OUT:
             offs_d = tl.arange(0, BLOCK_D)
             d_ok = offs_d < HEAD_DIM
             k = K + b * stride_kb + h * stride_kh
-            sim2 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 2, BLOCK_K // 2, PAIRS2, HAS_PAD,
+            sim2, least2 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 2, BLOCK_K // 2, PAIRS2, HAS_PAD,
                                       BLOCK_K)
-            sim4 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 4, BLOCK_K // 4, PAIRS4, HAS_PAD,
+            sim4, least4 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 4, BLOCK_K // 4, PAIRS4, HAS_PAD,
                                       BLOCK_K)
-            sim8 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 8, BLOCK_K // 8, PAIRS8, HAS_PAD,
+            sim8, least8 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 8, BLOCK_K // 8, PAIRS8, HAS_PAD,
                                       BLOCK_K)
             if SIMS_OUT:
                 tl.store(SIMS + (bh * nk + t) * 3, sim2)
                 tl.store(SIMS + (bh * nk + t) * 3 + 1, sim4)
                 tl.store(SIMS + (bh * nk + t) * 3 + 2, sim8)
+            if MIN_SIMS_OUT:
+                tl.store(MIN_SIMS + (bh * nk + t) * 3, least2)
+                tl.store(MIN_SIMS + (bh * nk + t) * 3 + 1, least4)
+                tl.store(MIN_SIMS + (bh * nk + t) * 3 + 2, least8)
             if USE2 or USE4 or USE8:
                 # Ascending factors: the largest allowed one wins, as in the reference.
                 cap = 1
@@ -120,9 +127,11 @@ def _key_blocks_kernel(
 
 def key_blocks(k: torch.Tensor, *, q_len: int, block_q: int, block_k: int, thresholds: dict | None,
                text_mask: torch.Tensor | None = None, dense_tail_tokens: int = 512,
-               key_padding_mask: torch.Tensor | None = None, flags: bool = True, sims: bool = False) -> dict:
+               key_padding_mask: torch.Tensor | None = None, flags: bool = True, sims: bool = False,
+               min_sims: bool = False) -> dict:
     """``cap [B, Hkv, nk]`` (int8; None without thresholds), with ``sims`` the block similarities
-    ``[B, Hkv, nk, 3]`` (fp32, :func:`psa_kernels.reference.block_similarity`) and, with
+    ``[B, Hkv, nk, 3]`` (fp32, :func:`psa_kernels.reference.block_similarity`), with ``min_sims``
+    their least similar pair's (``reduce="min"``; the budget policy's fidelity) and, with
     ``flags``, the int8 block flags ``text_cols [B, nk]``, ``text_rows [B, nq]``, ``any_valid`` /
     ``all_valid [B, nk]`` (None without padding). ``thresholds`` maps factors (a subset of 2, 4,
     8) to thresholds. Inputs validated by the caller; ``block_k`` a multiple of 8."""
@@ -132,6 +141,7 @@ def key_blocks(k: torch.Tensor, *, q_len: int, block_q: int, block_k: int, thres
     thresholds = thresholds or {}
     cap = torch.empty(B, H, nk, dtype=torch.int8, device=device) if thresholds else None
     out = dict(cap=cap, sims=torch.empty(B, H, nk, 3, dtype=torch.float32, device=device) if sims else None,
+               min_sims=torch.empty(B, H, nk, 3, dtype=torch.float32, device=device) if min_sims else None,
                text_cols=None, text_rows=None, any_valid=None, all_valid=None)
     if flags:
         out.update(text_cols=torch.empty(B, nk, dtype=torch.int8, device=device),
@@ -139,23 +149,24 @@ def key_blocks(k: torch.Tensor, *, q_len: int, block_q: int, block_k: int, thres
         if key_padding_mask is not None:
             out.update(any_valid=torch.empty(B, nk, dtype=torch.int8, device=device),
                        all_valid=torch.empty(B, nk, dtype=torch.int8, device=device))
-    if not thresholds and not flags and not sims:
+    if not thresholds and not flags and not sims and not min_sims:
         return out
     k = k if k.stride(-1) == 1 else k.contiguous()
     int8 = lambda t: t if t is None or t.dtype == torch.int8 else t.to(torch.int8)  # noqa: E731
     pad, text = int8(key_padding_mask), int8(text_mask)
-    filler = next(t for t in (cap, out["sims"], out["text_cols"]) if t is not None)
+    filler = next(t for t in (cap, out["sims"], out["min_sims"], out["text_cols"]) if t is not None)
     pairs = {p: next_pow2(max(1, block_k // p)) for p in (2, 4, 8)}
     grid = (max(nk, nq) if flags else nk, B * H)
     with on_device(k):
         _key_blocks_kernel[grid](
             k, pad if pad is not None else filler, text if text is not None else filler, cap if cap is not None else filler,
-            out["sims"] if sims else filler,
+            out["sims"] if sims else filler, out["min_sims"] if min_sims else filler,
             *(out[n] if out[n] is not None else filler for n in ("text_cols", "text_rows", "any_valid", "all_valid")),
             *(float(thresholds.get(p, 0.0)) for p in (2, 4, 8)),
             k.stride(0), k.stride(1), k.stride(2),
             H, q_len, Lk, nq, nk, block_q, int(dense_tail_tokens),
-            USE2=2 in thresholds, USE4=4 in thresholds, USE8=8 in thresholds, SIMS_OUT=sims, HAS_PAD=pad is not None,
+            USE2=2 in thresholds, USE4=4 in thresholds, USE8=8 in thresholds, SIMS_OUT=sims, MIN_SIMS_OUT=min_sims,
+            HAS_PAD=pad is not None,
             HAS_TEXT=text is not None, FLAGS=flags, HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)),
             BLOCK_K=block_k, BLOCK_K_POW2=next_pow2(block_k),
             BLOCK_Q_POW2=next_pow2(block_q),

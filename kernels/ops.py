@@ -160,8 +160,8 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
 
     Keyword arguments as :func:`psa_kernels.reference.build_level_map`. Where kernels serve:
     the importance kernel (with the fp8 copies' quantisation first when
-    ``estimate_precision="fp8"``), one kernel for the similarity cap, the block similarities
-    (``mode="budget"``) and the block flags, and one for the assignment and the layout: three
+    ``estimate_precision="fp8"``), one kernel for the similarity cap, the least similar pairs'
+    similarities (``mode="budget"``) and the block flags, and one for the assignment and the layout: three
     to five launches, no host synchronisation.
     """
     defaults = _mask_defaults()
@@ -194,11 +194,13 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
     if text is not None and tuple(text.shape) != (B, Lk):
         raise ValueError(f"text_mask must have shape [B, Lk] = {(B, Lk)}, got {tuple(text.shape)}")
     reference.check_assignment(a["mode"], a["levels"], a["thresholds"], a["target_sparsity"])
+    reference.check_full_share(a["budget_full_share"])
     budget = a["mode"] == "budget"
-    given_sims = a["block_sims"]
-    if given_sims is not None and tuple(given_sims.shape) != (B, k.shape[1], -(-Lk // block_k), 3):
-        raise ValueError(f"block_sims must have shape [B, Hkv, nk, 3] = {(B, k.shape[1], -(-Lk // block_k), 3)}, "
-                         f"got {tuple(given_sims.shape)}")
+    given_sims, given_min = a["block_sims"], a["block_min_sims"]
+    for name, given in (("block_sims", given_sims), ("block_min_sims", given_min)):
+        if given is not None and tuple(given.shape) != (B, k.shape[1], -(-Lk // block_k), 3):
+            raise ValueError(f"{name} must have shape [B, Hkv, nk, 3] = {(B, k.shape[1], -(-Lk // block_k), 3)}, "
+                             f"got {tuple(given.shape)}")
     with on_device(q):
         scores = reference.block_importance(q, k, scores=a["scores"], estimator=a["estimator"], causal=a["causal"],
                                             scale=a["scale"], block_q=block_q, block_k=block_k, stride=a["stride"],
@@ -211,15 +213,16 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
         blocks = key_blocks(k, q_len=Lq, block_q=block_q, block_k=block_k,
                             thresholds=similarity if given_sims is None else None, text_mask=text,
                             dense_tail_tokens=a["dense_tail_tokens"], key_padding_mask=pad,
-                            sims=budget and given_sims is None)
+                            min_sims=budget and given_min is None)
         if given_sims is not None and similarity is not None:  # the cap of the given similarities
             blocks["cap"] = reference.cap_from_similarity(given_sims, similarity).contiguous()
         return_layout = assign_levels_triton(
             scores if scores.dtype == torch.float32 else scores.float(), heads=Hkv if a["share_kv_group"] else Hq,
             kv_heads=Hkv, causal=a["causal"], q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k,
             mode=a["mode"], levels=a["levels"], thresholds=a["thresholds"], cap=blocks["cap"],
-            sims=given_sims.float().contiguous() if given_sims is not None else blocks["sims"],
+            sims=given_min.float().contiguous() if given_min is not None else blocks["min_sims"],
             target_sparsity=a["target_sparsity"],
+            budget_full_share=a["budget_full_share"],
             text_cols=blocks["text_cols"], text_rows=blocks["text_rows"], any_valid=blocks["any_valid"],
             all_valid=blocks["all_valid"], min_full_fraction=a["min_full_fraction"], key_padding_mask=pad,
             write_map=not compact,

@@ -416,11 +416,16 @@ def block_similarity(
     *,
     block_k: int = 128,
     key_padding_mask: torch.Tensor | None = None,
+    reduce: str = "mean",
 ) -> torch.Tensor:
     """``[B, Hkv, nk, 3]``: for key block ``j`` and pooling factor ``p = 2, 4, 8`` (last axis), the
-    mean cosine similarity ``sim_p`` of the token pairs ``(t*p, t*p + p - 1)`` inside the block
-    (pairs with both tokens valid); ``-inf`` where the block has no such pair. How alike the
-    tokens a level-``p`` mean stands for are: the similarity cap and the budget policy read it."""
+    cosine similarity of the token pairs ``(t*p, t*p + p - 1)`` inside the block (pairs with both
+    tokens valid), reduced over the block's pairs: ``reduce="mean"`` gives ``sim_p``, their mean
+    (how alike the tokens a level-``p`` mean stands for are, on average: the similarity cap reads
+    it), ``"min"`` gives ``wsim_p``, the least similar pair's (the group pooling represents worst:
+    the budget policy's fidelity reads it); ``-inf`` where the block has no such pair."""
+    if reduce not in ("mean", "min"):
+        raise ValueError(f"reduce must be 'mean' or 'min', got {reduce!r}")
     B, H, Lk, D = k.shape
     nk = num_blocks(Lk, block_k)
     valid = valid_keys(key_padding_mask, B, Lk, k.device)
@@ -432,9 +437,12 @@ def block_similarity(
         ok = (vf[:, 0::p] & vf[:, p - 1 :: p]).float()  # [B, groups]
         sim = F.cosine_similarity(first, last, dim=-1)  # [B, H, groups]
         per_block = block_k // p  # groups per key block (block_k is a multiple of 8)
-        num = (sim * ok[:, None]).view(B, H, nk, per_block).sum(-1)
         cnt = ok.view(B, 1, nk, per_block).sum(-1).expand(B, H, nk)
-        out.append(torch.where(cnt > 0, num / cnt.clamp(min=1), torch.full_like(num, float("-inf"))))
+        if reduce == "mean":
+            red = (sim * ok[:, None]).view(B, H, nk, per_block).sum(-1) / cnt.clamp(min=1)
+        else:
+            red = torch.where(ok[:, None] > 0, sim, torch.full_like(sim, float("inf"))).view(B, H, nk, per_block).amin(-1)
+        out.append(torch.where(cnt > 0, red, torch.full_like(red, float("-inf"))))
     return torch.stack(out, dim=-1)
 
 
@@ -467,9 +475,12 @@ def cap_from_similarity(sims: torch.Tensor, thresholds: Mapping[int, float] | Se
 
 def pooling_fidelity(sims: torch.Tensor, levels: Sequence[int], cap: torch.Tensor | None = None) -> torch.Tensor:
     """``[..., nk, 4]``: how much of a block's attention each level keeps, for p = 1, 2, 4, 8 (the
-    budget policy's utility per unit of importance): 1 at level 1, ``clamp(sim_p, 0, 1)`` at a
+    budget policy's utility per unit of importance): 1 at level 1, ``clamp(sims_p, 0, 1)`` at a
     pooled level (a mean of dissimilar keys keeps little), 0 for a level not in ``levels`` or
-    above the block's similarity ``cap``."""
+    above the block's similarity ``cap``. ``build_level_map`` passes the least similar pair's
+    similarity (:func:`block_similarity` with ``reduce="min"``): a row whose weight sits on one
+    key keeps only what that key's group keeps, and nothing in a block's importance says which
+    group that is."""
     q = torch.cat([torch.ones_like(sims[..., :1]), sims.clamp(0.0, 1.0)], dim=-1)
     for r, p in enumerate(POOL_FACTORS):
         allowed = p in levels
@@ -482,6 +493,9 @@ def pooling_fidelity(sims: torch.Tensor, levels: Sequence[int], cap: torch.Tenso
 _LEVEL_COST = {1: 1.0, 2: 0.5, 4: 0.25, 8: 0.125}
 #: Bisection steps of the budget policy's multiplier (relative precision 2^-32 of its range).
 BUDGET_STEPS = 32
+#: Share of a row's budget the budget policy spends first on reading its top-ranked blocks at full
+#: resolution (the ``budget_full_share`` of a preset; docs/semantics.md section 7, step 3).
+BUDGET_FULL_SHARE = 0.5
 
 
 def _budget_choice(s: torch.Tensor, fidelity: torch.Tensor, lam: torch.Tensor):
@@ -499,6 +513,12 @@ def _budget_choice(s: torch.Tensor, fidelity: torch.Tensor, lam: torch.Tensor):
     return level, cost
 
 
+def check_full_share(full_share) -> None:
+    """Reject a ``budget_full_share`` that is not a number in [0, 1]."""
+    if isinstance(full_share, bool) or not isinstance(full_share, (int, float)) or not 0.0 <= full_share <= 1.0:
+        raise ValueError(f"budget_full_share must be a number in [0, 1], got {full_share!r}")
+
+
 def assign_budget(
     scores: torch.Tensor,
     visible: torch.Tensor,
@@ -506,22 +526,36 @@ def assign_budget(
     fidelity: torch.Tensor,
     *,
     sparsity: float,
+    full_share: float = BUDGET_FULL_SHARE,
 ) -> torch.Tensor:
     """Budget-aware levels (``mode="budget"``): per query-block row, the levels that keep the most
     of the row's attention for a compute budget of ``(1 - sparsity)`` of its visible pairs.
 
     A block ``j`` at level ``p`` costs ``1/p`` (skipped: 0) and keeps ``s_j * q_j(p)`` of the
     attention, ``s_j`` its importance and ``q_j(p)`` the level's fidelity (:func:`pooling_fidelity`).
-    The forced blocks (``forced``, level 1) spend their cost first; the rest maximises the kept
-    attention under the remaining budget. Each block independently takes the level maximising
-    ``s_j q_j(p) - lambda / p``, and ``lambda`` is the smallest multiplier (bisection, 32 steps)
-    whose choices fit the budget: the optimum on the upper hull of each block's (cost, kept
-    attention) options; the budget that tied blocks leave then goes to them in rank order (the
-    blocks one step finer at a slightly smaller multiplier, best-ranked first). With
-    ``levels=(1,)`` it is binary top-k block-sparse
-    attention; where importance is flat and the keys alike, coarse levels spread the budget
-    over more blocks. A row with no importance at all is uniform over its visible blocks.
+    The forced blocks (``forced``, level 1) spend their cost first; of the budget ``b`` left for
+    the other (free) blocks, the free block at rank ``t`` (importance descending, index
+    ascending; ``t`` from 0) is then read at level 1 when ``t < full_share * b``, ``t + 1 <= b``
+    and its importance is above the mean of the free blocks': a prefix of the blocks binary
+    top-k would read, about ``full_share`` of the budget, at least one block when ``b >= 1``.
+    The optimiser spends the rest on the remaining blocks: each independently takes the level
+    maximising ``s_j q_j(p) - lambda / p``, and ``lambda`` is the smallest multiplier (bisection,
+    32 steps) whose choices fit the budget: the optimum on the upper hull of each block's (cost,
+    kept attention) options; the budget that tied blocks leave then goes to them in rank order
+    (the blocks one step finer at a slightly smaller multiplier, best-ranked first).
+
+    Why the first step: the utility model trusts the importance's magnitudes, and an estimate
+    that averages logits (the antidiagonal) flattens a peak: a block whose weight sits on one
+    key unlike the rest (a needle) shows up barely above the others, so with little budget the
+    optimiser buys many pooled blocks, and pooling averages the peak away. The ranking is what
+    the estimate gets right; spending a share of the budget on it in rank order bounds the loss
+    against binary top-k (it keeps the top blocks top-k at ``full_share`` of the budget keeps)
+    while the optimiser keeps coarse coverage elsewhere. A block at or below the mean carries no
+    sign of a peak (a flat row has no ranking worth following), so it is left to the optimiser.
+    ``full_share=0`` is the optimiser alone; with ``levels=(1,)`` the whole is binary top-k
+    block-sparse attention. A row with no importance at all is uniform over its visible blocks.
     """
+    check_full_share(full_share)
     visible = visible.expand_as(scores)
     forced = forced.expand_as(scores) & visible
     s = torch.where(visible, scores.float().clamp(min=0), torch.zeros_like(scores, dtype=torch.float32))
@@ -532,6 +566,19 @@ def assign_budget(
     fidelity = fidelity.expand(*scores.shape, 4).float()
     density = torch.tensor(1.0 - sparsity, dtype=torch.float32, device=s.device)
     budget = density * visible.sum(-1, keepdim=True).float() - forced.sum(-1, keepdim=True).float()
+    # Rank order of the free blocks (importance descending, index ascending); they come first.
+    priority = torch.where(free, scores.float().clamp(min=0), torch.full_like(s, -1.0))
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+    # 1. Level 1 for the top-ranked free blocks above the mean, within full_share of the budget.
+    share = torch.tensor(full_share, dtype=torch.float32, device=s.device)
+    rank = torch.arange(s.shape[-1], device=s.device, dtype=torch.float32)
+    above = free.sum(-1, keepdim=True).float() * torch.gather(s, -1, order) > s.sum(-1, keepdim=True)
+    first = above & (rank < share * budget) & (rank + 1 <= budget)
+    first = torch.empty_like(first).scatter_(-1, order, first)
+    budget = budget - first.sum(-1, keepdim=True).float()
+    free = free & ~first
+    s = torch.where(free, s, torch.zeros_like(s))
+    # 2. The optimiser on the rest.
     lo = torch.zeros_like(total)
     hi = 8.0 * s.amax(-1, keepdim=True)
     for _ in range(BUDGET_STEPS):
@@ -547,13 +594,11 @@ def assign_budget(
     finer, finer_cost = _budget_choice(s, fidelity, lo)
     extra = torch.where(free, finer_cost - cost, torch.zeros_like(cost))
     left = budget - torch.where(free, cost, torch.zeros_like(cost)).sum(-1, keepdim=True)
-    priority = torch.where(free, scores.float().clamp(min=0), torch.full_like(s, -1.0))
-    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
     upgrade = torch.gather(extra, -1, order).cumsum(-1) <= left
     upgrade = torch.empty_like(upgrade).scatter_(-1, order, upgrade) & (extra > 0)
     level = torch.where(upgrade, finer, level)
     level = torch.where(free, level, torch.zeros_like(level))
-    return torch.where(forced, torch.ones_like(level), level)
+    return torch.where(forced | first, torch.ones_like(level), level)
 
 
 def block_importance(q, k, *, scores=None, estimator="antidiagonal", causal=False, scale=None, block_q=128,
@@ -605,6 +650,8 @@ def build_level_map(
     estimate_precision: str = "full",
     target_sparsity: float | None = None,
     block_sims: torch.Tensor | None = None,
+    budget_full_share: float = BUDGET_FULL_SHARE,
+    block_min_sims: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full mask generator of section 7: an ``int8`` level map ``[B, Hm, nq, nk]``.
 
@@ -618,9 +665,10 @@ def build_level_map(
     ``estimate_precision`` (``full`` or ``fp8``) is the antidiagonal estimate's
     (:func:`antidiagonal_importance`). ``mode='budget'`` spends a compute budget of
     ``1 - target_sparsity`` per row (:func:`assign_budget`; ``thresholds`` unused; the similarity
-    thresholds, when given, forbid a pooled level to a block as the cap does); ``block_sims
-    [B, Hkv, nk, 3]`` replaces :func:`block_similarity` (already computed) for the cap and the
-    budget's fidelity.
+    thresholds, when given, forbid a pooled level to a block as the cap does; ``budget_full_share``
+    the share of the budget first spent on the top-ranked blocks at level 1); ``block_sims
+    [B, Hkv, nk, 3]`` replaces :func:`block_similarity` (already computed) for the cap, and
+    ``block_min_sims`` (the same shape) its ``reduce="min"`` form for the budget's fidelity.
     """
     check_qkv(q, k, k)
     check_block_sizes(block_q, block_k)
@@ -634,6 +682,7 @@ def build_level_map(
     Hm = Hkv if share_kv_group else Hq
     if mode != "dense":
         check_assignment(mode, levels, thresholds, target_sparsity)
+        check_full_share(budget_full_share)
     if mode == "dense":
         return visible.expand(B, Hm, -1, -1).to(torch.int8)
 
@@ -647,16 +696,20 @@ def build_level_map(
         batch=B, q_len=Lq, k_len=Lk, block_q=block_q, block_k=block_k, causal=causal, text_mask=text_mask,
         dense_tail_tokens=dense_tail_tokens, key_padding_mask=key_padding_mask, device=q.device,
     )[:, None]
-    sims = block_sims
-    if sims is None and (similarity is not None or mode == "budget"):
-        sims = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask)
     cap = None
     if similarity is not None:
+        sims = block_sims
+        if sims is None:
+            sims = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask)
         cap = cap_from_similarity(sims, similarity).repeat_interleave(Hm // Hkv, dim=1)[:, :, None, :]  # per map head
     if mode == "budget":
-        sims = sims.repeat_interleave(Hm // Hkv, dim=1)[:, :, None]  # [B, Hm, 1, nk, 3]
-        fidelity = pooling_fidelity(sims, levels, cap)
-        level_map = assign_budget(scores, visible, forced, fidelity, sparsity=target_sparsity)
+        worst = block_min_sims
+        if worst is None:
+            worst = block_similarity(k, block_k=block_k, key_padding_mask=key_padding_mask, reduce="min")
+        worst = worst.repeat_interleave(Hm // Hkv, dim=1)[:, :, None]  # [B, Hm, 1, nk, 3]
+        fidelity = pooling_fidelity(worst, levels, cap)
+        level_map = assign_budget(scores, visible, forced, fidelity, sparsity=target_sparsity,
+                                  full_share=budget_full_share)
     else:
         level_map = assign_levels(scores, visible, mode=mode, levels=levels, thresholds=thresholds)
         if cap is not None:

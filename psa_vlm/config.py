@@ -58,6 +58,11 @@ class PSAConfig:
     ``estimator``, its ``stride`` and ``estimate_precision`` (``fp8``: the antidiagonal logits
     from fp8 copies of Q and K, half the bytes of bf16), block sizes, ``min_full_fraction`` (level-1 blocks kept per
     row) and ``dense_tail_tokens`` (tokens treated as text when text positions are unknown).
+    ``budget_full_share`` (mode ``budget``; default 0.5, a number in [0, 1]): the share of each
+    row's budget first spent on reading its top-ranked blocks at full resolution, in rank order
+    as binary top-k would (blocks above the row's mean importance only; at least one when the
+    budget allows one); the optimiser spends the rest. 0 leaves everything to the optimiser,
+    which pools a peaked block away at high sparsity (docs/semantics.md section 7, step 3).
     ``share_kv_group`` builds one level map per kv head instead of per query head.
     ``dense_text`` (default true) keeps every block holding text at level 1 (section 7, step 5);
     false forces no text block, as if the caller knew of no text: a stress setting for
@@ -79,6 +84,7 @@ class PSAConfig:
     stride: int = 8
     estimate_precision: str = "full"
     target_sparsity: float | None = None
+    budget_full_share: float = 0.5
     block_q: int = 128
     block_k: int = 128
     min_seq_len: int = 16384  # the H200 break-even of the whole call (docs/performance.md)
@@ -182,6 +188,7 @@ class PSAConfig:
             stride=self.stride,
             estimate_precision=self.estimate_precision,
             target_sparsity=self.target_sparsity,
+            budget_full_share=self.budget_full_share,
             dense_tail_tokens=self.dense_tail_tokens,
             min_full_fraction=self.min_full_fraction,
             share_kv_group=self.share_kv_group,
@@ -286,6 +293,9 @@ def _validate(c: PSAConfig) -> None:
         _fail("target_sparsity", "mode 'budget' needs a target sparsity (the FLOPs it may spend: 1 - target)", ts)
     if c.mode == "budget" and 1 not in c.levels:
         _fail("levels", "mode 'budget' needs level 1 among the levels", c.levels)
+    share = c.budget_full_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        _fail("budget_full_share", "must be a number in [0, 1] (the share of the budget read at level 1 first)", share)
     if c.estimate_precision not in ESTIMATE_PRECISIONS:
         _fail("estimate_precision", f"must be one of {ESTIMATE_PRECISIONS}", c.estimate_precision)
     if c.stride not in STRIDES:

@@ -71,6 +71,10 @@ def test_preset_from_a_yaml_path_and_per_layer_overrides(tmp_path):
         ({"stride": 5}, "stride"),
         ({"min_seq_len": -1}, "min_seq_len"),
         ({"min_full_fraction": 2}, "min_full_fraction"),
+        ({"budget_full_share": 1.5}, "budget_full_share"),
+        ({"budget_full_share": -0.1}, "budget_full_share"),
+        ({"budget_full_share": True}, "budget_full_share"),
+        ({"budget_full_share": "half"}, "budget_full_share"),
         ({"towers": ["audio"]}, "towers"),
         ({"overrides": [{"layers": [0], "mode": "sparse"}]}, "mode"),
         ({"overrides": [{"layers": [0], "colour": 1}]}, "colour"),
@@ -118,6 +122,12 @@ def test_budget_mode_needs_a_target_and_at_sparsity_builds_it():
     assert cfg.mode == "budget" and cfg.target_sparsity == 0.9 and cfg.similarity is None
     assert cfg.mask_kwargs()["target_sparsity"] == 0.9
     assert cfg.replace(levels=[1]).levels == (1,)  # budget mode: thresholds need not pair with levels
+    # The share of the budget read at level 1 first: the kernels' default, passed to the mask.
+    from psa_kernels.reference import BUDGET_FULL_SHARE
+
+    assert cfg.budget_full_share == BUDGET_FULL_SHARE and cfg.mask_kwargs()["budget_full_share"] == BUDGET_FULL_SHARE
+    assert cfg.replace(budget_full_share=0).mask_kwargs()["budget_full_share"] == 0
+    assert cfg.replace(budget_full_share=1.0).budget_full_share == 1.0
     with pytest.raises(ValueError, match="policy"):
         load_preset("video_mme").at_sparsity(0.9, "greedy")
 

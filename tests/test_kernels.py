@@ -480,12 +480,14 @@ def test_budget_assignment_matches_the_reference_exactly(case):
     scores[1, 0, nq - 1] = 0.25  # a row of ties (the last row: a short query may have only one)
     sims = torch.randint(-4, 17, (B, Hkv, nk, 3), generator=g).float() / 16
     sims[0, 0, :3, 2] = float("-inf")  # blocks without a pair at level 8
+    least = sims - torch.randint(0, 8, (B, Hkv, nk, 3), generator=g).float() / 16  # the least similar pairs
     pad = None
     if rnd.random() < 0.5:
         pad = torch.ones(B, Lk, dtype=torch.bool)
         pad[1, : rnd.randrange(1, Lk // 2)] = False
         pad = pad.to(DEVICE)
     kw = dict(causal=causal, block_q=bq, block_k=bk, scores=scores.to(DEVICE), block_sims=sims.to(DEVICE),
+              block_min_sims=least.to(DEVICE),
               key_padding_mask=pad, mode="budget", target_sparsity=rnd.choice([0.5, 0.75, 0.875, 0.9375]),
               share_kv_group=rnd.random() < 0.5, similarity=rnd.choice([None, (0.1, 0.0, -0.1)]),
               dense_tail_tokens=rnd.choice([0, 40]), min_full_fraction=rnd.choice([0.0, 0.06]),
@@ -499,6 +501,48 @@ def test_budget_assignment_matches_the_reference_exactly(case):
     assert set(want.unique().tolist()) - {0} <= set(kw["levels"]) | {1}, f"seed {seed}"
 
 
+@pytest.mark.parametrize("case", range(3))
+def test_budget_full_share_matches_the_reference_exactly(case):
+    """The budget policy's first step (level 1 for the top-ranked free blocks above the free
+    mean, within ``budget_full_share`` of the budget) in kernels/assign.py against the reference:
+    shares from 0 (the optimiser alone) to 1, scores in eighths (many ties: the first step cuts
+    through tied ranks, where index order decides, and blocks sit exactly at the mean, which
+    must not count as above it), dyadic budgets (the share boundary ``t < share * b`` falls on
+    exact values). The maps agree bit for bit, and no row spends more than its budget beyond
+    its forced blocks."""
+    seed, rnd, g, (B, Hkv, G, Hq, bq, bk, Lq, Lk, causal), (q, k), (nq, nk) = _random_assign_case()
+    scores = torch.randint(0, 8, (B, Hq, nq, nk), generator=g).float() / 8
+    scores[0, 0, 0] = 0.0  # no mass: uniform, nothing above the mean
+    scores[1, 0, nq - 1] = 0.25  # the last row: three tied blocks above an otherwise flat row
+    scores[1, 0, nq - 1, -3:] = 0.5
+    sims = torch.randint(-4, 17, (B, Hkv, nk, 3), generator=g).float() / 16
+    least = sims - torch.randint(0, 8, (B, Hkv, nk, 3), generator=g).float() / 16
+    pad = None
+    if rnd.random() < 0.5:
+        pad = torch.ones(B, Lk, dtype=torch.bool)
+        pad[1, : rnd.randrange(1, Lk // 2)] = False
+        pad = pad.to(DEVICE)
+    sparsity = rnd.choice([0.5, 0.75, 0.875, 0.9375])
+    tail = rnd.choice([0, 40])
+    kw = dict(causal=causal, block_q=bq, block_k=bk, scores=scores.to(DEVICE), block_sims=sims.to(DEVICE),
+              block_min_sims=least.to(DEVICE), key_padding_mask=pad, mode="budget", target_sparsity=sparsity,
+              budget_full_share=rnd.choice([0.0, 0.25, 0.375, 0.5, 0.75, 1.0]),
+              share_kv_group=rnd.random() < 0.5, similarity=rnd.choice([None, (0.1, 0.0, -0.1)]),
+              dense_tail_tokens=tail, min_full_fraction=0.0, levels=rnd.choice([(1, 2, 4, 8), (1, 2, 8)]))
+    got = psa_kernels.build_level_map(q, k, compact=True, **kw)
+    want = reference.build_level_map(q, k, **kw)
+    assert torch.equal(got.to_dense(), want), f"seed {seed}"
+    expected = LevelMap.from_dense(want, block_q=bq, block_k=bk, q_len=Lq, k_len=Lk, causal=causal,
+                                   key_padding_mask=pad)
+    assert_same_layout(got, expected, f"seed {seed}")
+    geometry = dict(batch=B, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk, causal=causal, key_padding_mask=pad,
+                    device=DEVICE)
+    visible = blocks.block_visibility(**geometry)
+    forced = blocks.forced_full_blocks(dense_tail_tokens=tail, **geometry) & visible
+    budget = torch.maximum((1 - sparsity) * visible.sum(-1).float(), forced.sum(-1).float())  # [B, nq]
+    assert torch.all(got.cost <= budget[:, None] + 1e-6), f"seed {seed}"
+
+
 def test_block_similarities_kernel_matches_the_reference():
     from psa_kernels.key_blocks import key_blocks
 
@@ -510,12 +554,15 @@ def test_block_similarities_kernel_matches_the_reference():
          + 0.4 * torch.randn(2, 3, Lk, 64, generator=g)).to(DEVICE)
     pad = torch.ones(2, Lk, dtype=torch.bool, device=DEVICE)
     pad[1, :70] = False  # whole blocks without a valid pair: -inf
-    got = key_blocks(k, q_len=Lk, block_q=64, block_k=block_k, thresholds=None, key_padding_mask=pad, flags=False,
-                     sims=True)["sims"]
-    want = reference.block_similarity(k.double(), block_k=block_k, key_padding_mask=pad)
-    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"seed {seed}"
-    finite = torch.isfinite(want)
-    assert torch.allclose(got[finite].double(), want[finite], atol=1e-5), f"seed {seed}"
+    out = key_blocks(k, q_len=Lk, block_q=64, block_k=block_k, thresholds=None, key_padding_mask=pad, flags=False,
+                     sims=True, min_sims=True)
+    for name, reduce in (("sims", "mean"), ("min_sims", "min")):  # the mean and the least similar pair
+        got = out[name]
+        want = reference.block_similarity(k.double(), block_k=block_k, key_padding_mask=pad, reduce=reduce)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), f"seed {seed}"
+        finite = torch.isfinite(want)
+        assert torch.allclose(got[finite].double(), want[finite], atol=1e-5), f"seed {seed}"
+    assert torch.all(out["min_sims"] <= out["sims"] + 1e-6)
 
 
 def test_sparsity_of_a_layout_needs_no_geometry():

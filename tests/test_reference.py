@@ -471,6 +471,54 @@ def test_budget_policy_keeps_a_peak_at_level_one_and_spreads_coarse_levels_over_
     assert set(lm.unique().tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9, 0.95])
+def test_budget_policy_reads_its_top_ranked_blocks_at_level_one_first(sparsity):
+    """With ``b`` the budget left after the forced blocks, the free blocks ranked ``t = 0, 1, ...``
+    (importance descending) are at level 1 while ``t < budget_full_share * b``, ``t + 1 <= b``
+    and their importance is above the free blocks' mean: at least the top free block whenever
+    ``b >= 1``. They are the blocks binary top-k at the same budget reads first, so on a row
+    whose weight sits on its best-ranked blocks (a peak that pooling averages away) the policy
+    keeps what top-k keeps with that share of the budget."""
+    scores, visible, forced, sims = _budget_case(int(torch.seed() % 2**31), nk=32, rows=8)
+    fidelity = R.pooling_fidelity(sims, (1, 2, 4, 8))
+    for share in (0.25, 0.5, 1.0):
+        lm = R.assign_budget(scores, visible, forced, fidelity, sparsity=sparsity, full_share=share)
+        binary = R.assign_budget(scores, visible, forced, R.pooling_fidelity(sims, (1,)), sparsity=sparsity)
+        budget = (1 - sparsity) * visible.sum(-1).float() - forced.sum(-1).float()
+        assert torch.all(_cost(lm) <= torch.maximum(budget, torch.zeros_like(budget)) + forced.sum(-1) + 1e-6)
+        for row in range(scores.shape[2]):
+            b = float(budget[0, 0, row])
+            free = (visible & ~forced)[0, 0, row]
+            ranked = [j for j in torch.argsort(scores[0, 0, row], descending=True).tolist() if free[j]]
+            mean = float(scores[0, 0, row][free].mean())
+            first = [j for t, j in enumerate(ranked) if t < share * b and t + 1 <= b and scores[0, 0, row, j] > mean]
+            assert all(lm[0, 0, row, j] == 1 for j in first), (share, row)
+            assert all(binary[0, 0, row, j] == 1 for j in first)  # top-k's own first blocks
+            if b >= 1:
+                assert lm[0, 0, row, ranked[0]] == 1  # the row's top free block (it is above the mean)
+
+
+def test_budget_policy_reads_a_flattened_peak_at_full_resolution():
+    """The V-NIAH failure of the optimiser alone (``budget_full_share=0``): keys alike (pooling
+    looks nearly free) and an importance estimate that shows the needle's block barely above the
+    others (averaged logits flatten a peak). With a budget of 1.3 blocks the optimiser buys ten
+    8x-pooled blocks and pools the needle away; the first step reads it at level 1 and spends
+    the rest on pooled coverage."""
+    nk = 33
+    visible = torch.ones(1, 1, 1, nk, dtype=torch.bool)
+    forced = torch.zeros_like(visible)
+    forced[..., 0] = forced[..., -1] = True  # the sink and the diagonal
+    scores = torch.full((1, 1, 1, nk), 0.02)
+    scores[..., 22] = 0.04  # the needle's block, ranked first among the free blocks
+    sims = torch.full((1, 1, 1, nk, 3), 0.99)
+    fidelity = R.pooling_fidelity(sims, (1, 2, 4, 8))
+    alone = R.assign_budget(scores, visible, forced, fidelity, sparsity=0.9, full_share=0.0)[0, 0, 0]
+    assert alone[22] == 8 and (alone == 8).sum() == 10  # pooled with nine others
+    lm = R.assign_budget(scores, visible, forced, fidelity, sparsity=0.9)[0, 0, 0]
+    assert lm[22] == 1 and (lm == 1).sum() == 3 and (lm == 8).sum() == 2  # the needle, then coverage
+    assert _cost(lm) <= 0.1 * nk + 1e-6
+
+
 def test_budget_mode_in_the_mask_generator_and_its_errors():
     g = torch.Generator().manual_seed(int(torch.seed() % 2**31))
     q, k = torch.randn(1, 4, 600, 32, generator=g), torch.randn(1, 2, 600, 32, generator=g)
@@ -484,3 +532,8 @@ def test_budget_mode_in_the_mask_generator_and_its_errors():
         R.build_level_map(q, k, mode="budget", target_sparsity=0.5, levels=(2, 4), thresholds=(0.5, 0.9))
     with pytest.raises(ValueError, match="assign_budget"):
         R.assign_levels(torch.rand(1, 1, 2, 4), torch.ones(1, 1, 2, 4, dtype=torch.bool), mode="budget")
+    for bad in (1.5, -0.25, True, "half"):
+        with pytest.raises(ValueError, match="budget_full_share"):
+            R.build_level_map(q, k, mode="budget", target_sparsity=0.5, budget_full_share=bad)
+        with pytest.raises(ValueError, match="budget_full_share"):
+            psa_kernels.build_level_map(q, k, mode="budget", target_sparsity=0.5, budget_full_share=bad)
