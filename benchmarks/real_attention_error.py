@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import psa_kernels
+from psa_vlm.config import parse_overrides
 from psa_vlm.models import load_model
 from psa_vlm.needles import render_batch
 from psa_vlm.variants import at_sparsities, parse_variants
@@ -84,6 +85,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dense-text", default="false", choices=("true", "false"),
                         help="keep text blocks at level 1 (the product setting) or not (default: false, the "
                         "setting where the policies differ in answers)")
+    parser.add_argument("--seed", type=int, default=TEST_SEED,
+                        help=f"seed of the first question (default: {TEST_SEED}, the V-NIAH test set's; "
+                        "another range checks a result on questions it was not chosen on)")
+    parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                        help="replace a field of every PSA variant (repeatable), e.g. budget_full_share=0")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="folder for real_error.json and real_error.txt")
     args = parser.parse_args(argv)
@@ -91,8 +97,8 @@ def main(argv=None) -> int:
     dense_text = args.dense_text == "true"
     sparsities = [float(s) for s in args.sparsity.split(",")]
     labels = at_sparsities(sparsities)
-    configs = {label: v.config for label, v in parse_variants(
-        labels, overrides={"min_seq_len": 0, "dense_text": dense_text}).items()}
+    overrides = {**parse_overrides(args.override), "min_seq_len": 0, "dense_text": dense_text}
+    configs = {label: v.config for label, v in parse_variants(labels, overrides=overrides).items()}
     model, processor = load_model(args.model, device=args.device, dtype=torch.float32)
     store: dict = {}
     register_capture(store)
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
     sums: dict = {}
     started = time.perf_counter()
     for i in range(args.questions):
-        answers, inputs = render_batch((args.frames, [(TEST_SEED + i, "colour")], (224, 224)), processor)
+        answers, inputs = render_batch((args.frames, [(args.seed + i, "colour")], (224, 224)), processor)
         inputs = {key: value.to(args.device) for key, value in inputs.items()}
         store.clear()
         with torch.no_grad():
@@ -129,9 +135,9 @@ def main(argv=None) -> int:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        report = dict(model=args.model, frames=args.frames, questions=args.questions, tokens=tokens,
-                      dense_text=dense_text, device=args.device, rows=rows, means=means,
-                      seconds=round(time.perf_counter() - started, 1))
+        report = dict(model=args.model, frames=args.frames, questions=args.questions, seed=args.seed,
+                      overrides=parse_overrides(args.override), tokens=tokens, dense_text=dense_text,
+                      device=args.device, rows=rows, means=means, seconds=round(time.perf_counter() - started, 1))
         (out / "real_error.json").write_text(json.dumps(report, indent=1))
         (out / "real_error.txt").write_text(table + "\n")
     return 0

@@ -552,7 +552,8 @@ def assign_budget(
     against binary top-k (it keeps the top blocks top-k at ``full_share`` of the budget keeps)
     while the optimiser keeps coarse coverage elsewhere. A block at or below the mean carries no
     sign of a peak (a flat row has no ranking worth following), so it is left to the optimiser.
-    ``full_share=0`` is the optimiser alone; with ``levels=(1,)`` the whole is binary top-k
+    The same peak inside a block is why :func:`build_level_map` gives the optimiser the fidelity
+    of the block's least similar pair rather than the mean. ``full_share=0`` is the optimiser alone; with ``levels=(1,)`` the whole is binary top-k
     block-sparse attention. A row with no importance at all is uniform over its visible blocks.
     """
     check_full_share(full_share)

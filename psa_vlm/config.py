@@ -59,10 +59,11 @@ class PSAConfig:
     from fp8 copies of Q and K, half the bytes of bf16), block sizes, ``min_full_fraction`` (level-1 blocks kept per
     row) and ``dense_tail_tokens`` (tokens treated as text when text positions are unknown).
     ``budget_full_share`` (mode ``budget``; default 0.5, a number in [0, 1]): the share of each
-    row's budget first spent on reading its top-ranked blocks at full resolution, in rank order
-    as binary top-k would (blocks above the row's mean importance only; at least one when the
-    budget allows one); the optimiser spends the rest. 0 leaves everything to the optimiser,
-    which pools a peaked block away at high sparsity (docs/semantics.md section 7, step 3).
+    row's budget (after its forced blocks) first spent on reading its top-ranked blocks at full
+    resolution, in rank order as binary top-k would (only blocks above the mean importance of
+    the row's unforced blocks; at least one when the budget allows one); the optimiser spends
+    the rest. 0 leaves everything to the optimiser, which pooled a needle's block away at high
+    sparsity; 1 is close to top-k (docs/semantics.md section 7, step 3; docs/quality.md).
     ``share_kv_group`` builds one level map per kv head instead of per query head.
     ``dense_text`` (default true) keeps every block holding text at level 1 (section 7, step 5);
     false forces no text block, as if the caller knew of no text: a stress setting for

@@ -519,6 +519,35 @@ def test_budget_policy_reads_a_flattened_peak_at_full_resolution():
     assert _cost(lm) <= 0.1 * nk + 1e-6
 
 
+def test_budget_fidelity_reads_the_least_similar_pair():
+    """Keys alike except one (a needle) in block 5: the block's mean pair similarity stays high
+    (one dissimilar pair among 16, 8, 4), its least similar pair's is about 0. With a budget of
+    one free block and the optimiser alone (``budget_full_share=0``), the mean would pool the
+    needle's block (it looks nearly free to pool); the least similar pair, which
+    ``build_level_map`` reads by default, puts it at level 1."""
+    g = torch.Generator().manual_seed(int(torch.seed() % 2**31))
+    D, L, bk = 16, 256, 32
+    e = torch.randn(D, generator=g)
+    k = e.expand(1, 1, L, D).clone() + 0.01 * torch.randn(1, 1, L, D, generator=g)
+    needle = torch.randn(D, generator=g)
+    k[0, 0, 5 * bk + 8] = needle - (needle @ e) / (e @ e) * e  # orthogonal to the other keys
+    mean = R.block_similarity(k, block_k=bk)
+    least = R.block_similarity(k, block_k=bk, reduce="min")
+    assert torch.all(least <= mean + 1e-6) and torch.all(least[0, 0, 5].abs() < 0.1) and torch.all(mean[0, 0, 5] > 0.7)
+    others = torch.arange(8) != 5
+    assert torch.all(least[0, 0, others] > 0.99)
+    q = torch.randn(1, 1, 32, D, generator=g)
+    scores = torch.full((1, 1, 1, 8), 0.01)
+    scores[..., 0], scores[..., 5] = 1.0, 0.3  # the sink, and the needle's block
+    kw = dict(block_q=32, block_k=bk, mode="budget", target_sparsity=0.75, scores=scores, similarity=None,
+              dense_tail_tokens=0, min_full_fraction=0.0, budget_full_share=0.0)
+    assert R.build_level_map(q, k, **kw)[0, 0, 0, 5] == 1
+    assert R.build_level_map(q, k, block_min_sims=least, **kw)[0, 0, 0, 5] == 1
+    assert R.build_level_map(q, k, block_min_sims=mean, **kw)[0, 0, 0, 5] > 1  # the mean pools it
+    with pytest.raises(ValueError, match="reduce"):
+        R.block_similarity(k, block_k=bk, reduce="max")
+
+
 def test_budget_mode_in_the_mask_generator_and_its_errors():
     g = torch.Generator().manual_seed(int(torch.seed() % 2**31))
     q, k = torch.randn(1, 4, 600, 32, generator=g), torch.randn(1, 2, 600, 32, generator=g)
