@@ -469,6 +469,18 @@ def test_block_flags_kernel_matches_the_reference(case):
         assert torch.equal(got["any_valid"], any_valid) and torch.equal(got["all_valid"], all_valid), f"seed {seed}"
 
 
+def _kernel_map_equals_reference(q, k, kw, seed, Lq, Lk):
+    """The fused kernels' compact map against the reference's dense one: the same levels, and the
+    same layout as the reference map compacted; returns (kernel map, reference map)."""
+    got = psa_kernels.build_level_map(q, k, compact=True, **kw)
+    want = reference.build_level_map(q, k, **kw)
+    assert torch.equal(got.to_dense(), want), f"seed {seed}"
+    expected = LevelMap.from_dense(want, block_q=kw["block_q"], block_k=kw["block_k"], q_len=Lq, k_len=Lk,
+                                   causal=kw["causal"], key_padding_mask=kw["key_padding_mask"])
+    assert_same_layout(got, expected, f"seed {seed}")
+    return got, want
+
+
 @pytest.mark.parametrize("case", range(6))
 def test_budget_assignment_matches_the_reference_exactly(case):
     """The budget policy in kernels/assign.py against reference.build_level_map on the same
@@ -492,12 +504,7 @@ def test_budget_assignment_matches_the_reference_exactly(case):
               share_kv_group=rnd.random() < 0.5, similarity=rnd.choice([None, (0.1, 0.0, -0.1)]),
               dense_tail_tokens=rnd.choice([0, 40]), min_full_fraction=rnd.choice([0.0, 0.06]),
               levels=rnd.choice([(1, 2, 4, 8), (1,), (1, 4), (1, 2, 8)]))
-    got = psa_kernels.build_level_map(q, k, compact=True, **kw)
-    want = reference.build_level_map(q, k, **kw)
-    assert torch.equal(got.to_dense(), want), f"seed {seed}"
-    expected = LevelMap.from_dense(want, block_q=bq, block_k=bk, q_len=Lq, k_len=Lk, causal=causal,
-                                   key_padding_mask=pad)
-    assert_same_layout(got, expected, f"seed {seed}")
+    got, want = _kernel_map_equals_reference(q, k, kw, seed, Lq, Lk)
     assert set(want.unique().tolist()) - {0} <= set(kw["levels"]) | {1}, f"seed {seed}"
 
 
@@ -529,12 +536,7 @@ def test_budget_full_share_matches_the_reference_exactly(case):
               budget_full_share=rnd.choice([0.0, 0.25, 0.375, 0.5, 0.75, 1.0]),
               share_kv_group=rnd.random() < 0.5, similarity=rnd.choice([None, (0.1, 0.0, -0.1)]),
               dense_tail_tokens=tail, min_full_fraction=0.0, levels=rnd.choice([(1, 2, 4, 8), (1, 2, 8)]))
-    got = psa_kernels.build_level_map(q, k, compact=True, **kw)
-    want = reference.build_level_map(q, k, **kw)
-    assert torch.equal(got.to_dense(), want), f"seed {seed}"
-    expected = LevelMap.from_dense(want, block_q=bq, block_k=bk, q_len=Lq, k_len=Lk, causal=causal,
-                                   key_padding_mask=pad)
-    assert_same_layout(got, expected, f"seed {seed}")
+    got, want = _kernel_map_equals_reference(q, k, kw, seed, Lq, Lk)
     geometry = dict(batch=B, q_len=Lq, k_len=Lk, block_q=bq, block_k=bk, causal=causal, key_padding_mask=pad,
                     device=DEVICE)
     visible = blocks.block_visibility(**geometry)
