@@ -10,6 +10,8 @@ questions, frames, pixels, system prompt and attention.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,20 @@ def test_lmms_eval_finds_the_model_through_its_entry_point():
     from psa_vlm.evaluation.lmms import PSAQwen2_5_VL
 
     assert get_model("psa_qwen2_5_vl") is PSAQwen2_5_VL
+
+
+@pytest.mark.parametrize("first", ["psa_vlm.evaluation.lmms", "lmms_eval.models"])
+def test_the_model_is_found_whichever_module_is_imported_first(first):
+    """lmms-eval builds its registry once per process, when ``lmms_eval.models`` is first imported.
+    Importing the model's module first used to make that happen half-way through it, and the model
+    was missing for the rest of the process (a test failed when another ran before it in the same
+    worker). A fresh interpreter per order."""
+    code = (f"import {first}\n"
+            "from lmms_eval.models import get_model\n"
+            "from psa_vlm.evaluation.lmms import PSAQwen2_5_VL\n"
+            "assert get_model('psa_qwen2_5_vl') is PSAQwen2_5_VL\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_unknown_model_arguments_and_attentions_are_refused_before_loading():

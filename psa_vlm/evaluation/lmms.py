@@ -31,23 +31,17 @@ import logging
 from dataclasses import dataclass
 
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..config import DEFAULT_PRESET, parse_overrides
 from ..variants import variant
 from .lm import PSAQwenVL
+from .lmms_entry import MODEL_NAME, manifest  # noqa: F401 - the entry point's manifest, re-exported
 
 logger = logging.getLogger("psa_vlm.eval")
 
-MODEL_NAME = "psa_qwen2_5_vl"
 #: lmms-eval ``qwen2_5_vl``'s defaults.
 LMMS_DEFAULTS = dict(max_num_frames=32, fps=2.0, min_pixels=256 * 28 * 28, max_pixels=1605632,
                      system_prompt="You are a helpful assistant.")
-
-
-def manifest() -> ModelManifest:
-    """The ``lmms_eval.models`` entry point: where lmms-eval finds this model."""
-    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.PSAQwen2_5_VL")
 
 
 @dataclass
