@@ -70,12 +70,12 @@ def _key_blocks_kernel(
             offs_d = tl.arange(0, BLOCK_D)
             d_ok = offs_d < HEAD_DIM
             k = K + b * stride_kb + h * stride_kh
-            sim2, least2 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 2, BLOCK_K // 2, PAIRS2, HAS_PAD,
-                                      BLOCK_K)
-            sim4, least4 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 4, BLOCK_K // 4, PAIRS4, HAS_PAD,
-                                      BLOCK_K)
-            sim8, least8 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 8, BLOCK_K // 8, PAIRS8, HAS_PAD,
-                                      BLOCK_K)
+            sim2, least2 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 2, BLOCK_K // 2,
+                                                PAIRS2, HAS_PAD, BLOCK_K)
+            sim4, least4 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 4, BLOCK_K // 4,
+                                                PAIRS4, HAS_PAD, BLOCK_K)
+            sim8, least8 = _factor_similarity(k, PAD, b, t, Lk, stride_kn, offs_d, d_ok, 8, BLOCK_K // 8,
+                                                PAIRS8, HAS_PAD, BLOCK_K)
             if SIMS_OUT:
                 tl.store(SIMS + (bh * nk + t) * 3, sim2)
                 tl.store(SIMS + (bh * nk + t) * 3 + 1, sim4)

@@ -553,8 +553,8 @@ def assign_budget(
     while the optimiser keeps coarse coverage elsewhere. A block at or below the mean carries no
     sign of a peak (a flat row has no ranking worth following), so it is left to the optimiser.
     The same peak inside a block is why :func:`build_level_map` gives the optimiser the fidelity
-    of the block's least similar pair rather than the mean. ``full_share=0`` is the optimiser alone; with ``levels=(1,)`` the whole is binary top-k
-    block-sparse attention. A row with no importance at all is uniform over its visible blocks.
+    of the block's least similar pair rather than the mean. ``full_share=0`` is the optimiser
+    alone; with ``levels=(1,)`` the whole is binary top-k block-sparse attention. A row with no importance at all is uniform over its visible blocks.
     """
     check_full_share(full_share)
     visible = visible.expand_as(scores)
