@@ -287,10 +287,11 @@ def token_counts(text: str, flag: str) -> list[int]:
     for item in (x.strip() for x in text.split(",") if x.strip()):
         digits, factor = (item[:-1], 1024) if item[-1:] in ("k", "K") else (item, 1)
         if not digits.isdigit() or int(digits) == 0:
-            raise SystemExit(f"psa-vlm: {flag} takes positive token counts such as 16384 or 16k, got {item!r}")
+            raise SystemExit(f"psa-vlm bench: error: {flag} takes positive token counts such as 16384 or 16k, "
+                             f"got {item!r}")
         counts.append(int(digits) * factor)
     if not counts:
-        raise SystemExit(f"psa-vlm: {flag} is empty; give token counts such as 16k,32k")
+        raise SystemExit(f"psa-vlm bench: error: {flag} is empty; give token counts such as 16k,32k")
     return counts
 
 
