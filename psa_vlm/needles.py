@@ -167,7 +167,7 @@ def _place_spread(rng, video: np.ndarray, side: int, colours: list[str]) -> tupl
     order = rng.permutation(n)
     cells = rng.choice(16, size=n, replace=False)
     cell_h, cell_w = height // 4, width // 4
-    bounds = np.linspace(0, patches, n + 1).astype(int)
+    bounds = [i * patches // n for i in range(n + 1)]  # the parts' first patches
     needles = []
     for i, k in enumerate(order):
         patch = int(rng.integers(bounds[i], bounds[i + 1])) if patches >= n else int(rng.integers(patches))
