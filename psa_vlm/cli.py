@@ -353,6 +353,27 @@ def _cmd_lm_eval(args) -> int:
     return 0
 
 
+def _vniah_kinds(args) -> list[str]:
+    """``--kinds``, checked; by default the kinds in the model's ``record.json`` (a shipped
+    V-NIAH model or a folder with one), else colour."""
+    from .models import CHECKPOINTS, checkpoint_dir
+    from .needles import KINDS
+
+    if args.kinds is None:
+        folder = checkpoint_dir(args.model) if args.model in CHECKPOINTS else Path(args.model)
+        record = folder / "record.json"
+        if args.model != "tiny" and record.is_file():
+            import json
+
+            return list(json.loads(record.read_text())["kinds"])
+        return ["colour"]
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"--kinds: unknown {unknown or args.kinds!r}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
 def _cmd_vniah(args) -> int:
     from . import vniah
     from .models import default_device, load_model, resolve_dtype
@@ -371,7 +392,7 @@ def _cmd_vniah(args) -> int:
     for preset in presets:  # a bad preset or override fails now, not after loading the model
         _preset(preset, overrides)
     sparsities = [float(x) for x in args.sparsity.split(",") if x]
-    kinds = [k for k in args.kinds.split(",") if k]
+    kinds = _vniah_kinds(args)
     height, width = (int(x) for x in args.size.lower().split("x"))
     device, dtype = default_device(args.device), resolve_dtype(args.dtype)
     model, processor = load_model(args.model, device=device, dtype=dtype)
@@ -453,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help="the question, e.g. \"What happens after the door opens?\"")
     ask.add_argument("--model", required=True, help="checkpoint folder (with config.json) or hub id, e.g. "
                      "Qwen/Qwen2.5-VL-7B-Instruct, or a built-in model: tiny (the offline test model, random "
-                     f"weights), vniah (the trained V-NIAH model), or a shape ({_SHAPE_NAMES}: the architecture "
+                     f"weights), vniah or vniah-coverage (the trained V-NIAH models), or a shape ({_SHAPE_NAMES}: the architecture "
                      "with random weights)")
     ask.add_argument("--video", required=True, help="local video file (anything decord reads: mp4, mkv, avi, ...)")
     ask.add_argument("--attn", choices=("psa", "sdpa"), default="psa", help="attention implementation (default: psa)")
@@ -544,12 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "text at level 1, so the question reads the whole video densely; --override "
                         "dense_text=false lets the question's rows go sparse too (a stress setting).")
     vn.add_argument("--model", default="vniah", help="vniah (default: the trained V-NIAH model shipped with the "
-                    "package, docs/quality.md), a checkpoint folder, or tiny (random weights: chance accuracy)")
+                    "package, docs/quality.md), vniah-coverage (the shipped model trained on the majority questions, "
+                    "whose answer needs the whole video), a checkpoint folder, or tiny (random weights: chance "
+                    "accuracy)")
     vn.add_argument("--frames", default="32", help="comma-separated video lengths in frames, each even and at "
                     "least 2 (Qwen2.5-VL groups frames in pairs; default: 32)")
     vn.add_argument("--samples", type=int, default=64, help="questions per length (default: 64)")
-    vn.add_argument("--kinds", default="colour", help="needle questions: colour, shape, position, order "
-                    "(comma-separated, taken in turn; default: colour)")
+    vn.add_argument("--kinds", help="needle questions: colour, shape, position, order, majority (several squares "
+                    "over the whole video: which colour is shown most often?); comma-separated, taken in turn "
+                    "(default: the kinds in the model's record.json, e.g. majority for vniah-coverage, else colour)")
     vn.add_argument("--size", default="224x224", help="frame HEIGHTxWIDTH in pixels (default: 224x224)")
     vn.add_argument("--presets", default=f"{DEFAULT_PRESET},fast", help=f"PSA presets to run (default: {DEFAULT_PRESET},fast)")
     vn.add_argument("--sparsity", default="0.5,0.65,0.8,0.9",

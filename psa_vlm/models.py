@@ -2,8 +2,9 @@
 
 ``load_model`` takes a checkpoint folder or hub id of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or
 Qwen3-VL-MoE model (the class follows the config's ``model_type``), a shape name (the real
-architecture with random weights: no download), ``tiny`` (the offline test model) or ``vniah``
-(the trained V-NIAH model shipped with the package). ``check_model_spec`` refuses what cannot load before any
+architecture with random weights: no download), ``tiny`` (the offline test model), ``vniah``
+(the trained V-NIAH model shipped with the package) or ``vniah-coverage`` (the shipped model
+trained on the ``majority`` questions, whose answer needs the whole video). ``check_model_spec`` refuses what cannot load before any
 slow work. ``TINY_MODEL_OVERRIDES`` are the preset fields a tiny model's short prompts need.
 """
 
@@ -82,7 +83,8 @@ def default_device(device: str | None = None) -> str:
 
 def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None = None):
     """(model, processor) for a checkpoint path / hub id, a shape name of :data:`SHAPES`, ``tiny``
-    (the random test model) or ``vniah`` (the trained V-NIAH model shipped with the package).
+    (the random test model) or a trained V-NIAH model shipped with the package (``vniah``,
+    ``vniah-coverage``: :data:`CHECKPOINTS`).
 
     The model class follows the config's ``model_type`` (:data:`psa_vlm.families.FAMILIES`:
     Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE); another model type is a ValueError naming the
@@ -105,7 +107,7 @@ def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None =
         processor = build_tiny_processor(family=config.model_type, cap_pixels_per_frame=False,
                                          video_pixels=(4 * factor * factor, 16384 * factor * factor))
         return model.eval(), processor
-    path = tiny_model_dir() if spec == "tiny" else checkpoint_dir() if spec == "vniah" else spec
+    path = tiny_model_dir() if spec == "tiny" else checkpoint_dir(spec) if spec in CHECKPOINTS else spec
     try:
         config = AutoConfig.from_pretrained(path)
         cls = family(config.model_type, f"--model {spec}").model_cls()
@@ -116,7 +118,7 @@ def load_model(spec: str, *, device: str, dtype="auto", device_map: str | None =
         processor = AutoProcessor.from_pretrained(path)
     except OSError as err:  # a missing folder, a hub id not cached offline: transformers says which
         raise FileNotFoundError(f"cannot load the model {spec!r}: {err} (pass a checkpoint folder, a hub id, "
-                                f"one of {sorted(SHAPES)}, tiny or vniah)") from err
+                                f"one of {sorted(SHAPES)}, {', '.join(BUILT_IN_MODELS)})") from err
     return model.eval(), processor
 
 
@@ -136,20 +138,36 @@ def vision_factor(spec: str) -> int:
     return family(config.model_type, f"--model {spec}").factor
 
 
-def checkpoint_dir() -> Path:
-    """The trained V-NIAH model shipped with the package (``checkpoints/vniah`` in the repository;
-    ``--model vniah`` on the command line): weights in fp16, tokenizer, processor, the training
-    log (``training.json``) and the accuracy CI holds it to (``record.json``)."""
+#: The trained V-NIAH models shipped with the package: ``--model`` name -> folder of
+#: ``checkpoints/`` (``psa_vlm.checkpoints`` once installed).
+CHECKPOINTS = {"vniah": "vniah", "vniah-coverage": "vniah_coverage"}
+
+
+def checkpoint_dir(name: str = "vniah") -> Path:
+    """A trained V-NIAH model shipped with the package (:data:`CHECKPOINTS`; ``checkpoints/vniah``
+    in the repository is ``--model vniah`` on the command line): weights in fp16, tokenizer,
+    processor, the training log (``training.json``) and the accuracy CI holds it to
+    (``record.json``). Looked up in the installed package, then in the source tree this module
+    is imported from (a checkout run without installing it)."""
     from importlib import resources
 
-    path = Path(str(resources.files("psa_vlm.checkpoints") / "vniah"))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the V-NIAH checkpoint is missing from {path}; reinstall psa-vlm, or train one with "
-                                "`python -m psa_vlm.vniah_train --output DIR` and pass --model DIR")
-    return path
+    if name not in CHECKPOINTS:
+        raise ValueError(f"no shipped checkpoint {name!r}; choose from {', '.join(CHECKPOINTS)}")
+    folder = CHECKPOINTS[name]
+    candidates = []
+    try:
+        candidates.append(Path(str(resources.files("psa_vlm.checkpoints") / folder)))
+    except ModuleNotFoundError:  # not installed: only the source tree
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "checkpoints" / folder)
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path
+    raise FileNotFoundError(f"the {name} checkpoint is missing from {candidates[0]}; reinstall psa-vlm, or train one "
+                            "with `python -m psa_vlm.vniah_train --output DIR` and pass --model DIR")
 
 
-BUILT_IN_MODELS = ("tiny", "vniah")
+BUILT_IN_MODELS = ("tiny", *CHECKPOINTS)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face hub
 
 

@@ -9,6 +9,10 @@ options each (answer uniformly distributed over A-D):
 - ``shape``: "What shape was the red object that appeared briefly?" (square, circle, triangle, cross)
 - ``position``: "Where did the red square appear?" (top left, top right, bottom left, bottom right)
 - ``order``: two squares of different colours at different times: "Which colour appeared first?"
+- ``majority`` (coverage): five squares, one in each fifth of the video, in different places; one
+  colour is shown twice and each other colour once: "Which colour appears most often?" No one
+  needle answers it: the answer needs every square, wherever it is in the video (missing one of
+  the two squares of the answer's colour leaves a four-way tie).
 
 Everything is deterministic from the seed. :func:`make_sample` renders in memory;
 :func:`sample_inputs` sends the frames through the project's processor path (qwen-vl-utils'
@@ -26,13 +30,17 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230), 
 DISTRACTORS = ((220, 40, 220), (40, 220, 220), (240, 240, 240), (250, 140, 20))
 SHAPES = ("square", "circle", "triangle", "cross")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-KINDS = ("colour", "shape", "position", "order")
+KINDS = ("colour", "shape", "position", "order", "majority")
+#: ``majority``: how often each colour is shown, the answer's first (five squares in all).
+MAJORITY_COUNTS = (2, 1, 1, 1)
 LETTERS = "ABCD"
 QUESTIONS = {
     "colour": "A small square of one solid colour appears briefly in the video. What colour is it?",
     "shape": "A small red object appears briefly in the video. What shape is it?",
     "position": "A small red square appears briefly in the video. In which part of the frame does it appear?",
     "order": "Two small squares of different colours appear briefly, one after the other. Which colour appears first?",
+    "majority": "Several small squares of solid colours appear briefly, one at a time, at different times and places. "
+                "Which colour appears most often?",
 }
 
 
@@ -137,6 +145,10 @@ def make_sample(seed: int, *, frames: int = 64, size: tuple[int, int] = (224, 22
     elif kind == "position":
         needles = (place("red", quadrant=answer_index),)
         options = POSITIONS
+    elif kind == "majority":
+        needles = _place_spread(rng, video, side, [names[answer_index]] * MAJORITY_COUNTS[0] + [
+            names[(answer_index + 1 + i) % 4] for i, n in enumerate(MAJORITY_COUNTS[1:]) for _ in range(n)])
+        options = tuple(names)
     else:
         other = (answer_index + 1 + int(rng.integers(3))) % 4
         first, second = sorted(rng.choice(patches, size=2, replace=False).tolist())
@@ -144,6 +156,27 @@ def make_sample(seed: int, *, frames: int = 64, size: tuple[int, int] = (224, 22
         options = tuple(names)
     return NeedleSample(frames=video, kind=kind, question=QUESTIONS[kind], options=tuple(options),
                         answer=LETTERS[answer_index], needles=needles, seed=seed)
+
+
+def _place_spread(rng, video: np.ndarray, side: int, colours: list[str]) -> tuple:
+    """Squares of ``colours`` in random order, the i-th in a random temporal patch of the i-th of
+    ``len(colours)`` equal parts of the video (any patch when there are fewer patches than
+    squares), each in its own cell of a 4x4 grid over the frame, so no two ever overlap."""
+    frames, height, width = video.shape[:3]
+    patches, n = frames // 2, len(colours)
+    order = rng.permutation(n)
+    cells = rng.choice(16, size=n, replace=False)
+    cell_h, cell_w = height // 4, width // 4
+    bounds = [i * patches // n for i in range(n + 1)]  # the parts' first patches
+    needles = []
+    for i, k in enumerate(order):
+        patch = int(rng.integers(bounds[i], bounds[i + 1])) if patches >= n else int(rng.integers(patches))
+        row, col = divmod(int(cells[i]), 4)
+        top = row * cell_h + int(rng.integers(0, cell_h - side + 1))
+        left = col * cell_w + int(rng.integers(0, cell_w - side + 1))
+        video[2 * patch : 2 * patch + 2, top : top + side, left : left + side] = COLOURS[colours[k]]
+        needles.append((2 * patch, top, left, side))
+    return tuple(needles)
 
 
 def sample_inputs(processor, samples, *, video_fps: float = 2.0, max_pixels: int | None = None):

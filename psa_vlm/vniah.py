@@ -34,9 +34,10 @@ DEFAULT_SPARSITIES = (0.5, 0.65, 0.8, 0.9)
 TEST_SEED = 1_000_000  # the test set's seeds start here (the trainer's validation sets start at 10_000_000)
 
 
-def load_record(path=None) -> dict:
-    """The checkpoint's recorded CI accuracies (``record.json``)."""
-    return json.loads(((Path(path) if path else checkpoint_dir()) / "record.json").read_text())
+def load_record(path=None, model: str = "vniah") -> dict:
+    """The recorded CI accuracies (``record.json``) of the checkpoint folder ``path``, else of the
+    shipped ``model`` (``vniah``, ``vniah-coverage``)."""
+    return json.loads(((Path(path) if path else checkpoint_dir(model)) / "record.json").read_text())
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -1,10 +1,16 @@
 """Train a small Qwen2.5-VL to find needles in long videos (the V-NIAH model).
 
     python -m psa_vlm.vniah_train --output DIR [--minutes 20] [--device cuda|cpu] [--target 0.95]
+        [--kinds colour] [--init CHECKPOINT] [--promote 0.9]
 
 The model shipped in ``checkpoints/vniah`` (``--model vniah``) was trained on two CPU cores in 19
 minutes with ``--device cpu --tokens 8192 --max-batch 32 --val-samples 64``; on an H200 the
 defaults with ``--target 0.95`` reach 128 frames in about 2.5 minutes (docs/quality.md).
+
+The coverage model ``checkpoints/vniah_coverage`` (``--model vniah-coverage``: ``majority``
+questions, whose answer needs every one of five squares spread over the video) starts from the
+needle model's weights (``--init``) and moves on at 75% (``--promote 0.75``); its commands are in
+its ``training.json`` and docs/quality.md.
 
 The real architecture, small (FIELD_NOTES: text hidden 256, 4 layers, 8/2 heads, M-RoPE
 [4, 6, 6]; vision depth 4, hidden 128, 112-pixel windows, full attention in blocks 1 and 3;
@@ -62,6 +68,16 @@ def build_model(seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(tiny_model_config(**MODEL_SHAPE))
 
 
+def load_initial(path):
+    """The weights of a trained checkpoint folder, in fp32, to start a run from (``--init``)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"--init {path}: no config.json there; pass a checkpoint folder (e.g. one this "
+                                "trainer wrote)")
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+
+
 def letter_loss(logits: torch.Tensor, letter_ids: torch.Tensor, answers: torch.Tensor, z_weight: float = 1e-4):
     """(loss, correct count): cross-entropy over the option letters' logits, plus z-loss."""
     scores = logits[:, letter_ids].float()
@@ -73,11 +89,21 @@ def letter_loss(logits: torch.Tensor, letter_ids: torch.Tensor, answers: torch.T
 def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int = 32768, size=(224, 224),
           kinds=("colour",), lr: float = 1e-3, warmup: int = 100, eval_every: int = 50, val_samples: int = 128,
           max_batch: int = 64, target: float | None = None, device: str | None = None, seed: int = 0,
-          max_steps: int | None = None, workers: int | None = None, progress=print) -> dict:
+          max_steps: int | None = None, workers: int | None = None, init=None, promote: float = 0.9, min_frames: int = 2,
+          progress=print) -> dict:
     """Train, keep the best model in ``output``; returns the training record (``training.json``).
     ``workers``: processes rendering batches ahead (None: every core but one on a GPU, none on a
     CPU). With workers the next ``workers`` batches are drawn ahead of the step that trains on
-    them, so a promotion reaches the batches a few steps later than without."""
+    them, so a promotion reaches the batches a few steps later than without. ``init``: a
+    checkpoint folder (e.g. the shipped V-NIAH model) whose weights the run starts from instead
+    of random ones (same architecture); ``min_frames``: the curriculum's first length (e.g. to
+    go on from a run that stopped part-way). ``promote``: the accuracy (running, then validation)
+    that moves the curriculum to the next length."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be one or more of {KINDS}, got {list(kinds)}")
+    if not 0 < promote <= 1:
+        raise ValueError(f"promote must be in (0, 1], got {promote}")
     from . import use_attention
     from .variants import PSA_OFF, variant
     from .models import default_device
@@ -90,11 +116,14 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     processor = build_tiny_processor(video_pixels=(56 * 56, size[0] * size[1]))
-    model = build_model(seed).to(device)
+    model = (build_model(seed) if init is None else load_initial(init)).to(device)
     use_attention(model, variant(PSA_OFF).config)  # dense everywhere, vision windows batched
     ids = torch.tensor(letters_of(processor.tokenizer), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    levels = [f for f in (2, 4, 8, 16, 32, 64, 128, 256, 512) if f <= max_frames]
+    levels = [f for f in (2, 4, 8, 16, 32, 64, 128, 256, 512) if min_frames <= f <= max_frames]
+    if not levels:
+        raise ValueError(f"no curriculum length between {min_frames} and {max_frames} frames (lengths are powers of 2 "
+                         "from 2 to 512)")
     tokens_per_frame = (size[0] // 28) * (size[1] // 28) / 2
     rng = random.Random(seed)
     workers = default_workers(device) if workers is None else workers
@@ -139,7 +168,8 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     history = []
     hardware = torch.cuda.get_device_name() if cuda else f"{device} ({torch.get_num_threads()} threads)"
     settings = dict(minutes=minutes, max_frames=max_frames, tokens=tokens, max_batch=max_batch, size=list(size),
-                    lr=lr, warmup=warmup, eval_every=eval_every, val_samples=val_samples, target=target, seed=seed)
+                    lr=lr, warmup=warmup, eval_every=eval_every, val_samples=val_samples, target=target, seed=seed,
+                    init=None if init is None else str(init), promote=promote, min_frames=min_frames)
 
     def log() -> dict:  # after every validation, so an interrupted run keeps its record
         summary = dict(best=best, steps=step, seconds=time.time() - start, levels=levels, history=history,
@@ -168,7 +198,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
             step += 1
             if frames == levels[level]:
                 running = (running + [correct / batch])[-20:]
-            if step % eval_every == 0 or (len(running) == 20 and sum(running) / 20 >= 0.9):
+            if step % eval_every == 0 or (len(running) == 20 and sum(running) / 20 >= promote):
                 accuracy, running = validate(levels[level]), []  # a failed promotion waits 20 more steps
                 history.append(dict(step=step, seconds=time.time() - start, frames=levels[level], val_accuracy=accuracy,
                                     loss=float(loss.detach())))
@@ -179,7 +209,7 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
                     save(model, processor, output)
                 if target is not None and level == len(levels) - 1 and accuracy >= target:
                     break
-                if accuracy >= 0.9 and level + 1 < len(levels):
+                if accuracy >= promote and level + 1 < len(levels):
                     level += 1
                 log()
     return log()
@@ -197,11 +227,19 @@ def main(argv=None) -> None:
     parser.add_argument("--output", required=True, help="folder for the best checkpoint and training.json")
     parser.add_argument("--minutes", type=float, default=20.0, help="time budget (default: 20)")
     parser.add_argument("--max-frames", type=int, default=128, help="longest curriculum length (default: 128)")
+    parser.add_argument("--min-frames", type=int, default=2, help="first curriculum length, a power of 2 (default: 2)")
     parser.add_argument("--tokens", type=int, default=32768, help="visual tokens per batch (default: 32768)")
     parser.add_argument("--target", type=float, help="stop once the validation accuracy at --max-frames reaches "
                         "this (default: train for the whole budget)")
     parser.add_argument("--max-batch", type=int, default=64, help="most videos per batch (default: 64)")
-    parser.add_argument("--kinds", default="colour", help=f"needle questions, comma-separated from {KINDS}")
+    parser.add_argument("--kinds", default="colour", help=f"needle questions, comma-separated from {KINDS} "
+                        "(default: colour)")
+    parser.add_argument("--init", help="start from this checkpoint folder's weights (e.g. checkpoints/vniah) instead "
+                        "of random ones")
+    parser.add_argument("--promote", type=float, default=0.9, help="accuracy at the current length that moves the "
+                        "curriculum to the next (default: 0.9)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up steps (default: 100)")
     parser.add_argument("--device", help="default: cuda if available")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between validations (default: 50)")
@@ -212,8 +250,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be 0 (render in this process) or more, got {args.workers}")
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        parser.error(f"--kinds: unknown {unknown or args.kinds!r}; choose from {', '.join(KINDS)}")
+    if not 0 < args.promote <= 1:
+        parser.error(f"--promote must be in (0, 1], got {args.promote}")
+    if args.min_frames not in (2, 4, 8, 16, 32, 64, 128, 256, 512) or args.min_frames > args.max_frames:
+        parser.error(f"--min-frames must be a power of 2 from 2 to 512, at most --max-frames; got {args.min_frames}")
+    if args.init is not None and not (Path(args.init) / "config.json").is_file():
+        parser.error(f"--init {args.init}: no config.json there; pass a checkpoint folder")
     summary = train(args.output, minutes=args.minutes, max_frames=args.max_frames, tokens=args.tokens,
-                    kinds=tuple(k for k in args.kinds.split(",") if k), max_batch=args.max_batch, target=args.target, device=args.device, max_steps=args.max_steps,
+                    kinds=kinds, max_batch=args.max_batch, init=args.init, promote=args.promote, lr=args.lr, min_frames=args.min_frames,
+                    warmup=args.warmup, target=args.target, device=args.device, max_steps=args.max_steps,
                     eval_every=args.eval_every, val_samples=args.val_samples, seed=args.seed,
                     workers=args.workers)
     print(json.dumps(summary["best"]))

@@ -82,9 +82,10 @@ def _import_the_kernels():
 #: first two go to one worker's queue.
 LONG_TESTS = (
     "tests/test_vniah_checkpoint.py::test_dense_and_default_psa_keep_the_recorded_accuracy",  # slow
-    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[psa]",
+    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[vniah-psa]",
+    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[vniah-coverage-",
     "tests/test_evaluation.py::test_lm_eval_command_line_runs_the_tasks",
-    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[sdpa]",
+    "tests/test_vniah_checkpoint.py::test_keeps_the_recorded_accuracy_on_the_first_questions[vniah-sdpa]",
     "tests/test_kernels.py::test_property_random_shapes_and_maps",
     "tests/test_windows.py::test_a_preset_on_the_vision_tower_runs_its_frame_groups_in_one_psa_call_per_length",
     "tests/test_evaluation.py::test_data_parallel_shards_the_questions_and_merges_the_report",

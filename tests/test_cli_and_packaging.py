@@ -121,7 +121,8 @@ def test_wheel_contains_both_packages_and_the_presets(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "psa_kernels/__init__.py" in names and "psa_kernels/reference.py" in names
     assert "psa_vlm/presets/video_mme.yaml" in names
-    assert "psa_vlm/checkpoints/vniah/model.safetensors" in names and "psa_vlm/checkpoints/vniah/record.json" in names
+    for folder in ("vniah", "vniah_coverage"):
+        assert f"psa_vlm/checkpoints/{folder}/model.safetensors" in names and f"psa_vlm/checkpoints/{folder}/record.json" in names
     assert not any(n.startswith("kernels/") for n in names), "the import name must not be `kernels`"
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "psa-vlm = psa_vlm.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
@@ -138,6 +139,7 @@ def test_wheel_contains_both_packages_and_the_presets(tmp_path):
         "print(psa_vlm.load_preset('video_mme').name)\n"
         "from psa_vlm.models import checkpoint_dir\n"
         f"assert str(checkpoint_dir()).startswith({str(site)!r}) and (checkpoint_dir() / 'config.json').is_file()\n"
+        f"assert str(checkpoint_dir('vniah-coverage')).startswith({str(site)!r})\n"
         "q = torch.randn(1, 2, 40, 32); k = torch.randn(1, 1, 40, 32)\n"
         "lm = torch.ones(1, 1, 1, 2, dtype=torch.int8)\n"
         "print(psa_kernels.psa_attention(q, k, k, lm, block_q=64, block_k=32).shape)\n"

@@ -62,6 +62,37 @@ def test_answers_follow_from_the_video():
         assert np.array_equal(red, needles._shape_mask(h.answer_text, side))
 
 
+@pytest.mark.parametrize("frames, size", [(128, (224, 224)), (16, (112, 140)), (2, (56, 56))])
+def test_majority_needs_every_square_over_the_whole_video(frames, size):
+    """Five squares: the answer's colour twice, each other colour once, read back from the
+    pixels; each in its own place, and (with enough temporal patches) one in each fifth."""
+    letters = Counter()
+    for seed in range(8):
+        s = needles.make_sample(seed, frames=frames, size=size, kind="majority")
+        letters[s.answer] += 1
+        assert s.options == tuple(needles.COLOURS) and "most often" in s.question
+        shown = Counter()
+        boxes = []
+        for t, top, left, side in s.needles:
+            patch = s.frames[t, top : top + side, left : left + side]
+            colour = next(c for c in needles.COLOURS if np.all(_colour_pixels(patch, c)))
+            assert np.array_equal(s.frames[t + 1, top : top + side, left : left + side], patch)
+            shown[colour] += 1
+            boxes.append((top, left, side))
+        assert shown[s.answer_text] == 2 and sorted(shown.values()) == [1, 1, 1, 2], shown
+        for i, (y1, x1, a) in enumerate(boxes):  # never overlapping, whatever the times
+            for y2, x2, b in boxes[i + 1:]:
+                assert y1 + a <= y2 or y2 + b <= y1 or x1 + a <= x2 or x2 + b <= x1
+        if frames // 2 >= 5:
+            patches = frames // 2
+            fifths = [max(i for i in range(5) if i * patches // 5 <= t // 2) for t, *_ in s.needles]
+            assert sorted(fifths) == [0, 1, 2, 3, 4], fifths
+    if frames == 2:
+        letters = Counter(needles.make_sample(seed, frames=2, size=(56, 56), kind="majority").answer
+                          for seed in range(200))
+        assert set(letters) == set("ABCD") and min(letters.values()) >= 30
+
+
 def test_answer_letters_are_balanced_and_shapes_differ():
     letters = Counter(needles.make_sample(seed, frames=4, size=(56, 56)).answer for seed in range(200))
     assert set(letters) == set("ABCD") and min(letters.values()) >= 30
@@ -81,6 +112,8 @@ def test_prompt_and_processor_path(tiny_processor):
 def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match="kind"):
         needles.make_sample(0, kind="size")
+    with pytest.raises(ValueError, match="majority"):  # the message lists the kinds
+        needles.make_sample(0, kind="count")
     with pytest.raises(ValueError, match="even"):
         needles.make_sample(0, frames=7)
     with pytest.raises(ValueError, match="56 pixels"):
