@@ -124,10 +124,18 @@ def main():
     parser.add_argument("--lengths", default="32768")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--plain-flash", action="store_true", help="also time the plain Triton flash kernel")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+                        help="input dtype (fp32: three-TF32 dots, the launches of launch_config's fp32 branch)")
+    parser.add_argument("--variants", default="",
+                        help="launches to time as block_m:num_warps:num_stages:block_n, comma-separated "
+                             "(default: VARIANTS)")
     args = parser.parse_args()
+    variants = [dict(zip(("block_m", "num_warps", "num_stages", "block_n"), (int(x) for x in v.split(":"))))
+                for v in args.variants.split(",") if v] or VARIANTS
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     rows = []
     for L in (int(x) for x in args.lengths.split(",")):
-        q, k, v = video_like_qkv(L, 28, 4, 128, seed=0, device="cuda", dtype=torch.bfloat16)
+        q, k, v = video_like_qkv(L, 28, 4, 128, seed=0, device="cuda", dtype=dtype)
         bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
         dense = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         print(f"L={L} dense SDPA {dense:.2f} ms", flush=True)
@@ -145,7 +153,7 @@ def main():
         for name, layout in maps(q, k, L):
             sparsity = layout.sparsity().mean().item()
             reference = None
-            for cfg in VARIANTS:
+            for cfg in variants:
                 try:
                     out = psa_attention_triton(q, k, v, layout, causal=True, **cfg)
                     if reference is None:
@@ -155,7 +163,8 @@ def main():
                 except Exception as exc:  # noqa: BLE001 - a launch that does not fit is reported and skipped
                     print(f"L={L} {name:18s} {cfg} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue
-                rows.append(dict(L=L, map=name, sparsity=sparsity, **cfg, ms=ms, dense_ms=dense, diff=diff))
+                rows.append(dict(L=L, map=name, sparsity=sparsity, **cfg, ms=ms, dense_ms=dense, diff=diff,
+                                 dtype=args.dtype))
                 print(f"L={L} {name:18s} sp {sparsity:.3f} {label(cfg)}: {ms:7.2f} ms  {ms / dense:5.2f}x dense  "
                       f"ideal {(1 - sparsity):.2f}x  diff {diff:.1e}", flush=True)
         del q, k, v
