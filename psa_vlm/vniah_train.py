@@ -104,6 +104,9 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
         raise ValueError(f"kinds must be one or more of {KINDS}, got {list(kinds)}")
     if not 0 < promote <= 1:
         raise ValueError(f"promote must be in (0, 1], got {promote}")
+    if not any(min_frames <= f <= max_frames for f in (2, 4, 8, 16, 32, 64, 128, 256, 512)):
+        raise ValueError(f"no curriculum length between {min_frames} and {max_frames} frames (lengths are powers of 2 "
+                         "from 2 to 512)")
     from . import use_attention
     from .variants import PSA_OFF, variant
     from .models import default_device
@@ -121,9 +124,6 @@ def train(output, *, minutes: float = 20.0, max_frames: int = 128, tokens: int =
     ids = torch.tensor(letters_of(processor.tokenizer), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     levels = [f for f in (2, 4, 8, 16, 32, 64, 128, 256, 512) if min_frames <= f <= max_frames]
-    if not levels:
-        raise ValueError(f"no curriculum length between {min_frames} and {max_frames} frames (lengths are powers of 2 "
-                         "from 2 to 512)")
     tokens_per_frame = (size[0] // 28) * (size[1] // 28) / 2
     rng = random.Random(seed)
     workers = default_workers(device) if workers is None else workers

@@ -249,6 +249,20 @@ def test_vniah_refuses_odd_frame_counts_before_loading_a_model(capsys):
     assert "--frames 7: must be even" in err and "use 6 or 8" in err
 
 
+def test_vniah_kinds_default_to_the_model_record_and_unknown_kinds_are_one_line(capsys, tmp_path):
+    import argparse
+    import json
+
+    kinds = {m: cli._vniah_kinds(argparse.Namespace(kinds=None, model=m)) for m in ("vniah", "vniah-coverage", "tiny")}
+    assert kinds == {"vniah": ["colour"], "vniah-coverage": ["majority"], "tiny": ["colour"]}
+    (tmp_path / "record.json").write_text(json.dumps({"kinds": ["order", "shape"]}))
+    assert cli._vniah_kinds(argparse.Namespace(kinds=None, model=str(tmp_path))) == ["order", "shape"]
+    assert cli._vniah_kinds(argparse.Namespace(kinds="majority,colour", model="vniah")) == ["majority", "colour"]
+    assert cli.main(["vniah", "--model", "tiny", "--kinds", "colour,count", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--kinds: unknown ['count']" in err and "majority" in err and len(err.splitlines()) == 1
+
+
 def test_override_takes_comma_lists_and_yaml_lists():
     from psa_vlm import load_preset
 

@@ -244,3 +244,32 @@ def test_vniah_names_a_model_it_cannot_load_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no such folder" in err and "no_such_model" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1  # checked before the model (or anything slow) is loaded
+
+
+def test_training_can_start_from_a_checkpoint_at_a_later_length(tmp_path, monkeypatch):
+    """--init / --min-frames / --kinds majority (the coverage model's recipe): the run starts from
+    the shipped needle model's weights, its curriculum from the given length."""
+    from safetensors.torch import load_file
+
+    from psa_vlm import vniah_train
+    from psa_vlm.models import checkpoint_dir
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    init = checkpoint_dir("vniah")
+    summary = vniah_train.train(tmp_path, minutes=5, min_frames=4, max_frames=4, tokens=256, max_batch=2, max_steps=1,
+                                eval_every=1, val_samples=2, kinds=("majority",), init=init, lr=1e-9, warmup=1,
+                                device="cpu", progress=lambda line: None)
+    assert summary["levels"] == [4] and summary["kinds"] == ["majority"]
+    assert summary["settings"]["init"] == str(init) and summary["settings"]["min_frames"] == 4
+    before, after = load_file(init / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert all(torch_allclose(before[k], after[k]) for k in before)  # lr 1e-9: still the initial weights
+    with pytest.raises(ValueError, match="kinds"):
+        vniah_train.train(tmp_path, kinds=("count",), max_steps=1, device="cpu")
+    with pytest.raises(ValueError, match="no curriculum length"):
+        vniah_train.train(tmp_path, min_frames=64, max_frames=32, max_steps=1, device="cpu")
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a.float(), b.float(), atol=1e-3)
