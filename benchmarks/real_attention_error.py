@@ -76,11 +76,24 @@ def layer_errors(q, k, v, scale, text, configs, dense_text: bool) -> dict:
     return out
 
 
+def _recorded_kind(model: str) -> str:
+    """The first question kind in the checkpoint's record.json (a shipped name or a folder), else colour."""
+    from psa_vlm.vniah import load_record
+
+    try:
+        record = load_record(model) if Path(model).is_dir() else load_record(model=model)
+    except (OSError, ValueError, KeyError):
+        return "colour"
+    return (record.get("kinds") or ["colour"])[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vniah", help="a trained V-NIAH checkpoint (default: the shipped one)")
     parser.add_argument("--frames", type=int, default=128, help="video length in frames (default: 128)")
     parser.add_argument("--questions", type=int, default=8, help="test questions (default: 8)")
+    parser.add_argument("--kind", help="question kind (psa_vlm.needles.KINDS; default: the first of the model's "
+                                       "record.json kinds, else colour)")
     parser.add_argument("--sparsity", default="0.5,0.65,0.8,0.9", help="sparsities (default: 0.5,0.65,0.8,0.9)")
     parser.add_argument("--dense-text", default="false", choices=("true", "false"),
                         help="keep text blocks at level 1 (the product setting) or not (default: false, the "
@@ -94,19 +107,24 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="folder for real_error.json and real_error.txt")
     args = parser.parse_args(argv)
 
+    from psa_vlm.needles import KINDS
+
+    if args.kind is not None and args.kind not in KINDS:
+        parser.error(f"--kind must be one of {', '.join(KINDS)}, got {args.kind!r}")
     dense_text = args.dense_text == "true"
     sparsities = [float(s) for s in args.sparsity.split(",")]
     labels = at_sparsities(sparsities)
     overrides = {**parse_overrides(args.override), "min_seq_len": 0, "dense_text": dense_text}
     configs = {label: v.config for label, v in parse_variants(labels, overrides=overrides).items()}
     model, processor = load_model(args.model, device=args.device, dtype=torch.float32)
+    kind = args.kind or _recorded_kind(args.model)
     store: dict = {}
     register_capture(store)
     model.set_attn_implementation(CAPTURE)
     sums: dict = {}
     started = time.perf_counter()
     for i in range(args.questions):
-        answers, inputs = render_batch((args.frames, [(args.seed + i, "colour")], (224, 224)), processor)
+        answers, inputs = render_batch((args.frames, [(args.seed + i, kind)], (224, 224)), processor)
         inputs = {key: value.to(args.device) for key, value in inputs.items()}
         store.clear()
         with torch.no_grad():
