@@ -34,7 +34,7 @@ from psa_vlm.config import parse_overrides
 from psa_vlm.models import load_model
 from psa_vlm.needles import render_batch
 from psa_vlm.variants import at_sparsities, parse_variants
-from psa_vlm.vniah import TEST_SEED
+from psa_vlm.vniah import TEST_SEED, recorded_kinds
 
 CAPTURE = "psa_capture"
 
@@ -76,17 +76,6 @@ def layer_errors(q, k, v, scale, text, configs, dense_text: bool) -> dict:
     return out
 
 
-def _recorded_kind(model: str) -> str:
-    """The first question kind in the checkpoint's record.json (a shipped name or a folder), else colour."""
-    from psa_vlm.vniah import load_record
-
-    try:
-        record = load_record(model) if Path(model).is_dir() else load_record(model=model)
-    except (OSError, ValueError, KeyError):
-        return "colour"
-    return (record.get("kinds") or ["colour"])[0]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vniah", help="a trained V-NIAH checkpoint (default: the shipped one)")
@@ -117,7 +106,7 @@ def main(argv=None) -> int:
     overrides = {**parse_overrides(args.override), "min_seq_len": 0, "dense_text": dense_text}
     configs = {label: v.config for label, v in parse_variants(labels, overrides=overrides).items()}
     model, processor = load_model(args.model, device=args.device, dtype=torch.float32)
-    kind = args.kind or _recorded_kind(args.model)
+    kind = args.kind or recorded_kinds(args.model)[0]
     store: dict = {}
     register_capture(store)
     model.set_attn_implementation(CAPTURE)

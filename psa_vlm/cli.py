@@ -356,17 +356,11 @@ def _cmd_lm_eval(args) -> int:
 def _vniah_kinds(args) -> list[str]:
     """``--kinds``, checked; by default the kinds in the model's ``record.json`` (a shipped
     V-NIAH model or a folder with one), else colour."""
-    from .models import CHECKPOINTS, checkpoint_dir
     from .needles import KINDS
+    from .vniah import recorded_kinds
 
     if args.kinds is None:
-        folder = checkpoint_dir(args.model) if args.model in CHECKPOINTS else Path(args.model)
-        record = folder / "record.json"
-        if args.model != "tiny" and record.is_file():
-            import json
-
-            return list(json.loads(record.read_text())["kinds"])
-        return ["colour"]
+        return recorded_kinds(args.model)
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = [k for k in kinds if k not in KINDS]
     if not kinds or unknown:

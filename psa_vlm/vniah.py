@@ -40,6 +40,18 @@ def load_record(path=None, model: str = "vniah") -> dict:
     return json.loads(((Path(path) if path else checkpoint_dir(model)) / "record.json").read_text())
 
 
+def recorded_kinds(model: str) -> list[str]:
+    """The question kinds a model is evaluated on by default: those in the ``record.json`` of a
+    shipped V-NIAH model (``vniah``, ``vniah-coverage``) or of a checkpoint folder, else colour."""
+    from .models import CHECKPOINTS
+
+    folder = checkpoint_dir(model) if model in CHECKPOINTS else Path(model)
+    record = folder / "record.json"
+    if model != "tiny" and record.is_file():
+        return list(json.loads(record.read_text())["kinds"])
+    return ["colour"]
+
+
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (sound at 0 and 1, unlike the normal one)."""
     if total <= 0:
