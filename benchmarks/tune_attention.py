@@ -130,8 +130,13 @@ def main():
                         help="launches to time as block_m:num_warps:num_stages:block_n, comma-separated "
                              "(default: VARIANTS)")
     args = parser.parse_args()
-    variants = [dict(zip(("block_m", "num_warps", "num_stages", "block_n"), (int(x) for x in v.split(":"))))
-                for v in args.variants.split(",") if v] or VARIANTS
+    variants = []
+    for v in (v for v in args.variants.split(",") if v):
+        parts = v.split(":")
+        if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            parser.error(f"--variants takes block_m:num_warps:num_stages:block_n (positive ints), got {v!r}")
+        variants.append(dict(zip(("block_m", "num_warps", "num_stages", "block_n"), map(int, parts))))
+    variants = variants or VARIANTS
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     rows = []
     for L in (int(x) for x in args.lengths.split(",")):
