@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .utils import cdiv, dot_in_fp32, next_pow2, on_device
+from .utils import cdiv, dot_in_fp32, interpreting, next_pow2, on_device
 
 _LOG2E = 1.4426950408889634
 
@@ -71,7 +71,7 @@ def _quantize_kernel(
     stride_xb, stride_xh, stride_xn,
     H, L, n_groups,
     S: tl.constexpr, REVERSE: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -96,7 +96,10 @@ def _quantize_kernel(
     ceil_log2 = _floor_log2(safe) + tl.where(mant != 0, 1, 0)
     inv = tl.where(tiny, 0.0, _exp2_int(8 - ceil_log2))
     scale = tl.where(tiny, 1.0, _exp2_int(ceil_log2 - 8))
-    y = _round_to_e4m3(x * inv[:, None, None])
+    if EMULATE_FP8:  # the interpreter's own fp8 cast rounds wrongly (see _round_to_e4m3)
+        y = _round_to_e4m3(x * inv[:, None, None])
+    else:  # the GPU's conversion (cvt.rn.satfinite): nearest, ties to even, as the reference
+        y = x * inv[:, None, None]
     row = (b * H + h) * n_groups + g
     dst = OUT + row.to(tl.int64)[:, None, None] * (S * BLOCK_D) + slot[None, :, None] * BLOCK_D + d[None, None, :]
     tl.store(dst, y.to(OUT.dtype.element_ty), mask=(g < n_groups)[:, None, None])
@@ -121,7 +124,7 @@ def quantize_groups(x: torch.Tensor, stride: int, *, reverse: bool,
     _quantize_kernel[(cdiv(n, groups), B * H)](
         x, pad, out, scale, x.stride(0), x.stride(1), x.stride(2), H, L, n,
         S=stride, REVERSE=reverse, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
-        GROUPS=groups, num_warps=4,
+        GROUPS=groups, EMULATE_FP8=interpreting(), num_warps=4,
     )
     return out, scale
 

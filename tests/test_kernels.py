@@ -218,13 +218,15 @@ def test_property_random_shapes_and_maps(causal, hkv, ratio, D, block_q, block_k
           heads=hkv if per_kv else hkv * ratio)
 
 
-def test_pyramid_kernel_matches_reference():
+@pytest.mark.parametrize("Lk", [1, 7, 9, 203, 262])
+def test_pyramid_kernel_matches_reference(Lk):
+    # Lengths around the 8-token groups and the programs' 128-token spans, left padding.
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(2, 3, 203, 80, generator=g).to(DEVICE)
-    v = torch.randn(2, 3, 203, 80, generator=g).to(DEVICE)
-    pad = torch.ones(2, 203, dtype=torch.bool, device=DEVICE)
-    pad[1, :45] = False
+    k = torch.randn(2, 3, Lk, 80, generator=g).to(DEVICE)
+    v = torch.randn(2, 3, Lk, 80, generator=g).to(DEVICE)
+    pad = torch.ones(2, Lk, dtype=torch.bool, device=DEVICE)
+    pad[1, :min(45, Lk - 1)] = False
     got = psa_kernels.build_pyramid(k, v, pad)
     want = reference.build_pyramid(k, v, pad)
     for p in (1, 2, 4, 8):
