@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 import psa_kernels
@@ -79,20 +81,19 @@ def print_host_profile(fn, calls: int, top: int = 30) -> None:
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
 
 
+@triton.jit
+def _noop(X, a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, r, s, t, u, w, y, z, aa,  # noqa: E741
+          N: tl.constexpr):
+    pass
+
+
 def host_breakdown(q, k, v, text, kw, calls: int) -> dict[str, float]:
     """Host microseconds to issue each stage of one call alone, and of a bare Triton launch and
     of the allocations and descriptors a call makes: where the host's time per call goes."""
-    import triton
-    import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from psa_kernels.importance import quantize_groups
     from psa_kernels.pyramid import build_device_pyramid
-
-    @triton.jit
-    def _noop(X, a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, r, s, t, u, w, y, z, aa,  # noqa: E741
-              N: tl.constexpr):
-        pass
 
     layout = psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw)
     stages = {

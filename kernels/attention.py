@@ -57,9 +57,11 @@ def _psa_fwd_kernel(
     BN1: tl.constexpr, BN2: tl.constexpr, BN4: tl.constexpr, BN8: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Longest query tiles first (the last ones see the most keys when causal): less tail at the end.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # The grid's first axis is (batch, head), so the GPU starts every head's last query tile before
+    # any head's second-to-last: the longest tiles (causal: the last ones see the most keys) run
+    # first and the short ones fill the tail.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_bh = tl.program_id(0)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
@@ -184,8 +186,9 @@ def _tile_scores(q, q_pos, qk_scale, idx_list, t0, end, block, K, K_DESC, PCNT, 
                     mask=kv_mask, other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
+        s = s * qk_scale
         if P > 1:
             s += tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]  # a pooled key stands for cnt tokens
         visible = ok[None, :]
@@ -196,8 +199,8 @@ def _tile_scores(q, q_pos, qk_scale, idx_list, t0, end, block, K, K_DESC, PCNT, 
             # The +1 makes the row positions' divisibility 1, so the mask is computed per row.
             visible = visible & (last[None, :] < (q_pos + 1)[:, None])
         s = tl.where(visible, s, float("-inf"))
-    elif P > 1:
-        s += tl.log2(P * 1.0)  # whole groups: every pooled key stands for P tokens
+    # Unmasked tiles return the products unscaled: the caller folds the scale and the pooled
+    # keys' log2(P) into one multiply-add per logit.
     return s, row0, key_rows, kv_mask
 
 
@@ -236,13 +239,19 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
             q, q_pos, qk_scale, idx_list, t0, end, block, K, K_DESC, PCNT, PLAST, PAD, b, hk, Lk, base,
             stride_kb, stride_kh, stride_kn, stride_cb,
             MASKED, P, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_K, DOT_FP32, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+            p = tl.exp2(s - m_safe[:, None])
         else:
-            m_safe = m_new  # every key of an unmasked tile is visible: the row max is finite
+            # Raw products: every key is visible (the row max is finite) and a pooled key stands
+            # for P tokens (+log2 P). qk_scale > 0 (the wrapper makes it so), so the row max of
+            # the products scales to the row max of the logits, and each logit costs one FMA.
+            bias = tl.log2(P * 1.0)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + bias)
+            m_safe = m_new
+            p = tl.exp2(s * qk_scale - (m_new - bias)[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _tile_values(p, V, V_DESC, b, hk, base, row0, key_rows, kv_mask,
                                                   stride_vb, stride_vh, stride_vn,
@@ -307,6 +316,8 @@ def psa_attention_triton(
     scale = D**-0.5 if scale is None else float(scale)
     block_d = max(16, next_pow2(D))
     block_m = min(cfg["block_m"], block_q)
+    if scale < 0:  # the kernel wants a positive scale (unmasked tiles take the row max before scaling)
+        q, scale = -q, -scale
     tiles = level_tiles(block_k, cfg["block_n"])
     with on_device(q):
         k, v = tma_ready(k), tma_ready(v)
@@ -320,7 +331,10 @@ def psa_attention_triton(
             box = [1, 1, n, block_d]
             descriptors += [TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=box)
                             for t in (kt, vt)]
-        grid = (cdiv(Lq, block_m), B * Hq)
+        grid = (B * Hq, cdiv(Lq, block_m))
+        if grid[1] > 65535:  # CUDA's limit on a grid's second axis
+            raise ValueError(f"{Lq} queries make {grid[1]} query tiles of {block_m}, over the GPU's 65,535; "
+                             "split the call along the queries (chunked prefill)")
         _psa_fwd_kernel[grid](
             q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, level_map.indices, level_map.counts,
             level_map.plan, out, *descriptors,

@@ -148,8 +148,10 @@ def _antidiagonal_kernel(
     r = tl.arange(0, BLOCK_R)
     scr_rows = SCR + tl.program_id(0) * BLOCK_R * nk_pad + r[:, None] * nk_pad
     for work in range(tl.program_id(0), n_work, tl.num_programs(0)):
-        bh = work // n_row_tiles
-        tile = n_row_tiles - 1 - work % n_row_tiles  # the longest (causal) row tiles first
+        # Work items in order of length across heads (every head's last row tile, the longest
+        # when causal, before any head's next), dealt round-robin: the programs' totals even out.
+        bh = work % (n_work // n_row_tiles)
+        tile = n_row_tiles - 1 - work // (n_work // n_row_tiles)
         b = bh // Hq
         h = bh % Hq
         hk = h // GROUP

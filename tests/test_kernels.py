@@ -110,6 +110,19 @@ def test_matrix_against_reference(causal, ratio, D, block_k):
     check(seed, causal, block_q, block_k, B=2, Hq=ratio, Hkv=1, Lq=Lq, Lk=Lk, D=D, padded=padded, heads=heads)
 
 
+@pytest.mark.parametrize("scale", [0.31, -0.2, 0.0])
+def test_given_scales_match_the_reference(scale):
+    """A caller's softmax scale, negative and zero included: unmasked tiles take the row maximum
+    of the raw products before scaling, which holds only for a positive scale (the wrapper
+    negates q for a negative one). Unpadded and causal, so whole blocks take the unmasked loop."""
+    seed = fresh_seed()
+    q, k, v, lm, _ = make_case(seed, B=1, Hq=4, Hkv=2, Lq=300, Lk=300, D=64, block_q=64, block_k=64, padded=False)
+    kw = dict(causal=True, scale=scale, block_q=64, block_k=64)
+    out = psa_attention_triton(q, k, v, lm, **kw)
+    ref = reference.psa_attention(q.double(), k.double(), v.double(), lm, **kw)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL, f"seed {seed}: {rel_err(out, ref):.2e}"
+
+
 LAUNCH_VARIANTS = {
     "small-tiles": dict(block_m=32, block_n=32),
     "narrow": dict(block_n=16),
