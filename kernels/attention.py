@@ -51,25 +51,28 @@ def _psa_fwd_kernel(
     stride_pb, stride_ph, stride_pn,
     stride_cb,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, Hm, GROUP, HM_DIV, Lq, Lk, nq, nk, BASE2, BASE4, BASE8,
+    Hq, Hm, GROUP, HM_DIV, Lq, Lk, nq, nk, BASE2, BASE4, BASE8, KV_CHUNK,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BN1: tl.constexpr, BN2: tl.constexpr, BN4: tl.constexpr, BN8: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Program order (the GPU starts programs in id order): one (batch, kv head) after another, and
-    # inside one, query tiles longest first (causal: the last ones see the most keys), the GQA
-    # group's heads side by side. Long tiles start first and short ones fill the tail (at 8k-16k
-    # the tail was a third of the time), while the programs running together share one kv head's
-    # K/V in L2 (every head at once thrashed it at 64k).
+    # Program order (the GPU starts programs in id order): chunks of KV_CHUNK (batch, kv head)
+    # pairs one after another; inside a chunk, query tiles longest first (causal: the last ones
+    # see the most keys), the chunk's heads side by side. Long tiles start first and short ones
+    # fill the tail (at 8k-16k the tail was a third of the time), while the chunk is small enough
+    # for the programs running together to share its K/V in L2 (every head at once thrashed it at
+    # 64k). See launch_config.
     n_tiles = tl.cdiv(Lq, BLOCK_M)
+    heads = KV_CHUNK * GROUP  # query heads per chunk
     pid = tl.program_id(0)
-    chunk = pid // (GROUP * n_tiles)  # b * Hkv + hk
-    r = pid % (GROUP * n_tiles)
-    pid_m = n_tiles - 1 - r // GROUP
+    chunk = pid // (heads * n_tiles)
+    r = pid % (heads * n_tiles)
+    pid_m = n_tiles - 1 - r // heads
+    bk = chunk * KV_CHUNK + (r % heads) // GROUP  # b * Hkv + hk
     Hkv = Hq // GROUP
-    b = chunk // Hkv
-    hk = chunk % Hkv
+    b = bk // Hkv
+    hk = bk % Hkv
     h = hk * GROUP + r % GROUP
     hm = h // HM_DIV
 
@@ -266,18 +269,38 @@ def _level_tiles(acc, m_i, l_i, q, q_pos, qk_scale, idx_list, start, end, K, V, 
     return acc, m_i, l_i
 
 
+#: Bytes of K/V (pooled levels included) that the programs running together may share: about an
+#: H100/H200's L2 (50 MB). Beyond it the program order takes fewer kv heads at a time.
+L2_SHARE_BYTES = 64 << 20
+
+
+def kv_chunk_for(kv_heads: int, bytes_per_head: int) -> int:
+    """(batch, kv head) pairs per chunk of the program order: the largest divisor of
+    ``kv_heads`` whose K and V with their pooled levels (7/8 more) fit :data:`L2_SHARE_BYTES`, at
+    least 1. All of them when they fit (8k-16k tokens of a 7B model: the order is then longest
+    tiles first across every head, which removed most of the tail there); one kv head at a time
+    at 64k, where all heads at once had thrashed L2 (pyramid at 0.65: 29.8 ms against 25.5 ms)."""
+    per_head = 2 * bytes_per_head * 15 // 8
+    fit = max(1, L2_SHARE_BYTES // max(per_head, 1))
+    return max(d for d in range(1, kv_heads + 1) if kv_heads % d == 0 and d <= fit)
+
+
 def launch_config(q: torch.Tensor, block_q: int) -> dict:
     """Tile shape and launch for these inputs (``block_n``, ``block_m``, ``num_warps``,
-    ``num_stages``); :func:`psa_attention_triton` takes overrides. bf16/fp16: the fastest launch of
-    ``benchmarks/tune_attention.py`` on an H200 for every map it times (4 warps, 128 query rows, 2
-    stages: 1.21x SDPA on dense work at 32k, 8 warps x 3 stages 1.30x; ``tune_attention_h200.json``);
-    fp32 and head dims above 128 halve the tiles to fit the shared memory."""
+    ``num_stages``, ``kv_chunk``: None picks :func:`kv_chunk_for`); :func:`psa_attention_triton`
+    takes overrides. bf16/fp16: the fastest launch of ``benchmarks/tune_attention.py`` on an H200
+    for every map it times (4 warps, 128 query rows, 2 stages: 1.21x SDPA on dense work at 32k,
+    8 warps x 3 stages 1.30x; ``tune_attention_h200.json``). fp32: 32-key tiles (the shared
+    memory), 128 rows and 8 warps where D <= 128 (at 16k 47 ms on dense work against 65-71 ms for
+    64-row launches, ``tune_attention_h200_fp32/``); head dims above 128 take 64 rows."""
     D = q.shape[-1]
     if q.dtype == torch.float32:
-        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2)
+        if D <= 128:
+            return dict(block_n=32, block_m=min(block_q, 128), num_warps=8, num_stages=2, kv_chunk=None)
+        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2, kv_chunk=None)
     if D > 128:
-        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2)
-    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2)
+        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2, kv_chunk=None)
+    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2, kv_chunk=None)
 
 
 def level_tiles(block_k: int, block_n: int) -> tuple[int, int, int, int]:
@@ -307,7 +330,7 @@ def psa_attention_triton(
 ) -> torch.Tensor:
     """Run the PSA forward kernel (inputs already validated by the caller). ``launch`` overrides
     :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``)."""
-    unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages"}
+    unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages", "kv_chunk"}
     if unknown:
         raise TypeError(f"unknown launch option(s) {sorted(unknown)}; see psa_kernels.attention.launch_config")
     B, Hq, Lq, D = q.shape
@@ -322,6 +345,9 @@ def psa_attention_triton(
     scale = D**-0.5 if scale is None else float(scale)
     block_d = max(16, next_pow2(D))
     block_m = min(cfg["block_m"], block_q)
+    kv_chunk = cfg["kv_chunk"] or kv_chunk_for(B * Hkv, Lk * D * k.element_size())
+    if (B * Hkv) % kv_chunk:
+        raise ValueError(f"kv_chunk={kv_chunk} must divide batch x kv heads ({B * Hkv})")
     if scale < 0:  # the kernel wants a positive scale (unmasked tiles take the row max before scaling)
         q, scale = -q, -scale
     tiles = level_tiles(block_k, cfg["block_n"])
@@ -346,7 +372,7 @@ def psa_attention_triton(
             pyr.keys.stride(0), pyr.keys.stride(1), pyr.keys.stride(2),
             pyr.counts.stride(0),
             *out.stride(),
-            Hq, Hm, Hq // Hkv, Hq // Hm, Lq, Lk, nq, nk, pyr.base[2], pyr.base[4], pyr.base[8],
+            Hq, Hm, Hq // Hkv, Hq // Hm, Lq, Lk, nq, nk, pyr.base[2], pyr.base[4], pyr.base[8], kv_chunk,
             CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_K=block_k, BN1=tiles[0], BN2=tiles[1], BN4=tiles[2],
             BN8=tiles[3], DOT_FP32=dot_in_fp32(q.dtype),

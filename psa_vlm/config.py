@@ -88,7 +88,7 @@ class PSAConfig:
     budget_full_share: float = 0.5
     block_q: int = 128
     block_k: int = 128
-    min_seq_len: int = 16384  # the H200 break-even of the whole call (docs/performance.md)
+    min_seq_len: int = 8192  # the H200 break-even of the whole call (docs/performance.md)
     min_full_fraction: float = 0.06
     dense_tail_tokens: int = 512
     share_kv_group: bool = False

@@ -48,7 +48,7 @@ def test_preset_from_a_yaml_path_and_per_layer_overrides(tmp_path):
     assert cfg.name == "mine" and cfg.mode == "quantile" and cfg.block_k == 32
     assert [cfg.for_layer("text", i).mode for i in range(5)] == ["dense", "quantile", "dense", "dense", "quantile"]
     assert cfg.for_layer("vision", 0).mode == "quantile"
-    assert cfg.for_layer("vision", 7).min_seq_len == 0 and cfg.for_layer("text", 7).min_seq_len == 16384
+    assert cfg.for_layer("vision", 7).min_seq_len == 0 and cfg.for_layer("text", 7).min_seq_len == 8192
     assert load_preset(str(path)) == cfg
 
 

@@ -187,7 +187,7 @@ def test_dense_text_false_lets_the_question_rows_go_sparse(model_dir, batch):
 
 
 def test_fallbacks_are_logged_once_and_keep_running(model_dir, single, caplog):
-    psa = load(model_dir, "psa", "video_mme")  # min_seq_len 16384: the tiny prompts all run dense
+    psa = load(model_dir, "psa", "video_mme")  # min_seq_len 8192: the tiny prompts all run dense
     with caplog.at_level(logging.INFO, logger="psa_vlm"):
         with torch.no_grad():
             out = psa.generate(**single, max_new_tokens=3, do_sample=False)

@@ -126,7 +126,22 @@ def test_given_scales_match_the_reference(scale):
 LAUNCH_VARIANTS = {
     "small-tiles": dict(block_m=32, block_n=32),
     "narrow": dict(block_n=16),
+    "kv-chunk-1": dict(kv_chunk=1),  # the program order of long sequences: one (batch, kv head) at a time
 }
+
+
+def test_program_order_chunks_fit_the_l2_share():
+    from psa_kernels.attention import L2_SHARE_BYTES, kv_chunk_for
+
+    per_token = 128 * 2  # D = 128, bf16
+    assert kv_chunk_for(4, 8192 * per_token) == 4  # 7B shape at 8k: every head together
+    assert kv_chunk_for(4, 65536 * per_token) == 1  # at 64k: one kv head at a time
+    assert kv_chunk_for(6, 16384 * per_token) == 3  # a divisor of the pairs, as many as fit
+    assert kv_chunk_for(5, 1 << 40) == 1
+    for pairs in (1, 4, 7, 12):
+        for length in (1024, 30000, 300000):
+            c = kv_chunk_for(pairs, length * per_token)
+            assert pairs % c == 0 and (c == 1 or c * 2 * length * per_token * 15 // 8 <= L2_SHARE_BYTES)
 
 
 @pytest.mark.parametrize("launch", LAUNCH_VARIANTS.values(), ids=LAUNCH_VARIANTS.keys())

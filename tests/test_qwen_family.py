@@ -223,12 +223,12 @@ def test_shapes_build_the_real_architecture(shape, released, vocab):
 
 
 def test_ask_says_why_psa_did_not_run(qwen3_dir, tmp_path, capsys):
-    """Below the default preset's min_seq_len (16384) PSA runs no call: ask says so and why."""
+    """Below the default preset's min_seq_len (8192) PSA runs no call: ask says so and why."""
     video = testing.make_video(tmp_path / "clip.mp4", frames=8, width=112, height=112)
     assert cli.main(["ask", "--model", str(qwen3_dir), "--video", str(video), "--max-new-tokens", "2",
                      "--device", "cpu", "--dtype", "fp32", "What colour is the square?"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("PSA did not run"))
-    assert "sequence shorter than min_seq_len = 16384" in line and "min_seq_len=0" in line
+    assert "sequence shorter than min_seq_len = 8192" in line and "min_seq_len=0" in line
     assert "PSA sparsity" not in out and "answer:" in out
     assert re.search(r"tokens: \d+ \(\d+ visual\)", out)
