@@ -329,7 +329,8 @@ def psa_attention_triton(
     **launch,
 ) -> torch.Tensor:
     """Run the PSA forward kernel (inputs already validated by the caller). ``launch`` overrides
-    :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``)."""
+    :func:`launch_config` (``block_n``, ``block_m``, ``num_warps``, ``num_stages``, ``kv_chunk``:
+    (batch, kv head) pairs per chunk of the program order, a divisor of ``B * Hkv``)."""
     unknown = set(launch) - {"block_n", "block_m", "num_warps", "num_stages", "kv_chunk"}
     if unknown:
         raise TypeError(f"unknown launch option(s) {sorted(unknown)}; see psa_kernels.attention.launch_config")
