@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lengths", default="16k,32k,64k,128k",
                        help="comma-separated target language-token counts, k = 1024 (default: 16k,32k,64k,128k)")
     bench.add_argument("--preset", default=DEFAULT_PRESET, help=f"PSA preset name or YAML path (default: {DEFAULT_PRESET})")
-    _override_arg(bench, "a preset field", "min_seq_len=8192")
+    _override_arg(bench, "a preset field", "min_seq_len=4096")
     bench.add_argument("--sparsity", action="append", type=float, metavar="S",
                        help="also run PSA at a fixed sparsity S in [0, 1) (quantile mode, the preset's other "
                        "settings; repeatable). Random weights attend almost uniformly, so the energy thresholds "
@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call, left-padded (default: 1)")
     _device_and_dtype(ev)
     ev.add_argument("--device-map", help="e.g. auto: spread a model larger than one GPU over the visible GPUs")
-    _override_arg(ev, "a field of every PSA preset", "min_seq_len=8192")
+    _override_arg(ev, "a field of every PSA preset", "min_seq_len=4096")
     ev.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the task's, 16)")
     ev.set_defaults(func=_cmd_eval)
 
