@@ -87,9 +87,9 @@ def _noop(X, a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, r, s, t, u, w, y, z
     pass
 
 
-def host_breakdown(q, k, v, text, kw, calls: int) -> dict[str, float]:
-    """Host microseconds to issue each stage of one call alone, and of a bare Triton launch and
-    of the allocations and descriptors a call makes: where the host's time per call goes."""
+def host_breakdown(call, q, k, v, text, kw, calls: int) -> dict[str, float]:
+    """Host microseconds to issue the whole ``call``, each of its stages alone, a bare Triton
+    launch and the allocations and descriptors a call makes: where the host's time goes."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from psa_kernels.importance import quantize_groups
@@ -97,8 +97,7 @@ def host_breakdown(q, k, v, text, kw, calls: int) -> dict[str, float]:
 
     layout = psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw)
     stages = {
-        "whole call": lambda: psa_kernels.psa_attention(
-            q, k, v, psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw), causal=True),
+        "whole call": call,
         "build_level_map": lambda: psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw),
         "psa_attention (map given)": lambda: psa_kernels.psa_attention(q, k, v, layout, causal=True),
         "quantize_groups(q)": lambda: quantize_groups(q, 8, reverse=True),
@@ -110,18 +109,8 @@ def host_breakdown(q, k, v, text, kw, calls: int) -> dict[str, float]:
     }
     out = {}
     for name, fn in stages.items():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(5):  # the best of 5 rounds: the host is shared and noisy
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best = min(best, (time.perf_counter() - start) * 1e6 / calls)
-            torch.cuda.synchronize()
-        out[name] = best
-        print(f"    host {best:8.1f} us  {name}", flush=True)
+        out[name] = min(host_ms(fn, calls) for _ in range(5)) * 1e3  # best of 5: the host is shared and noisy
+        print(f"    host {out[name]:8.1f} us  {name}", flush=True)
     return out
 
 
@@ -167,7 +156,7 @@ def main(argv=None):
             if args.host_profile:
                 print_host_profile(call, args.calls)
             if args.host_breakdown:
-                row["host_us"] = host_breakdown(q, k, v, text, kw, args.calls)
+                row["host_us"] = host_breakdown(call, q, k, v, text, kw, args.calls)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile_call.json").write_text(json.dumps(rows, indent=1))
 

@@ -287,8 +287,8 @@ def kv_chunk_for(kv_heads: int, bytes_per_head: int) -> int:
 
 def launch_config(q: torch.Tensor, block_q: int) -> dict:
     """Tile shape and launch for these inputs (``block_n``, ``block_m``, ``num_warps``,
-    ``num_stages``, ``kv_chunk``: None picks :func:`kv_chunk_for`); :func:`psa_attention_triton`
-    takes overrides. bf16/fp16: the fastest launch of ``benchmarks/tune_attention.py`` on an H200
+    ``num_stages``; the program order's ``kv_chunk`` comes from :func:`kv_chunk_for`);
+    :func:`psa_attention_triton` takes overrides of all five. bf16/fp16: the fastest launch of ``benchmarks/tune_attention.py`` on an H200
     for every map it times (4 warps, 128 query rows, 2 stages: 1.21x SDPA on dense work at 32k,
     8 warps x 3 stages 1.30x; ``tune_attention_h200.json``). fp32: 32-key tiles (the shared
     memory), 128 rows and 8 warps where D <= 128 (at 16k 47 ms on dense work against 65-71 ms for
@@ -296,11 +296,11 @@ def launch_config(q: torch.Tensor, block_q: int) -> dict:
     D = q.shape[-1]
     if q.dtype == torch.float32:
         if D <= 128:
-            return dict(block_n=32, block_m=min(block_q, 128), num_warps=8, num_stages=2, kv_chunk=None)
-        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2, kv_chunk=None)
+            return dict(block_n=32, block_m=min(block_q, 128), num_warps=8, num_stages=2)
+        return dict(block_n=32, block_m=min(block_q, 64), num_warps=4, num_stages=2)
     if D > 128:
-        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2, kv_chunk=None)
-    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2, kv_chunk=None)
+        return dict(block_n=64, block_m=min(block_q, 64), num_warps=4, num_stages=2)
+    return dict(block_n=64, block_m=block_q, num_warps=4, num_stages=2)
 
 
 def level_tiles(block_k: int, block_n: int) -> tuple[int, int, int, int]:
@@ -346,8 +346,9 @@ def psa_attention_triton(
     scale = D**-0.5 if scale is None else float(scale)
     block_d = max(16, next_pow2(D))
     block_m = min(cfg["block_m"], block_q)
-    kv_chunk = cfg["kv_chunk"] or kv_chunk_for(B * Hkv, Lk * D * k.element_size())
-    if (B * Hkv) % kv_chunk:
+    kv_chunk = cfg.get("kv_chunk")
+    kv_chunk = kv_chunk_for(B * Hkv, Lk * D * k.element_size()) if kv_chunk is None else kv_chunk
+    if kv_chunk < 1 or (B * Hkv) % kv_chunk:
         raise ValueError(f"kv_chunk={kv_chunk} must divide batch x kv heads ({B * Hkv})")
     if scale < 0:  # the kernel wants a positive scale (unmasked tiles take the row max before scaling)
         q, scale = -q, -scale

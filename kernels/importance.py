@@ -147,11 +147,12 @@ def _antidiagonal_kernel(
     d_ok = offs_d < HEAD_DIM
     r = tl.arange(0, BLOCK_R)
     scr_rows = SCR + tl.program_id(0) * BLOCK_R * nk_pad + r[:, None] * nk_pad
+    # Work items in order of length across heads (every head's last row tile, the longest when
+    # causal, before any head's next), dealt round-robin: the programs' totals even out.
+    heads = n_work // n_row_tiles  # batch x query heads
     for work in range(tl.program_id(0), n_work, tl.num_programs(0)):
-        # Work items in order of length across heads (every head's last row tile, the longest
-        # when causal, before any head's next), dealt round-robin: the programs' totals even out.
-        bh = work % (n_work // n_row_tiles)
-        tile = n_row_tiles - 1 - work // (n_work // n_row_tiles)
+        bh = work % heads
+        tile = n_row_tiles - 1 - work // heads
         b = bh // Hq
         h = bh % Hq
         hk = h // GROUP

@@ -46,9 +46,8 @@ def recorded_kinds(model: str) -> list[str]:
     from .models import CHECKPOINTS
 
     folder = checkpoint_dir(model) if model in CHECKPOINTS else Path(model)
-    record = folder / "record.json"
-    if model != "tiny" and record.is_file():
-        return list(json.loads(record.read_text())["kinds"])
+    if model != "tiny" and (folder / "record.json").is_file():
+        return list(load_record(folder)["kinds"])
     return ["colour"]
 
 

@@ -140,8 +140,9 @@ def test_program_order_chunks_across_batch_and_kv_heads(kv_chunk):
     out = psa_attention_triton(q, k, v, lm, kv_chunk=kv_chunk, **kw)
     ref = reference.psa_attention(q.double(), k.double(), v.double(), lm, **kw)
     assert torch.isfinite(out).all() and rel_err(out, ref) < TOL, f"seed {seed}: {rel_err(out, ref):.2e}"
-    with pytest.raises(ValueError, match="must divide"):
-        psa_attention_triton(q, k, v, lm, kv_chunk=3, **kw)
+    for bad in (3, 0):
+        with pytest.raises(ValueError, match="must divide"):
+            psa_attention_triton(q, k, v, lm, kv_chunk=bad, **kw)
 
 
 def test_program_order_chunks_fit_the_l2_share():
