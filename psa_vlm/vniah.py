@@ -37,7 +37,11 @@ TEST_SEED = 1_000_000  # the test set's seeds start here (the trainer's validati
 def load_record(path=None, model: str = "vniah") -> dict:
     """The recorded CI accuracies (``record.json``) of the checkpoint folder ``path``, else of the
     shipped ``model`` (``vniah``, ``vniah-coverage``)."""
-    return json.loads(((Path(path) if path else checkpoint_dir(model)) / "record.json").read_text())
+    file = (Path(path) if path else checkpoint_dir(model)) / "record.json"
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); restore the checkpoint's record.json") from None
 
 
 def recorded_kinds(model: str) -> list[str]:

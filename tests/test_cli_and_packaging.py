@@ -261,6 +261,9 @@ def test_vniah_kinds_default_to_the_model_record_and_unknown_kinds_are_one_line(
     assert cli.main(["vniah", "--model", "tiny", "--kinds", "colour,count", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--kinds: unknown ['count']" in err and "majority" in err and len(err.splitlines()) == 1
+    (tmp_path / "record.json").write_text("{not json")  # a corrupt record names its file and the fix
+    with pytest.raises(ValueError, match=r"record\.json is not valid JSON .*restore the checkpoint's record\.json"):
+        cli._vniah_kinds(argparse.Namespace(kinds=None, model=str(tmp_path)))
 
 
 def test_override_takes_comma_lists_and_yaml_lists():
