@@ -136,7 +136,7 @@ def _antidiagonal_kernel(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_om,
-    Hq, Hkv, GROUP, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+    Hq, Hkv, GROUP, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work, KV_CHUNK,
     S: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_PER_QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
     BLOCK_J: tl.constexpr, PREPPED: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -147,12 +147,18 @@ def _antidiagonal_kernel(
     d_ok = offs_d < HEAD_DIM
     r = tl.arange(0, BLOCK_R)
     scr_rows = SCR + tl.program_id(0) * BLOCK_R * nk_pad + r[:, None] * nk_pad
-    # Work items in order of length across heads (every head's last row tile, the longest when
-    # causal, before any head's next), dealt round-robin: the programs' totals even out.
-    heads = n_work // n_row_tiles  # batch x query heads
+    # Work items in chunks of KV_CHUNK (batch, kv head) pairs, one chunk after another; inside a
+    # chunk, in order of length across its query heads (every head's last row tile, the longest
+    # when causal, before any head's next), dealt round-robin so the programs' totals even out.
+    # The default chunk holds every pair: one kv head at a time keeps the keys the programs share
+    # in L2 (at 64k every head's keys and the programs' query tiles overflow it: ncu read 58% L2
+    # hits) but the chunks' tails cost more than that saved (tune_importance_h200_lean.json).
+    chunk_heads = KV_CHUNK * GROUP  # query heads per chunk
+    per_chunk = chunk_heads * n_row_tiles
     for work in range(tl.program_id(0), n_work, tl.num_programs(0)):
-        bh = work % heads
-        tile = n_row_tiles - 1 - work // heads
+        r_work = work % per_chunk
+        bh = (work // per_chunk) * chunk_heads + r_work % chunk_heads  # b * Hq + h
+        tile = n_row_tiles - 1 - r_work // chunk_heads
         b = bh // Hq
         h = bh % Hq
         hk = h // GROUP
@@ -166,8 +172,17 @@ def _antidiagonal_kernel(
             col_end = n_cols
         q_rows = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
         k_rows = K + b * stride_kb + hk * stride_kh + offs_d[None, :]
+
         if PREPPED:
+            # Per-row scale (> 0; 0 only on rows past the end, which phase two ignores), applied
+            # inside the exponent: max_c(rs * t) = rs * max_c(t) for rs >= 0.
             row_scale = tl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2
+        else:
+            row_scale = tl.full([BLOCK_R], scale_log2, dtype=tl.float32)
+        row_scale = tl.maximum(row_scale, 1e-30)  # -inf * 0 would be NaN (scale 0: uniform rows)
+        # First strided row's last position: the tile's smallest, so a column tile before it is
+        # visible to every row (no causal mask needed).
+        first_last = (Lk - Lq) + tl.minimum(tile * BLOCK_R * S + S - 1, Lq - 1)
 
         logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
@@ -197,22 +212,26 @@ def _antidiagonal_kernel(
                 kt = kt.to(tl.float32)
             logits = tl.dot(qt, tl.trans(kt), logits)
             if i == S - 1:
+                # The epilogue is most of the kernel's instructions (its products are few: a
+                # contraction of s * D for each output), so per logit it does one multiply-add
+                # here, one inside the exponent, a max, an exp2 and a sum.
                 if PREPPED:
                     col_scale = tl.load(SK + (b * Hkv + hk) * n_cols + cols, mask=cols < n_cols, other=0.0)
                     col_ok = col_scale > 0  # scale 0: no real key in the group
-                    logits = logits * row_scale[:, None] * col_scale[None, :]
                 else:
-                    logits = logits * scale_log2
-                visible = col_ok[None, :] & row_ok[:, None]
+                    col_scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+                # Invisible columns (no real key, past the end) get -inf from the same multiply-add.
+                col_bias = tl.where(col_ok, 0.0, float("-inf"))
+                t = logits * col_scale[None, :] + col_bias[None, :]
                 if CAUSAL:
-                    # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
-                    visible = visible & ((cols * S)[None, :] < (row_last + 1)[:, None])
-                logits = tl.where(visible, logits, float("-inf"))
+                    if (c0 + BLOCK_C - 1) * S >= first_last + 1:  # the tile reaches past some row's last query
+                        # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
+                        t = tl.where((cols * S)[None, :] < (row_last + 1)[:, None], t, float("-inf"))
                 # Each key block's own log-sum-exp per row, kept for the second loop.
-                per_block = tl.reshape(logits, (BLOCK_R, KBLOCKS, COLS_PER_BLOCK))
+                per_block = tl.reshape(t, (BLOCK_R, KBLOCKS, COLS_PER_BLOCK))
                 bm = tl.max(per_block, 2)
-                bm_safe = tl.where(bm == float("-inf"), 0.0, bm)
-                bs = tl.sum(tl.exp2(per_block - bm_safe[:, :, None]), 2)
+                bm_safe = tl.where(bm == float("-inf"), 0.0, bm) * row_scale[:, None]
+                bs = tl.sum(tl.exp2(per_block * row_scale[:, None, None] - bm_safe[:, :, None]), 2)
                 block_lse = tl.where(bs > 0, bm_safe + tl.log2(tl.maximum(bs, 1e-30)), float("-inf"))
                 j = c0 // COLS_PER_BLOCK + tl.arange(0, KBLOCKS)
                 tl.store(scr_rows + j[None, :], block_lse, mask=(j < nk)[None, :])
@@ -231,7 +250,8 @@ def _antidiagonal_kernel(
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(lse - m_safe[:, None]), 1)
             m_i = m_new
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        row_lse = tl.where(l_i > 0, m_safe + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # no key: adds 0
+        # A row with no visible key, or past the end (its strip holds garbage), adds 0.
+        row_lse = tl.where((l_i > 0) & row_ok, m_safe + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
         qb = tile * QBLOCKS + tl.arange(0, QBLOCKS)
         for j0 in range(0, j_end, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
@@ -250,7 +270,7 @@ def _antidiagonal_kernel(
 #: Launches per precision, from ``benchmarks/tune_importance.py`` on the GPU (see its results).
 LAUNCH = {
     "full": dict(block_r=64, block_c=128, num_warps=8, num_stages=3),
-    "fp8": dict(block_r=128, block_c=128, num_warps=4, num_stages=3),
+    "fp8": dict(block_r=64, block_c=128, num_warps=4, num_stages=3),
 }
 
 
@@ -270,9 +290,11 @@ def antidiagonal_importance_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     programs: int | None = None,
+    kv_chunk: int | None = None,
 ) -> torch.Tensor:
     """Block importance ``[B, Hq, nq, nk]`` (fp32); inputs validated by the caller, who also
-    checks :func:`supported`. Launch parameters left as None take :data:`LAUNCH`'s."""
+    checks :func:`supported`. Launch parameters left as None take :data:`LAUNCH`'s; ``kv_chunk``
+    (a divisor of batch x kv heads, default all of them) sets the program order (see the kernel)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     launch = LAUNCH[precision]
@@ -285,6 +307,8 @@ def antidiagonal_importance_triton(
     num_warps = num_warps or launch["num_warps"]
     num_stages = num_stages or launch["num_stages"]
     scale = D**-0.5 if scale is None else float(scale)
+    if scale < 0:  # the kernel scales inside the exponent after the row max: it wants scale >= 0
+        q, scale = -q, -scale
     nq, nk = cdiv(Lq, block_q), cdiv(Lk, block_k)
     rows_per_qblock, cols_per_block = block_q // stride, block_k // stride
     block_c = max(block_c, cols_per_block)
@@ -295,6 +319,9 @@ def antidiagonal_importance_triton(
     if programs is None:
         programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     programs = max(1, min(programs, n_work))
+    kv_chunk = B * Hkv if kv_chunk is None else kv_chunk
+    if kv_chunk < 1 or (B * Hkv) % kv_chunk:
+        raise ValueError(f"kv_chunk={kv_chunk} must divide batch x kv heads ({B * Hkv})")
     nk_pad = cdiv(nk, 16) * 16
     block_d = max(16, next_pow2(D))
     with on_device(q):
@@ -318,7 +345,7 @@ def antidiagonal_importance_triton(
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            Hq, Hkv, Hq // Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+            Hq, Hkv, Hq // Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work, kv_chunk,
             S=stride, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D,
             BLOCK_D=block_d, ROWS_PER_QBLOCK=rows_per_qblock, BLOCK_R=block_r,
             BLOCK_C=block_c, COLS_PER_BLOCK=cols_per_block, BLOCK_J=64, PREPPED=prepped,

@@ -311,7 +311,10 @@ def test_antidiagonal_importance_kernel_matches_reference(causal, stride, precis
               precision=precision)
     # Small row tiles and few persistent programs: several row tiles per head, each program
     # reusing its scratch strip for several tiles.
-    got = antidiagonal_importance_triton(q, k, **kw, block_r=rnd.choice([16, 32, 128]), programs=rnd.choice([1, 3]))
+    # kv_chunk 1 (the default: one (batch, kv head) pair at a time) or 2 (both batch rows' pairs
+    # interleaved): the program order changes, the result must not.
+    got = antidiagonal_importance_triton(q, k, **kw, block_r=rnd.choice([16, 32, 128]), programs=rnd.choice([1, 3]),
+                                         kv_chunk=rnd.choice([1, 2]))
     want = reference.antidiagonal_importance(q.double(), k.double(), **kw)
     assert rel_err(got, want) < 1e-4, f"seed {seed}"
     # The public entry dispatches to the kernel (the default launch: another tile shape sums in
@@ -320,6 +323,17 @@ def test_antidiagonal_importance_kernel_matches_reference(causal, stride, precis
     if precision == "fp8":  # the fp8 estimate is an estimate of the same scores
         full = reference.antidiagonal_importance(q.double(), k.double(), **{**kw, "precision": "full"})
         assert rel_err(got, full) < 0.1, f"seed {seed}"
+
+
+def test_importance_kv_chunk_must_divide_the_pairs():
+    from psa_kernels.importance import antidiagonal_importance_triton
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    q = torch.randn(1, 4, 64, 16, generator=g).to(DEVICE)
+    k = torch.randn(1, 2, 64, 16, generator=g).to(DEVICE)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="kv_chunk"):
+            antidiagonal_importance_triton(q, k, causal=True, block_q=32, block_k=32, kv_chunk=bad)
 
 
 def test_fp8_copies_match_the_reference_quantisation_bit_for_bit():
