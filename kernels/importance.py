@@ -149,122 +149,130 @@ def _antidiagonal_kernel(
     scr_rows = SCR + tl.program_id(0) * BLOCK_R * nk_pad + r[:, None] * nk_pad
     # Work items in chunks of KV_CHUNK (batch, kv head) pairs, one chunk after another; inside a
     # chunk, in order of length across its query heads (every head's last row tile, the longest
-    # when causal, before any head's next), dealt round-robin so the programs' totals even out.
-    # The default chunk holds every pair: one kv head at a time keeps the keys the programs share
+    # when causal, before any head's next). The default chunk holds every pair: one kv head at a time keeps the keys the programs share
     # in L2 (at 64k every head's keys and the programs' query tiles overflow it: ncu read 58% L2
     # hits) but the chunks' tails cost more than that saved (tune_importance_h200_lean.json).
     chunk_heads = KV_CHUNK * GROUP  # query heads per chunk
     per_chunk = chunk_heads * n_row_tiles
-    for work in range(tl.program_id(0), n_work, tl.num_programs(0)):
-        r_work = work % per_chunk
-        bh = (work // per_chunk) * chunk_heads + r_work % chunk_heads  # b * Hq + h
-        tile = n_row_tiles - 1 - r_work // chunk_heads
-        b = bh // Hq
-        h = bh % Hq
-        hk = h // GROUP
-        m = tile * BLOCK_R + r  # strided rows
-        row_ok = m < n_rows
-        # Last query position (absolute, bottom-right aligned) of each strided row.
-        row_last = (Lk - Lq) + tl.minimum(m * S + S - 1, Lq - 1)
-        if CAUSAL:
-            col_end = tl.minimum(n_cols, tl.max(tl.where(row_ok, row_last, 0), 0) // S + 1)
+    # Dealt in rounds of one item per program, every other round in reverse program order: the
+    # program with the longest item of a round gets the shortest of the next (round-robin in one
+    # direction left some programs two long items at 8k, where a program gets one or two).
+    programs = tl.num_programs(0)
+    for base in range(0, n_work, programs):
+        if (base // programs) % 2 == 0:
+            work = base + tl.program_id(0)
         else:
-            col_end = n_cols
-        q_rows = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
-        k_rows = K + b * stride_kb + hk * stride_kh + offs_d[None, :]
-
-        if PREPPED:
-            # Per-row scale (> 0; 0 only on rows past the end, which phase two ignores), applied
-            # inside the exponent: max_c(rs * t) = rs * max_c(t) for rs >= 0.
-            row_scale = tl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2
-        else:
-            row_scale = tl.full([BLOCK_R], scale_log2, dtype=tl.float32)
-        row_scale = tl.maximum(row_scale, 1e-30)  # -inf * 0 would be NaN (scale 0: uniform rows)
-        # First strided row's last position: the tile's smallest, so a column tile before it is
-        # visible to every row (no causal mask needed).
-        first_last = (Lk - Lq) + tl.minimum(tile * BLOCK_R * S + S - 1, Lq - 1)
-
-        logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
-        n_steps = tl.cdiv(col_end, BLOCK_C) * S
-        for step in range(0, n_steps):
-            # One flat loop over (column tile, antidiagonal offset i): the loads stay pipelined
-            # across column tiles (a loop over i nested in a loop over tiles restarts every tile).
-            i = step % S
-            c0 = (step // S) * BLOCK_C
-            cols = c0 + tl.arange(0, BLOCK_C)
-            if PREPPED:
-                # Chunk i of query row m is q[m*s + s-1-i], of key row n is k[n*s + i].
-                qt = Q_DESC.load([b, h, tile * BLOCK_R, i * BLOCK_D]).reshape(BLOCK_R, BLOCK_D)
-                kt = K_DESC.load([b, hk, c0, i * BLOCK_D]).reshape(BLOCK_C, BLOCK_D)
+            work = base + programs - 1 - tl.program_id(0)
+        if work < n_work:
+            r_work = work % per_chunk
+            bh = (work // per_chunk) * chunk_heads + r_work % chunk_heads  # b * Hq + h
+            tile = n_row_tiles - 1 - r_work // chunk_heads
+            b = bh // Hq
+            h = bh % Hq
+            hk = h // GROUP
+            m = tile * BLOCK_R + r  # strided rows
+            row_ok = m < n_rows
+            # Last query position (absolute, bottom-right aligned) of each strided row.
+            row_last = (Lk - Lq) + tl.minimum(m * S + S - 1, Lq - 1)
+            if CAUSAL:
+                col_end = tl.minimum(n_cols, tl.max(tl.where(row_ok, row_last, 0), 0) // S + 1)
             else:
-                qpos = m * S + i
-                qt = tl.load(q_rows + qpos[:, None] * stride_qm, mask=(qpos < Lq)[:, None] & d_ok[None, :],
-                             other=0.0)
-                kpos = cols * S + (S - 1 - i)
-                k_ok = kpos < Lk
-                if HAS_PAD:
-                    k_ok = k_ok & (tl.load(PAD + b * Lk + kpos, mask=k_ok, other=0) != 0)
-                col_ok = col_ok | k_ok
-                kt = tl.load(k_rows + kpos[:, None] * stride_kn, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                qt = qt.to(tl.float32)
-                kt = kt.to(tl.float32)
-            logits = tl.dot(qt, tl.trans(kt), logits)
-            if i == S - 1:
-                # The epilogue is most of the kernel's instructions (its products are few: a
-                # contraction of s * D for each output), so per logit it does one multiply-add
-                # here, one inside the exponent, a max, an exp2 and a sum.
+                col_end = n_cols
+            q_rows = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
+            k_rows = K + b * stride_kb + hk * stride_kh + offs_d[None, :]
+
+            if PREPPED:
+                # Per-row scale (> 0; 0 only on rows past the end, which phase two ignores), applied
+                # inside the exponent: max_c(rs * t) = rs * max_c(t) for rs >= 0.
+                row_scale = tl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2
+            else:
+                row_scale = tl.full([BLOCK_R], scale_log2, dtype=tl.float32)
+            row_scale = tl.maximum(row_scale, 1e-30)  # -inf * 0 would be NaN (scale 0: uniform rows)
+            # First strided row's last position: the tile's smallest, so a column tile before it is
+            # visible to every row (no causal mask needed).
+            first_last = (Lk - Lq) + tl.minimum(tile * BLOCK_R * S + S - 1, Lq - 1)
+
+            logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
+            n_steps = tl.cdiv(col_end, BLOCK_C) * S
+            for step in range(0, n_steps):
+                # One flat loop over (column tile, antidiagonal offset i): the loads stay pipelined
+                # across column tiles (a loop over i nested in a loop over tiles restarts every tile).
+                i = step % S
+                c0 = (step // S) * BLOCK_C
+                cols = c0 + tl.arange(0, BLOCK_C)
                 if PREPPED:
-                    col_scale = tl.load(SK + (b * Hkv + hk) * n_cols + cols, mask=cols < n_cols, other=0.0)
-                    col_ok = col_scale > 0  # scale 0: no real key in the group
+                    # Chunk i of query row m is q[m*s + s-1-i], of key row n is k[n*s + i].
+                    qt = Q_DESC.load([b, h, tile * BLOCK_R, i * BLOCK_D]).reshape(BLOCK_R, BLOCK_D)
+                    kt = K_DESC.load([b, hk, c0, i * BLOCK_D]).reshape(BLOCK_C, BLOCK_D)
                 else:
-                    col_scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-                # Invisible columns (no real key, past the end) get -inf from the same multiply-add.
-                col_bias = tl.where(col_ok, 0.0, float("-inf"))
-                t = logits * col_scale[None, :] + col_bias[None, :]
-                if CAUSAL:
-                    if (c0 + BLOCK_C - 1) * S >= first_last + 1:  # the tile reaches past some row's last query
-                        # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
-                        t = tl.where((cols * S)[None, :] < (row_last + 1)[:, None], t, float("-inf"))
-                # Each key block's own log-sum-exp per row, kept for the second loop.
-                per_block = tl.reshape(t, (BLOCK_R, KBLOCKS, COLS_PER_BLOCK))
-                bm = tl.max(per_block, 2)
-                bm_safe = tl.where(bm == float("-inf"), 0.0, bm) * row_scale[:, None]
-                bs = tl.sum(tl.exp2(per_block * row_scale[:, None, None] - bm_safe[:, :, None]), 2)
-                block_lse = tl.where(bs > 0, bm_safe + tl.log2(tl.maximum(bs, 1e-30)), float("-inf"))
-                j = c0 // COLS_PER_BLOCK + tl.arange(0, KBLOCKS)
-                tl.store(scr_rows + j[None, :], block_lse, mask=(j < nk)[None, :])
-                logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-                col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
-        tl.debug_barrier()  # the strip written above is read back by other threads of the program
-        # Each row's log-sum-exp from its blocks' (cheaper than running row statistics per tile).
-        j_end = (col_end + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
-        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for j0 in range(0, j_end, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            lse = tl.load(scr_rows + j[None, :], mask=(j < j_end)[None, :], other=float("-inf"), cache_modifier=".cg")
-            m_new = tl.maximum(m_i, tl.max(lse, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(lse - m_safe[:, None]), 1)
-            m_i = m_new
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        # A row with no visible key, or past the end (its strip holds garbage), adds 0.
-        row_lse = tl.where((l_i > 0) & row_ok, m_safe + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
-        qb = tile * QBLOCKS + tl.arange(0, QBLOCKS)
-        for j0 in range(0, j_end, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            lse = tl.load(scr_rows + j[None, :], mask=(j < j_end)[None, :], other=float("-inf"), cache_modifier=".cg")
-            p = tl.exp2(lse - row_lse[:, None])
-            sums = tl.sum(tl.reshape(p, (QBLOCKS, ROWS_PER_QBLOCK, BLOCK_J)), 1)
-            tl.store(OUT + b * stride_ob + h * stride_oh + qb[:, None] * stride_om + j[None, :], sums,
-                     mask=(qb < nq)[:, None] & (j < j_end)[None, :])
-        for j0 in range(j_end, nk, BLOCK_J):  # blocks no row of the tile sees (causal): importance 0
-            j = j0 + tl.arange(0, BLOCK_J)
-            tl.store(OUT + b * stride_ob + h * stride_oh + qb[:, None] * stride_om + j[None, :],
-                     tl.zeros([QBLOCKS, BLOCK_J], dtype=tl.float32), mask=(qb < nq)[:, None] & (j < nk)[None, :])
-        tl.debug_barrier()  # the next row tile overwrites the strip
+                    qpos = m * S + i
+                    qt = tl.load(q_rows + qpos[:, None] * stride_qm, mask=(qpos < Lq)[:, None] & d_ok[None, :],
+                                 other=0.0)
+                    kpos = cols * S + (S - 1 - i)
+                    k_ok = kpos < Lk
+                    if HAS_PAD:
+                        k_ok = k_ok & (tl.load(PAD + b * Lk + kpos, mask=k_ok, other=0) != 0)
+                    col_ok = col_ok | k_ok
+                    kt = tl.load(k_rows + kpos[:, None] * stride_kn, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    qt = qt.to(tl.float32)
+                    kt = kt.to(tl.float32)
+                logits = tl.dot(qt, tl.trans(kt), logits)
+                if i == S - 1:
+                    # The epilogue is most of the kernel's instructions (its products are few: a
+                    # contraction of s * D for each output), so per logit it does one multiply-add
+                    # here, one inside the exponent, a max, an exp2 and a sum.
+                    if PREPPED:
+                        col_scale = tl.load(SK + (b * Hkv + hk) * n_cols + cols, mask=cols < n_cols, other=0.0)
+                        col_ok = col_scale > 0  # scale 0: no real key in the group
+                    else:
+                        col_scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+                    # Invisible columns (no real key, past the end) get -inf from the same multiply-add.
+                    col_bias = tl.where(col_ok, 0.0, float("-inf"))
+                    t = logits * col_scale[None, :] + col_bias[None, :]
+                    if CAUSAL:
+                        if (c0 + BLOCK_C - 1) * S >= first_last + 1:  # the tile reaches past some row's last query
+                            # `<` against `+ 1` (see kernels/attention.py on the comparison Triton miscompiled).
+                            t = tl.where((cols * S)[None, :] < (row_last + 1)[:, None], t, float("-inf"))
+                    # Each key block's own log-sum-exp per row, kept for the second loop.
+                    per_block = tl.reshape(t, (BLOCK_R, KBLOCKS, COLS_PER_BLOCK))
+                    bm = tl.max(per_block, 2)
+                    bm_safe = tl.where(bm == float("-inf"), 0.0, bm) * row_scale[:, None]
+                    bs = tl.sum(tl.exp2(per_block * row_scale[:, None, None] - bm_safe[:, :, None]), 2)
+                    block_lse = tl.where(bs > 0, bm_safe + tl.log2(tl.maximum(bs, 1e-30)), float("-inf"))
+                    j = c0 // COLS_PER_BLOCK + tl.arange(0, KBLOCKS)
+                    tl.store(scr_rows + j[None, :], block_lse, mask=(j < nk)[None, :])
+                    logits = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+                    col_ok = tl.zeros([BLOCK_C], dtype=tl.int1)
+            tl.debug_barrier()  # the strip written above is read back by other threads of the program
+            # Each row's log-sum-exp from its blocks' (cheaper than running row statistics per tile).
+            j_end = (col_end + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
+            m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for j0 in range(0, j_end, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                lse = tl.load(scr_rows + j[None, :], mask=(j < j_end)[None, :], other=float("-inf"), cache_modifier=".cg")
+                m_new = tl.maximum(m_i, tl.max(lse, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(lse - m_safe[:, None]), 1)
+                m_i = m_new
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            # A row with no visible key, or past the end (its strip holds garbage), adds 0.
+            row_lse = tl.where((l_i > 0) & row_ok, m_safe + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
+            qb = tile * QBLOCKS + tl.arange(0, QBLOCKS)
+            for j0 in range(0, j_end, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                lse = tl.load(scr_rows + j[None, :], mask=(j < j_end)[None, :], other=float("-inf"), cache_modifier=".cg")
+                p = tl.exp2(lse - row_lse[:, None])
+                sums = tl.sum(tl.reshape(p, (QBLOCKS, ROWS_PER_QBLOCK, BLOCK_J)), 1)
+                tl.store(OUT + b * stride_ob + h * stride_oh + qb[:, None] * stride_om + j[None, :], sums,
+                         mask=(qb < nq)[:, None] & (j < j_end)[None, :])
+            for j0 in range(j_end, nk, BLOCK_J):  # blocks no row of the tile sees (causal): importance 0
+                j = j0 + tl.arange(0, BLOCK_J)
+                tl.store(OUT + b * stride_ob + h * stride_oh + qb[:, None] * stride_om + j[None, :],
+                         tl.zeros([QBLOCKS, BLOCK_J], dtype=tl.float32), mask=(qb < nq)[:, None] & (j < nk)[None, :])
+            tl.debug_barrier()  # the next row tile overwrites the strip
 
 
 #: Launches per precision, from ``benchmarks/tune_importance.py`` on the GPU (see its results).
