@@ -149,9 +149,10 @@ def _antidiagonal_kernel(
     scr_rows = SCR + tl.program_id(0) * BLOCK_R * nk_pad + r[:, None] * nk_pad
     # Work items in chunks of KV_CHUNK (batch, kv head) pairs, one chunk after another; inside a
     # chunk, in order of length across its query heads (every head's last row tile, the longest
-    # when causal, before any head's next). The default chunk holds every pair: one kv head at a time keeps the keys the programs share
-    # in L2 (at 64k every head's keys and the programs' query tiles overflow it: ncu read 58% L2
-    # hits) but the chunks' tails cost more than that saved (tune_importance_h200_lean.json).
+    # when causal, before any head's next). The default chunk holds every pair: one kv head at a
+    # time keeps the keys the programs share in L2 (at 64k every head's keys and the programs'
+    # query tiles overflow it: ncu read 58% L2 hits), but it was no faster at 64k and slower at
+    # 16k-32k (benchmarks/results/tune_importance_h200_lean/).
     chunk_heads = KV_CHUNK * GROUP  # query heads per chunk
     per_chunk = chunk_heads * n_row_tiles
     # Dealt in rounds of one item per program, every other round in reverse program order: the
@@ -275,7 +276,9 @@ def _antidiagonal_kernel(
             tl.debug_barrier()  # the next row tile overwrites the strip
 
 
-#: Launches per precision, from ``benchmarks/tune_importance.py`` on the GPU (see its results).
+#: Launches per precision, from ``benchmarks/tune_importance.py`` on the GPU (see its results). fp8:
+#: 64 query rows fit 4 warps without spills (128 rows spilled 328 bytes); 2.95 ms at 64k, 0.81 ms at
+#: 32k on an H200 with the quantisation (``tune_importance_h200_lean/``).
 LAUNCH = {
     "full": dict(block_r=64, block_c=128, num_warps=8, num_stages=3),
     "fp8": dict(block_r=64, block_c=128, num_warps=4, num_stages=3),

@@ -325,6 +325,24 @@ def test_antidiagonal_importance_kernel_matches_reference(causal, stride, precis
         assert rel_err(got, full) < 0.1, f"seed {seed}"
 
 
+@pytest.mark.parametrize("precision", ["full", "fp8"])
+def test_importance_with_given_scales_matches_the_reference(precision):
+    """The kernel applies the row's scale inside the exponent after the row max, which needs a
+    scale >= 0: a negative scale negates q in the wrapper, and scale 0 (every logit 0) must give
+    uniform rows, not NaN from -inf * 0 on masked columns."""
+    from psa_kernels.importance import antidiagonal_importance_triton
+
+    seed = fresh_seed()
+    q, k, _, _, pad = make_case(seed, B=2, Hq=2, Hkv=1, Lq=200, Lk=200, D=64, block_q=64, block_k=32, padded=True)
+    for scale in (-0.3, 0.0, 0.7):
+        kw = dict(causal=True, block_q=64, block_k=32, stride=8, key_padding_mask=pad, precision=precision,
+                  scale=scale)
+        got = antidiagonal_importance_triton(q, k, **kw)
+        want = reference.antidiagonal_importance(q.double(), k.double(), **kw)
+        assert torch.isfinite(got).all(), f"seed {seed}, scale {scale}"
+        assert rel_err(got, want) < 1e-4, f"seed {seed}, scale {scale}"
+
+
 def test_importance_kv_chunk_must_divide_the_pairs():
     from psa_kernels.importance import antidiagonal_importance_triton
 
