@@ -55,3 +55,44 @@ def test_quantile_thresholds_hit_the_target_density():
             quantile_thresholds(bad)
     with pytest.raises(ValueError, match="levels"):
         load_preset("block_sparse").at_sparsity(0.5)
+
+
+def _benchmark_module(name):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_ncu_target_runs_its_three_kernels(capsys, monkeypatch):
+    """The Nsight Compute target builds both maps and runs its rounds (on CPU: the same calls, on
+    the PyTorch path; its kernels are the ones tests/test_kernels.py checks)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _benchmark_module("ncu_target").main(["--length", "384", "--sparsity", "0.65", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "L=384 sparsity" in out and "binary map of the same FLOPs" in out
+
+
+def test_tune_importance_times_another_version_of_the_kernel_module():
+    """``--baseline`` loads a copy of kernels/importance.py as a module of the package: its result
+    on the same inputs is the current kernel's (the copy here is the current file)."""
+    import torch
+
+    import psa_kernels
+    from psa_kernels.importance import antidiagonal_importance_triton
+    from psa_kernels.utils import kernels_available
+
+    if not kernels_available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("no Triton kernels here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = _benchmark_module("tune_importance").load_baseline(str(Path(psa_kernels.__file__).parent /
+                                                                      "importance.py"))
+    assert baseline is not antidiagonal_importance_triton
+    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    q = torch.randn(1, 2, 200, 16, generator=g).to(device)
+    k = torch.randn(1, 1, 200, 16, generator=g).to(device)
+    kw = dict(causal=True, block_q=64, block_k=32, stride=8)
+    assert torch.equal(baseline(q, k, **kw), antidiagonal_importance_triton(q, k, **kw))
