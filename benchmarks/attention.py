@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import psa_kernels
-from psa_vlm.compare import binary_map_like, video_like_qkv
+from psa_vlm.compare import binary_map_at_same_flops, video_like_qkv
 from psa_vlm.config import load_preset
 
 FIXED_SPARSITIES = (0.5, 0.65, 0.8, 0.9, 0.95)
@@ -207,10 +207,6 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
         estimate = lambda: psa_kernels.antidiagonal_importance(q, k, causal=causal, block_q=bq,  # noqa: E731
                                                                block_k=bk, stride=stride, precision=precision)
         scores = estimate()
-        if kw["share_kv_group"]:
-            scores_h = scores.view(1, shape["Hkv"], -1, *scores.shape[-2:]).sum(2)
-        else:
-            scores_h = scores
 
         def assign():  # level map in the compact layout the attention kernel reads
             return psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, scores=scores, compact=True,
@@ -230,11 +226,8 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
                        rel_err=rel_err(out, dense), peak_mb=peak_mb(call, device),
                        call_increment_mb=increment_mb(call, device))
         # Binary block-sparse at the same FLOPs, from the same importance.
-        visible = psa_kernels.block_visibility(batch=1, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
-                                               device=device)[:, None]
-        forced = psa_kernels.forced_full_blocks(batch=1, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
-                                                text_mask=text, device=device)[:, None]
-        binary = binary_map_like(scores_h, visible.expand_as(scores_h), 1.0 - sp, forced.expand_as(scores_h))
+        binary = binary_map_at_same_flops(scores, 1.0 - sp, q_len=L, k_len=L, block_q=bq, block_k=bk, causal=causal,
+                                          text_mask=text, kv_heads=shape["Hkv"] if kw["share_kv_group"] else None)
         # The same binary map through the PSA kernel: its speed on level-1 work beside Flex's.
         binary_layout = psa_kernels.LevelMap.from_dense(binary, block_q=bq, block_k=bk, q_len=L, k_len=L,
                                                         causal=causal)

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 import psa_kernels
-from psa_vlm.compare import binary_map_like, video_like_qkv
+from psa_vlm.compare import binary_map_at_same_flops, video_like_qkv
 from psa_vlm.config import load_preset
 
 
@@ -36,14 +36,9 @@ def main(argv=None):
     layout = psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw)
     scores = psa_kernels.antidiagonal_importance(q, k, causal=True, block_q=128, block_k=128, stride=kw["stride"],
                                                  precision=kw["estimate_precision"])
-    if kw["share_kv_group"]:
-        scores = scores.view(1, 4, -1, *scores.shape[-2:]).sum(2)
-    visible = psa_kernels.block_visibility(batch=1, q_len=L, k_len=L, block_q=128, block_k=128, causal=True,
-                                           device=device)[:, None]
-    forced = psa_kernels.forced_full_blocks(batch=1, q_len=L, k_len=L, block_q=128, block_k=128, causal=True,
-                                            text_mask=text, device=device)[:, None]
     sp = layout.sparsity().mean().item()
-    binary = binary_map_like(scores, visible.expand_as(scores), 1.0 - sp, forced.expand_as(scores))
+    binary = binary_map_at_same_flops(scores, 1.0 - sp, q_len=L, k_len=L, block_q=128, block_k=128, causal=True,
+                                      text_mask=text, kv_heads=4 if kw["share_kv_group"] else None)
     binary_layout = psa_kernels.LevelMap.from_dense(binary, block_q=128, block_k=128, q_len=L, k_len=L, causal=True)
     for _ in range(2):  # warm-up round, then the profiled one
         psa_kernels.antidiagonal_importance(q, k, causal=True, block_q=128, block_k=128, stride=kw["stride"],

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psa_kernels  # noqa: E402
 from psa_kernels.attention import psa_attention_triton  # noqa: E402
-from psa_vlm.compare import binary_map_like, video_like_qkv  # noqa: E402
+from psa_vlm.compare import binary_map_at_same_flops, video_like_qkv  # noqa: E402
 from psa_vlm.config import load_preset  # noqa: E402
 
 VARIANTS = [
@@ -110,11 +110,8 @@ def maps(q, k, L):
         layout = psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw)
         yield f"pyramid {s}", layout
     scores = psa_kernels.antidiagonal_importance(q, k, causal=True, precision="fp8")
-    visible = psa_kernels.block_visibility(batch=1, q_len=L, k_len=L, block_q=128, block_k=128, causal=True,
-                                           device=q.device)[:, None].expand_as(scores)
-    forced = psa_kernels.forced_full_blocks(batch=1, q_len=L, k_len=L, block_q=128, block_k=128, causal=True,
-                                            text_mask=text, device=q.device)[:, None].expand_as(scores)
-    binary = binary_map_like(scores, visible, 1.0 - layout.sparsity().mean().item(), forced)
+    binary = binary_map_at_same_flops(scores, 1.0 - layout.sparsity().mean().item(), q_len=L, k_len=L, block_q=128,
+                                      block_k=128, causal=True, text_mask=text)
     yield "binary @0.9 FLOPs", psa_kernels.LevelMap.from_dense(binary, block_q=128, block_k=128, q_len=L, k_len=L,
                                                                causal=True)
 

@@ -53,6 +53,25 @@ def binary_map_like(scores: torch.Tensor, visible: torch.Tensor, density, forced
     return (visible & (rank < keep)).to(torch.int8)
 
 
+def binary_map_at_same_flops(scores: torch.Tensor, density, *, q_len: int, k_len: int, block_q: int, block_k: int,
+                             causal: bool, text_mask: torch.Tensor | None = None,
+                             kv_heads: int | None = None) -> torch.Tensor:
+    """The binary block-sparse baseline of a PSA call: :func:`binary_map_like` over the call's
+    visible blocks, its forced ones (sink, diagonal, text) first, reading ``density`` of each
+    row's visible blocks. ``scores [B, Hq, nq, nk]`` is the block importance the mask generator
+    used; ``kv_heads`` sums it over each GQA group first (a preset with ``share_kv_group``)."""
+    import psa_kernels
+
+    batch = scores.shape[0]
+    if kv_heads is not None:
+        scores = scores.view(batch, kv_heads, -1, *scores.shape[-2:]).sum(2)
+    geometry = dict(batch=batch, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, causal=causal,
+                    device=scores.device)
+    visible = psa_kernels.block_visibility(**geometry)[:, None].expand_as(scores)
+    forced = psa_kernels.forced_full_blocks(**geometry, text_mask=text_mask)[:, None].expand_as(scores)
+    return binary_map_like(scores, visible, density, forced)
+
+
 def row_density(level_map: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """``[..., nq, 1]``: each query block's share of dense FLOPs under ``level_map`` (a pair at
     level p costs 1/p, skipped 0) among its visible blocks: the per-row budget for

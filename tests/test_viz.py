@@ -153,3 +153,28 @@ def test_binary_baseline_spends_psa_flops_row_by_row():
     assert torch.all((kept - torch.clamp(torch.round(density * n_vis), min=1)).abs() < 0.5)
     assert torch.equal(binary[..., -1, :], psa[..., -1, :])  # the forced row stays whole
     assert set(binary.unique().tolist()) <= {0, 1} and not (binary.bool() & ~visible).any()
+
+
+def test_binary_map_at_same_flops_is_the_call_geometrys_baseline():
+    """The benchmarks' one-call helper: visible and forced blocks of the call's geometry, a GQA
+    group's scores summed when the map is shared, then binary_map_like."""
+    import psa_kernels
+    from psa_vlm.compare import binary_map_at_same_flops, binary_map_like
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    L, block = 1000, 64  # 16 blocks, the last one partial
+    scores = torch.rand(1, 6, 16, 16, generator=g)
+    text = torch.zeros(1, L, dtype=torch.bool)
+    text[:, -100:] = True
+    geometry = dict(batch=1, q_len=L, k_len=L, block_q=block, block_k=block, causal=True)
+    visible = psa_kernels.block_visibility(**geometry)[:, None]
+    forced = psa_kernels.forced_full_blocks(**geometry, text_mask=text)[:, None]
+    shared = scores.view(1, 2, 3, 16, 16).sum(2)
+    want = binary_map_like(shared, visible.expand_as(shared), 0.3, forced.expand_as(shared))
+    got = binary_map_at_same_flops(scores, 0.3, q_len=L, k_len=L, block_q=block, block_k=block, causal=True,
+                                   text_mask=text, kv_heads=2)
+    assert got.shape == (1, 2, 16, 16) and torch.equal(got, want)
+    per_head = binary_map_at_same_flops(scores, 0.3, q_len=L, k_len=L, block_q=block, block_k=block, causal=True,
+                                        text_mask=text)
+    assert per_head.shape == scores.shape
+    assert torch.equal(per_head, binary_map_like(scores, visible.expand_as(scores), 0.3, forced.expand_as(scores)))
