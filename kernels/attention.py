@@ -35,7 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .level_map import LevelMap
 from .pyramid import build_device_pyramid
-from .utils import cdiv, dot_in_fp32, next_pow2, on_device, tma_ready
+from .utils import cdiv, check_kv_chunk, dot_in_fp32, next_pow2, on_device, tma_ready
 
 _LOG2E = 1.4426950408889634
 
@@ -346,10 +346,10 @@ def psa_attention_triton(
     scale = D**-0.5 if scale is None else float(scale)
     block_d = max(16, next_pow2(D))
     block_m = min(cfg["block_m"], block_q)
-    kv_chunk = cfg.get("kv_chunk")
-    kv_chunk = kv_chunk_for(B * Hkv, Lk * D * k.element_size()) if kv_chunk is None else kv_chunk
-    if kv_chunk < 1 or (B * Hkv) % kv_chunk:
-        raise ValueError(f"kv_chunk={kv_chunk} must divide batch x kv heads ({B * Hkv})")
+    if cfg.get("kv_chunk") is None:
+        kv_chunk = kv_chunk_for(B * Hkv, Lk * D * k.element_size())
+    else:
+        kv_chunk = check_kv_chunk(cfg["kv_chunk"], B * Hkv)
     if scale < 0:  # the kernel wants a positive scale (unmasked tiles take the row max before scaling)
         q, scale = -q, -scale
     tiles = level_tiles(block_k, cfg["block_n"])

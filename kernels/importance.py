@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .utils import cdiv, dot_in_fp32, interpreting, next_pow2, on_device
+from .utils import cdiv, check_kv_chunk, dot_in_fp32, interpreting, next_pow2, on_device
 
 _LOG2E = 1.4426950408889634
 
@@ -330,9 +330,7 @@ def antidiagonal_importance_triton(
     if programs is None:
         programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     programs = max(1, min(programs, n_work))
-    kv_chunk = B * Hkv if kv_chunk is None else kv_chunk
-    if kv_chunk < 1 or (B * Hkv) % kv_chunk:
-        raise ValueError(f"kv_chunk={kv_chunk} must divide batch x kv heads ({B * Hkv})")
+    kv_chunk = B * Hkv if kv_chunk is None else check_kv_chunk(kv_chunk, B * Hkv)
     nk_pad = cdiv(nk, 16) * 16
     block_d = max(16, next_pow2(D))
     with on_device(q):

@@ -63,6 +63,14 @@ def next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
+def check_kv_chunk(kv_chunk: int, pairs: int) -> int:
+    """``kv_chunk`` itself if it can order a launch's programs: a divisor of ``pairs`` (batch x kv
+    heads), the (batch, kv head) pairs per chunk of the attention's and the estimate's order."""
+    if kv_chunk < 1 or pairs % kv_chunk:
+        raise ValueError(f"kv_chunk={kv_chunk} must divide batch x kv heads ({pairs})")
+    return kv_chunk
+
+
 def index_dtype(nk: int) -> torch.dtype:
     """Key block indices fit int16 up to 32,767 blocks (4M tokens at 128-token blocks)."""
     return torch.int16 if nk < 2**15 else torch.int32
