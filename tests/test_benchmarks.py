@@ -4,6 +4,7 @@ Triton's interpreter under ``-m slow``).
 Timings here mean nothing; the test checks the script's plumbing and its outputs.
 """
 
+import importlib
 import json
 import sys
 
@@ -13,13 +14,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.usefixtures("kernels_path")
-def test_attention_benchmark_smoke(tmp_path):
+def _benchmark_module(name):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import attention as bench
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+@pytest.mark.usefixtures("kernels_path")
+def test_attention_benchmark_smoke(tmp_path):
+    bench = _benchmark_module("attention")
     bench.main(["--smoke", "--shapes", "vision-bidir", "--kinds", "video-like", "--presets", "fast",
                 "--out", str(tmp_path)])
     report = json.loads((tmp_path / "attention.json").read_text())
@@ -57,16 +62,6 @@ def test_quantile_thresholds_hit_the_target_density():
         load_preset("block_sparse").at_sparsity(0.5)
 
 
-def _benchmark_module(name):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import importlib
-
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_ncu_target_runs_its_three_kernels(capsys, monkeypatch):
     """The Nsight Compute target builds both maps and runs its rounds (on CPU: the same calls, on
     the PyTorch path; its kernels are the ones tests/test_kernels.py checks)."""
@@ -85,13 +80,13 @@ def test_tune_importance_times_another_version_of_the_kernel_module():
     from psa_kernels.importance import antidiagonal_importance_triton
     from psa_kernels.utils import kernels_available
 
-    if not kernels_available("cuda" if torch.cuda.is_available() else "cpu"):
-        pytest.skip("no Triton kernels here")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not kernels_available(device):
+        pytest.skip("no Triton kernels here")
     baseline = _benchmark_module("tune_importance").load_baseline(str(Path(psa_kernels.__file__).parent /
                                                                       "importance.py"))
     assert baseline is not antidiagonal_importance_triton
-    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     q = torch.randn(1, 2, 200, 16, generator=g).to(device)
     k = torch.randn(1, 1, 200, 16, generator=g).to(device)
     kw = dict(causal=True, block_q=64, block_k=32, stride=8)
