@@ -29,6 +29,10 @@ def main(argv=None):
     parser.add_argument("--sparsity", type=float, default=0.65, help="fixed sparsity of the level map")
     parser.add_argument("--device", default="cuda", help="cuda (what ncu profiles); cpu only to try the script")
     args = parser.parse_args(argv)
+    if args.length <= 256:
+        parser.error(f"--length {args.length}: give more than 256 tokens (the last 256 are the text tail)")
+    if not 0 <= args.sparsity < 1:
+        parser.error(f"--sparsity {args.sparsity}: give a sparsity in [0, 1)")
     L, device = args.length, args.device
     q, k, v = video_like_qkv(L, 28, 4, 128, seed=0, device=device, dtype=torch.bfloat16)
     text = torch.zeros(1, L, dtype=torch.bool, device=device)

@@ -54,8 +54,15 @@ def main():
     parser.add_argument("--baseline", default="", help="another version of kernels/importance.py to time beside")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c] or CONFIGS
+    try:
+        configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c] or CONFIGS
+    except ValueError:
+        parser.error(f"--configs {args.configs!r}: give integers as block_r:block_c:num_warps:num_stages[:kv_chunk]")
+    if any(len(c) not in (4, 5) for c in configs):
+        parser.error(f"--configs {args.configs!r}: each launch is block_r:block_c:num_warps:num_stages[:kv_chunk]")
     configs = [(*c, None) if len(c) == 4 else c for c in configs]
+    if args.baseline and not Path(args.baseline).is_file():
+        parser.error(f"--baseline {args.baseline}: no such file (e.g. git show HEAD~1:kernels/importance.py > old.py)")
     baseline = load_baseline(args.baseline) if args.baseline else None
     rows = []
     print(f"{'L':>6s} {'stride':>6s} {'prec':5s} {'block_r':>7s} {'block_c':>7s} {'warps':>5s} {'stages':>6s} "
