@@ -311,8 +311,8 @@ def test_antidiagonal_importance_kernel_matches_reference(causal, stride, precis
               precision=precision)
     # Small row tiles and few persistent programs: several row tiles per head, each program
     # reusing its scratch strip for several tiles.
-    # kv_chunk 1 (the default: one (batch, kv head) pair at a time) or 2 (both batch rows' pairs
-    # interleaved): the program order changes, the result must not.
+    # kv_chunk 1 (one (batch, kv head) pair at a time) or 2 (both batch rows' pairs interleaved,
+    # the default here): the program order changes, the result must not.
     got = antidiagonal_importance_triton(q, k, **kw, block_r=rnd.choice([16, 32, 128]), programs=rnd.choice([1, 3]),
                                          kv_chunk=rnd.choice([1, 2]))
     want = reference.antidiagonal_importance(q.double(), k.double(), **kw)
