@@ -17,8 +17,8 @@ total ``lse[r]`` and add ``2^(lse[r, j] - lse[r])`` per query block. The kernel 
 Two ways to feed the products:
 
 - ``full`` precision: the strided rows are gathered from Q and K with pointer loads.
-- ``fp8``: :func:`quantize_groups` first writes fp8 (e4m3) copies laid out for this kernel: row
-  ``m`` of the query copy holds the ``s`` queries of group ``m`` in reverse order, row ``n`` of
+- ``fp8``: :func:`quantize_qk` first writes fp8 (e4m3) copies laid out for this kernel (both
+  in one launch): row ``m`` of the query copy holds the ``s`` queries of group ``m`` in reverse order, row ``n`` of
   the key copy the ``s`` keys of group ``n`` (padded ones zeroed), each token padded to
   ``BLOCK_D`` values, with one power-of-two scale per row (:func:`reference.quantize_fp8_rows`).
   Product ``i`` of a tile is then chunk ``i`` of both rows: contiguous tiles the tensor-memory
@@ -66,15 +66,12 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _quantize_kernel(
-    X, PAD, OUT, SCALE,
-    stride_xb, stride_xh, stride_xn,
-    H, L, n_groups,
+def _quantize_tile(
+    X, PAD, OUT, SCALE, stride_xb, stride_xh, stride_xn, bh, H, L, n_groups, pid,
     S: tl.constexpr, REVERSE: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    """``GROUPS`` groups of ``S`` tokens of row ``bh`` (= b * H + h) of ``X`` to fp8, one scale each."""
     b = bh // H
     h = bh % H
     g = pid * GROUPS + tl.arange(0, GROUPS)
@@ -100,7 +97,7 @@ def _quantize_kernel(
         y = _round_to_e4m3(x * inv[:, None, None])
     else:  # the GPU's conversion (cvt.rn.satfinite): nearest, ties to even, as the reference
         y = x * inv[:, None, None]
-    row = (b * H + h) * n_groups + g
+    row = bh * n_groups + g
     dst = OUT + row.to(tl.int64)[:, None, None] * (S * BLOCK_D) + slot[None, :, None] * BLOCK_D + d[None, None, :]
     tl.store(dst, y.to(OUT.dtype.element_ty), mask=(g < n_groups)[:, None, None])
     # A group with no real token (all padding) gets scale 0: the estimate skips such columns.
@@ -108,25 +105,76 @@ def _quantize_kernel(
     tl.store(SCALE + row, tl.where(any_real, scale, 0.0), mask=g < n_groups)
 
 
-def quantize_groups(x: torch.Tensor, stride: int, *, reverse: bool,
-                    key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [B, H, L, D]`` -> (``[B, H, ceil(L/s), s * BLOCK_D]`` e4m3, scales ``[B, H, ceil(L/s)]``):
-    group ``m`` of ``s`` tokens (reversed when ``reverse``), padded keys zeroed, each token padded
-    to ``BLOCK_D`` values; scale 0 marks a group with no real token."""
+@triton.jit
+def _quantize_kernel(
+    Q, K, PAD, QOUT, KOUT, QSCALE, KSCALE,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    q_rows, Hq, Hkv, Lq, Lk, nq_groups, nk_groups,
+    S: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
+):
+    # Queries (reversed groups) and keys (padding applied) in one launch: the grid's second axis
+    # holds the ``q_rows`` (batch, query head) rows first, then the (batch, kv head) rows. The
+    # launch, not the bytes, is what a short call pays for (about 50 us of host time each).
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    if bh < q_rows:
+        _quantize_tile(Q, PAD, QOUT, QSCALE, stride_qb, stride_qh, stride_qn, bh, Hq, Lq, nq_groups, pid,
+                       S, True, False, HEAD_DIM, BLOCK_D, GROUPS, EMULATE_FP8)
+    else:
+        _quantize_tile(K, PAD, KOUT, KSCALE, stride_kb, stride_kh, stride_kn, bh - q_rows, Hkv, Lk, nk_groups, pid,
+                       S, False, HAS_PAD, HEAD_DIM, BLOCK_D, GROUPS, EMULATE_FP8)
+
+
+def _fp8_copy(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Empty fp8 copy ``[B, H, ceil(L/s), s * BLOCK_D]`` and scales ``[B, H, ceil(L/s)]`` for ``x``."""
     B, H, L, D = x.shape
     block_d = max(16, next_pow2(D))
     n = cdiv(L, stride)
     out = torch.empty(B, H, n, stride * block_d, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(B, H, n, dtype=torch.float32, device=x.device)
+    return out, torch.empty(B, H, n, dtype=torch.float32, device=x.device), n
+
+
+def quantize_qk(q: torch.Tensor | None, k: torch.Tensor | None, stride: int, *,
+                key_padding_mask: torch.Tensor | None = None):
+    """The estimate's fp8 copies of ``q`` (groups reversed) and ``k`` (padded keys zeroed) in one
+    launch: ``(q8, q_scales, k8, k_scales)``, each copy ``[B, H, ceil(L/s), s * BLOCK_D]`` e4m3 with
+    one power-of-two scale per group (``[B, H, ceil(L/s)]``; 0 marks a key group with no real
+    token). Either input may be None (its outputs are then None)."""
+    x = q if q is not None else k
+    D = x.shape[-1]
+    block_d = max(16, next_pow2(D))
+    q = q if q is None or q.stride(-1) == 1 else q.contiguous()
+    k = k if k is None or k.stride(-1) == 1 else k.contiguous()
+    q8, sq, nq = _fp8_copy(q, stride) if q is not None else (None, None, 0)
+    k8, sk, nk = _fp8_copy(k, stride) if k is not None else (None, None, 0)
+    q_rows = q.shape[0] * q.shape[1] if q is not None else 0
+    k_rows = k.shape[0] * k.shape[1] if k is not None else 0
     groups = max(1, 4096 // (stride * block_d) * 4)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else scale
-    _quantize_kernel[(cdiv(n, groups), B * H)](
-        x, pad, out, scale, x.stride(0), x.stride(1), x.stride(2), H, L, n,
-        S=stride, REVERSE=reverse, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, BLOCK_D=block_d,
-        GROUPS=groups, EMULATE_FP8=interpreting(), num_warps=4,
+    pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None and k is not None else None
+    # An absent side stands in for itself with the other's tensors; no row of the grid reads it.
+    qa = (q, q8, sq) if q is not None else (k, k8, sk)
+    ka = (k, k8, sk) if k is not None else qa
+    _quantize_kernel[(cdiv(max(nq, nk), groups), q_rows + k_rows)](
+        qa[0], ka[0], pad if pad is not None else qa[2], qa[1], ka[1], qa[2], ka[2],
+        qa[0].stride(0), qa[0].stride(1), qa[0].stride(2), ka[0].stride(0), ka[0].stride(1), ka[0].stride(2),
+        q_rows, qa[0].shape[1], ka[0].shape[1], qa[0].shape[2], ka[0].shape[2], nq, nk,
+        S=stride, HAS_PAD=pad is not None, HEAD_DIM=D, BLOCK_D=block_d, GROUPS=groups,
+        EMULATE_FP8=interpreting(), num_warps=4,
     )
-    return out, scale
+    return q8, sq, k8, sk
+
+
+def quantize_groups(x: torch.Tensor, stride: int, *, reverse: bool,
+                    key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side of :func:`quantize_qk`: ``x`` as the queries (``reverse``) or as the keys."""
+    if reverse:
+        if key_padding_mask is not None:
+            raise ValueError("quantize_groups: a key_padding_mask applies to keys (reverse=False), not queries")
+        q8, sq, _, _ = quantize_qk(x, None, stride)
+        return q8, sq
+    _, _, k8, sk = quantize_qk(None, x, stride, key_padding_mask=key_padding_mask)
+    return k8, sk
 
 
 @triton.jit
@@ -280,8 +328,8 @@ def _antidiagonal_kernel(
 #: 64 query rows fit 4 warps without spills (128 rows spilled 328 bytes); 2.95 ms at 64k, 0.81 ms at
 #: 32k on an H200 with the quantisation (``tune_importance_h200_lean/``).
 LAUNCH = {
-    "full": dict(block_r=64, block_c=128, num_warps=8, num_stages=3),
-    "fp8": dict(block_r=64, block_c=128, num_warps=4, num_stages=3),
+    "full": dict(block_r=64, block_c=128, num_warps=8, num_stages=3, programs_per_sm=2, maxnreg=None),
+    "fp8": dict(block_r=64, block_c=128, num_warps=4, num_stages=3, programs_per_sm=2, maxnreg=None),
 }
 
 
@@ -302,6 +350,7 @@ def antidiagonal_importance_triton(
     num_stages: int | None = None,
     programs: int | None = None,
     kv_chunk: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Block importance ``[B, Hq, nq, nk]`` (fp32); inputs validated by the caller, who also
     checks :func:`supported`. Launch parameters left as None take :data:`LAUNCH`'s; ``kv_chunk``
@@ -314,6 +363,8 @@ def antidiagonal_importance_triton(
         # shared memory, over a Hopper SM's 227 KB (seen on an H200); half the key rows, two stages.
         launch = dict(launch, block_c=64, num_stages=2)
     block_r = block_r or launch["block_r"]
+    maxnreg = maxnreg or launch["maxnreg"]
+    launch_extra = {"maxnreg": maxnreg} if maxnreg and not interpreting() else {}
     block_c = block_c or launch["block_c"]
     num_warps = num_warps or launch["num_warps"]
     num_stages = num_stages or launch["num_stages"]
@@ -328,7 +379,8 @@ def antidiagonal_importance_triton(
     n_row_tiles = cdiv(n_rows, block_r)
     n_work = B * Hq * n_row_tiles
     if programs is None:
-        programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        programs = launch["programs_per_sm"] * torch.cuda.get_device_properties(q.device).multi_processor_count \
+            if q.is_cuda else 4
     programs = max(1, min(programs, n_work))
     kv_chunk = B * Hkv if kv_chunk is None else check_kv_chunk(kv_chunk, B * Hkv)
     nk_pad = cdiv(nk, 16) * 16
@@ -342,8 +394,7 @@ def antidiagonal_importance_triton(
         prepped = precision == "fp8"
         descriptors, sq, sk, dot_dtype = [None, None], out, out, q.dtype
         if prepped:
-            q8, sq = quantize_groups(q, stride, reverse=True)
-            k8, sk = quantize_groups(k, stride, reverse=False, key_padding_mask=key_padding_mask)
+            q8, sq, k8, sk = quantize_qk(q, k, stride, key_padding_mask=key_padding_mask)
             descriptors = [TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()),
                                             block_shape=[1, 1, rows, block_d])
                            for t, rows in ((q8, block_r), (k8, block_c))]
@@ -359,7 +410,7 @@ def antidiagonal_importance_triton(
             BLOCK_D=block_d, ROWS_PER_QBLOCK=rows_per_qblock, BLOCK_R=block_r,
             BLOCK_C=block_c, COLS_PER_BLOCK=cols_per_block, BLOCK_J=64, PREPPED=prepped,
             DOT_FP32=dot_in_fp32(dot_dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **launch_extra,
         )
     return out
 

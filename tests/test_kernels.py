@@ -382,6 +382,31 @@ def test_fp8_copies_match_the_reference_quantisation_bit_for_bit():
             assert torch.equal(scale.cpu() > 0, real[:, None, :].expand_as(scale)), f"seed {seed}"
 
 
+def test_one_launch_quantises_queries_and_keys_of_different_shapes():
+    """kernels/importance.quantize_qk (both copies in one launch) against the reference, with more
+    query heads than kv heads, fewer queries than keys (so a different number of groups per
+    side) and left padding on the keys only."""
+    from psa_kernels.importance import quantize_qk
+    from psa_kernels.reference import _strided_keys, _strided_queries, quantize_fp8_rows
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, Lq, Lk, D, S = 2, 6, 2, 45, 203, 80, 8
+    q = torch.randn(B, Hq, Lq, D, generator=g) * 3
+    k = torch.randn(B, Hkv, Lk, D, generator=g) / 5
+    pad = torch.ones(B, Lk, dtype=torch.bool)
+    pad[1, :21] = False
+    q8, sq, k8, sk = quantize_qk(q.to(DEVICE), k.to(DEVICE), S, key_padding_mask=pad.to(DEVICE))
+    assert q8.shape[:3] == (B, Hq, -(-Lq // S)) and k8.shape[:3] == (B, Hkv, -(-Lk // S)), f"seed {seed}"
+    for got, scale, want in ((q8, sq, quantize_fp8_rows(_strided_queries(q.double(), S))),
+                             (k8, sk, quantize_fp8_rows(_strided_keys((k * pad[:, None, :, None]).double(), S)))):
+        block_d = got.shape[-1] // S
+        H = got.shape[1]
+        deq = (got.float().view(B, H, -1, S, block_d)[..., :D] * scale[..., None, None]).reshape(B, H, -1, S * D)
+        assert torch.equal(deq.double().cpu(), want), f"seed {seed}"
+    assert (sk[1, :, :2] == 0).all() and (sk[1, :, 3:] > 0).all(), f"seed {seed}: padded key groups keep scale 0"
+
+
 def test_public_mask_generator_agrees_with_the_reference():
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
