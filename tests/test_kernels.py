@@ -334,13 +334,20 @@ def test_importance_with_given_scales_matches_the_reference(precision):
 
     seed = fresh_seed()
     q, k, _, _, pad = make_case(seed, B=2, Hq=2, Hkv=1, Lq=200, Lk=200, D=64, block_q=64, block_k=32, padded=True)
+    # On a GPU the fp32 products are TF32 and Hopper's fp8 products accumulate in reduced precision:
+    # at scale 0.7 (5.6x the default) an H100 read relative errors of 1.0-2.2e-4 over five seeds,
+    # 3-4e-5 at the default (benchmarks/results/tune_importance_h100_occupancy/
+    # importance_scale_error_h100.txt). The mistakes this test guards (a negative scale not
+    # negated, NaN at scale 0) are errors of order 1.
+    tol = 1e-4 if DEVICE == "cpu" else 1e-3
     for scale in (-0.3, 0.0, 0.7):
         kw = dict(causal=True, block_q=64, block_k=32, stride=8, key_padding_mask=pad, precision=precision,
                   scale=scale)
         got = antidiagonal_importance_triton(q, k, **kw)
         want = reference.antidiagonal_importance(q.double(), k.double(), **kw)
         assert torch.isfinite(got).all(), f"seed {seed}, scale {scale}"
-        assert rel_err(got, want) < 1e-4, f"seed {seed}, scale {scale}"
+        err = rel_err(got, want)
+        assert err < tol, f"seed {seed}, scale {scale}: relative error {err:.2e}"
 
 
 def test_importance_kv_chunk_must_divide_the_pairs():
