@@ -92,7 +92,7 @@ def host_breakdown(call, q, k, v, text, kw, calls: int) -> dict[str, float]:
     launch and the allocations and descriptors a call makes: where the host's time goes."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from psa_kernels.importance import quantize_groups
+    from psa_kernels.importance import quantize_qk
     from psa_kernels.pyramid import build_device_pyramid
 
     layout = psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw)
@@ -100,7 +100,7 @@ def host_breakdown(call, q, k, v, text, kw, calls: int) -> dict[str, float]:
         "whole call": call,
         "build_level_map": lambda: psa_kernels.build_level_map(q, k, causal=True, text_mask=text, compact=True, **kw),
         "psa_attention (map given)": lambda: psa_kernels.psa_attention(q, k, v, layout, causal=True),
-        "quantize_groups(q)": lambda: quantize_groups(q, 8, reverse=True),
+        "quantize_qk(q, k)": lambda: quantize_qk(q, k, 8),
         "build_device_pyramid": lambda: build_device_pyramid(k, v),
         "bare launch, 25 scalar args": lambda: _noop[(1,)](q, *range(1, 25), N=1),
         "torch.empty (1 tensor)": lambda: torch.empty(1024, device=q.device),
