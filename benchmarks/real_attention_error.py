@@ -18,6 +18,12 @@ error ranking predicts the answer ranking.
         --output benchmarks/results/real_error_cpu
 
 Writes ``real_error.json`` and ``real_error.txt`` (and prints the table). CPU or GPU.
+
+With ``--needle-blocks`` it also follows the key blocks that hold the question's needles (the
+squares' visual tokens, from the rendered sample) in the last query block, where the model reads
+its answer: how each variant reads them (level 1, pooled, skipped, shares over heads and
+needles) and where the importance estimate ranks them (the share of the row's visible blocks
+scored above each, and whether it is above the row's mean). Written as ``needle_blocks.txt``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 import psa_kernels
 from psa_vlm.config import parse_overrides
 from psa_vlm.models import load_model
-from psa_vlm.needles import render_batch
+from psa_vlm.needles import make_sample, render_batch
 from psa_vlm.variants import at_sparsities, parse_variants
 from psa_vlm.vniah import TEST_SEED, recorded_kinds
 
@@ -59,17 +65,57 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
+def needle_key_blocks(needles, inputs, frame_side: int, block_k: int = 128) -> list[int]:
+    """Key blocks holding a needle's visual tokens: ``needles`` as ``NeedleSample.needles``
+    (frame, top, left, side), tokens in temporal-patch then row-major order of the merged grid."""
+    visual = torch.nonzero(inputs["mm_token_type_ids"][0] != 0).flatten().tolist()
+    _, h, w = (int(x) for x in inputs["video_grid_thw"][0])
+    rows, cols = h // 2, w // 2  # Qwen-VL merges 2 x 2 patches into a token
+    px = frame_side / rows  # pixels per merged token
+    per_patch = rows * cols
+    blocks = set()
+    for frame, top, left, side in needles:
+        for r in range(int(top // px), int((top + side - 1) // px) + 1):
+            for c in range(int(left // px), int((left + side - 1) // px) + 1):
+                blocks.add(visual[(frame // 2) * per_patch + r * cols + c] // block_k)
+    return sorted(blocks)
+
+
+def needle_levels(q, k, scale, text, blocks, configs, dense_text: bool) -> dict:
+    """Per variant, the shares of (head, needle block) pairs of the last query block read at level
+    1, pooled and skipped; under ``"rank"`` the importance's view of the same pairs."""
+    out = {}
+    for label, config in configs.items():
+        kwargs = _mask_kwargs(config, dense_text)
+        level_map = psa_kernels.build_level_map(q, k, causal=True, scale=scale,
+                                                text_mask=text if dense_text else None, **kwargs)
+        levels = level_map[0, :, -1, blocks].long()
+        out[label] = dict(level1=float((levels == 1).float().mean()), pooled=float((levels > 1).float().mean()),
+                          skipped=float((levels == 0).float().mean()))
+    imp = psa_kernels.antidiagonal_importance(q, k, causal=True, scale=scale, block_q=128, block_k=128, stride=8)
+    row = imp[0, :, -1].double()  # [H, nk]; invisible blocks score 0 and are excluded below
+    visible = (row > 0).sum(-1, keepdim=True).clamp(min=1)
+    above = ((row[:, None, :] > row[:, blocks, None]).sum(-1) / visible).float()  # [H, needles]
+    over_mean = row[:, blocks] > (row.sum(-1, keepdim=True) / visible)
+    out["rank"] = dict(share_above=float(above.mean()), above_mean=float(over_mean.float().mean()))
+    return out
+
+
+def _mask_kwargs(config, dense_text: bool) -> dict:
+    kwargs = config.mask_kwargs()
+    if not dense_text:
+        kwargs["dense_tail_tokens"] = 0
+    return kwargs
+
+
 def layer_errors(q, k, v, scale, text, configs, dense_text: bool) -> dict:
     """``{label: dict(all, question, last, sparsity)}`` for one layer's tensors ``[1, H, L, D]``."""
     dense = psa_kernels.dense_attention(q, k, v, causal=True, scale=scale)
     question = torch.nonzero(~text[0]).max().item() + 1  # rows after the last visual token
     out = {}
     for label, config in configs.items():
-        kwargs = config.mask_kwargs()
-        if not dense_text:
-            kwargs["dense_tail_tokens"] = 0
         level_map = psa_kernels.build_level_map(q, k, causal=True, scale=scale, text_mask=text if dense_text else None,
-                                                compact=True, **kwargs)
+                                                compact=True, **_mask_kwargs(config, dense_text))
         o = psa_kernels.psa_attention(q, k, v, level_map, causal=True, scale=scale)
         out[label] = dict(all=rel(o, dense), question=rel(o[:, :, question:], dense[:, :, question:]),
                           last=rel(o[:, :, -1:], dense[:, :, -1:]), sparsity=float(level_map.sparsity().mean()))
@@ -92,6 +138,9 @@ def main(argv=None) -> int:
                         "another range checks a result on questions it was not chosen on)")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                         help="replace a field of every PSA variant (repeatable), e.g. budget_full_share=0")
+    parser.add_argument("--needle-blocks", action="store_true",
+                        help="also report how each variant reads the needles' key blocks in the last query block "
+                        "and where the importance ranks them (needle_blocks.txt)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="folder for real_error.json and real_error.txt")
     args = parser.parse_args(argv)
@@ -111,6 +160,7 @@ def main(argv=None) -> int:
     register_capture(store)
     model.set_attn_implementation(CAPTURE)
     sums: dict = {}
+    needle_sums: dict = {}
     started = time.perf_counter()
     for i in range(args.questions):
         answers, inputs = render_batch((args.frames, [(args.seed + i, kind)], (224, 224)), processor)
@@ -119,11 +169,20 @@ def main(argv=None) -> int:
         with torch.no_grad():
             model(**inputs, logits_to_keep=1)
         text = (inputs["mm_token_type_ids"] == 0)
+        blocks = None
+        if args.needle_blocks:
+            sample = make_sample(args.seed + i, frames=args.frames, size=(224, 224), kind=kind)
+            blocks = needle_key_blocks(sample.needles, inputs, frame_side=224)
         for layer, (q, k, v, scale) in sorted(store.items()):
             for label, err in layer_errors(q, k, v, scale, text, configs, dense_text).items():
                 acc = sums.setdefault((layer, label), dict(all=0.0, question=0.0, last=0.0, sparsity=0.0))
                 for key in acc:
                     acc[key] += err[key] / args.questions
+            if blocks is not None:
+                for label, shares in needle_levels(q, k, scale, text, blocks, configs, dense_text).items():
+                    acc = needle_sums.setdefault((layer, label), dict.fromkeys(shares, 0.0))
+                    for key in acc:
+                        acc[key] += shares[key] / args.questions
         tokens = int(inputs["input_ids"].shape[1])
         print(f"question {i + 1}/{args.questions}: {tokens} tokens, {time.perf_counter() - started:.0f} s", flush=True)
     rows = [dict(layer=layer, variant=label, **values) for (layer, label), values in sorted(sums.items())]
@@ -139,6 +198,9 @@ def main(argv=None) -> int:
                      f"{means[label]['question']:12.4f} {means[label]['last']:8.4f}")
     table = "\n".join(lines)
     print(table)
+    needle_table = _needle_table(needle_sums) if args.needle_blocks else ""
+    if needle_table:
+        print(needle_table)
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +209,25 @@ def main(argv=None) -> int:
                       device=args.device, rows=rows, means=means, seconds=round(time.perf_counter() - started, 1))
         (out / "real_error.json").write_text(json.dumps(report, indent=1))
         (out / "real_error.txt").write_text(table + "\n")
+        if needle_table:
+            report["needle_blocks"] = [dict(layer=layer, variant=label, **v) for (layer, label), v in
+                                       sorted(needle_sums.items())]
+            (out / "real_error.json").write_text(json.dumps(report, indent=1))
+            (out / "needle_blocks.txt").write_text(needle_table + "\n")
     return 0
+
+
+def _needle_table(needle_sums: dict) -> str:
+    """Per layer and variant, the needle blocks' shares read at level 1 / pooled / skipped, and
+    the importance's ranking of them (share of visible blocks above, share above the mean)."""
+    lines = [f"{'layer':>5s} {'variant':12s} {'level 1':>7s} {'pooled':>7s} {'skipped':>7s}"]
+    for (layer, label), v in sorted(needle_sums.items()):
+        if label == "rank":
+            lines.append(f"{layer:5d} {'importance':12s} blocks above each needle block: {v['share_above']:.3f} "
+                         f"of the visible; needle blocks above the row mean: {v['above_mean']:.3f}")
+        else:
+            lines.append(f"{layer:5d} {label:12s} {v['level1']:7.3f} {v['pooled']:7.3f} {v['skipped']:7.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 import pytest
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -91,3 +93,20 @@ def test_tune_importance_times_another_version_of_the_kernel_module():
     k = torch.randn(1, 1, 200, 16, generator=g).to(device)
     kw = dict(causal=True, block_q=64, block_k=32, stride=8)
     assert torch.equal(baseline(q, k, **kw), antidiagonal_importance_triton(q, k, **kw))
+
+
+@pytest.mark.usefixtures("kernels_path")
+def test_needle_key_blocks_maps_squares_to_the_blocks_of_their_tokens():
+    """real_attention_error --needle-blocks: a square covers the merged tokens its pixels touch,
+    counted in temporal-patch then row-major order among the visual tokens, wherever the text
+    before them ends."""
+    needle_key_blocks = _benchmark_module("real_attention_error").needle_key_blocks
+    types = torch.zeros(1, 45, dtype=torch.long)
+    types[0, 5:37] = 2  # 5 text tokens, 2 temporal patches of 4 x 4 merged tokens, text after
+    inputs = {"mm_token_type_ids": types, "video_grid_thw": torch.tensor([[2, 8, 8]])}
+    # 112-pixel frames: 28 pixels per merged token. Frame 2 is temporal patch 1.
+    one = (2, 30, 60, 20)  # row 1, column 2 of patch 1: visual token 22, position 27, block 3 of 8 tokens
+    four = (0, 20, 20, 20)  # rows 0-1, columns 0-1 of patch 0: visual tokens 0, 1, 4, 5: positions 5, 6, 9, 10
+    assert needle_key_blocks([one], inputs, frame_side=112, block_k=8) == [3]
+    assert needle_key_blocks([four], inputs, frame_side=112, block_k=8) == [0, 1]
+    assert needle_key_blocks([one, four], inputs, frame_side=112, block_k=4) == [1, 2, 6]
