@@ -23,7 +23,8 @@ With ``--needle-blocks`` it also follows the key blocks that hold the question's
 squares' visual tokens, from the rendered sample) in the last query block, where the model reads
 its answer: how each variant reads them (level 1, pooled, skipped, shares over heads and
 needles) and where the importance estimate ranks them (the share of the row's visible blocks
-scored above each, and whether it is above the row's mean). Written as ``needle_blocks.txt``.
+scored above each, and whether it is above the row's mean), beside the same ranking by the
+block's exact attention mass. Written as ``needle_blocks.txt``.
 """
 
 from __future__ import annotations
@@ -98,7 +99,25 @@ def needle_levels(q, k, scale, text, blocks, configs, dense_text: bool) -> dict:
     above = ((row[:, None, :] > row[:, blocks, None]).sum(-1) / visible).float()  # [H, needles]
     over_mean = row[:, blocks] > (row.sum(-1, keepdim=True) / visible)
     out["rank"] = dict(share_above=float(above.mean()), above_mean=float(over_mean.float().mean()))
+    # The same ranking from the last query block's exact attention (what the estimate approximates).
+    exact = _exact_block_mass(q, k, scale, block=128)[0, :, -1].double()
+    above = ((exact[:, None, :] > exact[:, blocks, None]).sum(-1) / visible).float()
+    over_mean = exact[:, blocks] > (exact.sum(-1, keepdim=True) / visible)
+    out["rank_exact"] = dict(share_above=float(above.mean()), above_mean=float(over_mean.float().mean()))
     return out
+
+
+def _exact_block_mass(q, k, scale, block: int) -> torch.Tensor:
+    """``[B, Hq, 1, nk]``: the last query block's causal attention probabilities summed per key block."""
+    B, Hq, L, D = q.shape
+    rows = slice((L - 1) // block * block, L)
+    kk = k.repeat_interleave(Hq // k.shape[1], dim=1).float()
+    logits = q[:, :, rows].float() @ kk.transpose(-1, -2) * (D**-0.5 if scale is None else scale)
+    pos = torch.arange(L, device=q.device)
+    logits = logits.masked_fill(pos[None, :] > pos[rows][:, None], float("-inf"))
+    p = logits.softmax(-1).sum(-2)  # [B, Hq, L]
+    p = torch.nn.functional.pad(p, (0, (-L) % block))
+    return p.view(B, Hq, 1, -1, block).sum(-1)
 
 
 def _mask_kwargs(config, dense_text: bool) -> dict:
@@ -222,8 +241,9 @@ def _needle_table(needle_sums: dict) -> str:
     the importance's ranking of them (share of visible blocks above, share above the mean)."""
     lines = [f"{'layer':>5s} {'variant':12s} {'level 1':>7s} {'pooled':>7s} {'skipped':>7s}"]
     for (layer, label), v in sorted(needle_sums.items()):
-        if label == "rank":
-            lines.append(f"{layer:5d} {'importance':12s} blocks above each needle block: {v['share_above']:.3f} "
+        if label in ("rank", "rank_exact"):
+            name = "importance" if label == "rank" else "exact"
+            lines.append(f"{layer:5d} {name:12s} blocks above each needle block: {v['share_above']:.3f} "
                          f"of the visible; needle blocks above the row mean: {v['above_mean']:.3f}")
         else:
             lines.append(f"{layer:5d} {label:12s} {v['level1']:7.3f} {v['pooled']:7.3f} {v['skipped']:7.3f}")
