@@ -110,3 +110,25 @@ def test_needle_key_blocks_maps_squares_to_the_blocks_of_their_tokens():
     assert needle_key_blocks([one], inputs, frame_side=112, block_k=8) == [3]
     assert needle_key_blocks([four], inputs, frame_side=112, block_k=8) == [0, 1]
     assert needle_key_blocks([one, four], inputs, frame_side=112, block_k=4) == [1, 2, 6]
+
+
+@pytest.mark.usefixtures("kernels_path")
+def test_exact_block_mass_is_each_last_row_softmax_summed_per_key_block():
+    """real_attention_error's exact ranking: every row of the last query block spreads mass 1 over
+    the keys it sees (a partial last block included), and each block's mass is its keys' share."""
+    exact_block_mass = _benchmark_module("real_attention_error")._exact_block_mass
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, L, D, block = 2, 6, 2, 77, 16, 16
+    q, k = torch.randn(B, Hq, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    mass = exact_block_mass(q, k, None, block=block)
+    rows = L - (L - 1) // block * block  # 13 rows in the last block
+    assert mass.shape == (B, Hq, 1, -(-L // block))
+    assert torch.allclose(mass.sum(-1), torch.full((B, Hq, 1), float(rows)), atol=1e-4), f"seed {seed}"
+    # Query head 4 reads kv head 1 (groups of 3); key block 0's mass is the last block's rows'
+    # probabilities over its keys, summed.
+    logits = q[1, 4, -rows:] @ k[1, 1].T / D**0.5
+    pos = torch.arange(L)
+    logits = logits.masked_fill(pos[None, :] > pos[-rows:][:, None], float("-inf"))
+    want = logits.softmax(-1)[:, :block].sum()
+    assert torch.allclose(mass[1, 4, 0, 0], want, atol=1e-5), f"seed {seed}"
