@@ -132,3 +132,34 @@ def test_exact_block_mass_is_each_last_row_softmax_summed_per_key_block():
     logits = logits.masked_fill(pos[None, :] > pos[-rows:][:, None], float("-inf"))
     want = logits.softmax(-1)[:, :block].sum()
     assert torch.allclose(mass[1, 4, 0, 0], want, atol=1e-5), f"seed {seed}"
+
+
+# No kernels_path fixture: Gluon must be imported in the session's Triton mode (its standard
+# library wraps Triton's, decorated at the session's start under TRITON_INTERPRET on a CPU).
+def test_gluon_draft_second_phase_turns_block_log_sum_exps_into_the_reference_importance():
+    """benchmarks/gluon_estimate.py (a draft whose Gluon kernel needs a GPU) finishes the estimate
+    in PyTorch: this checks that second phase on a log-sum-exp strip computed here, so a mismatch
+    on the GPU points at the kernel. Causal, Lq < Lk, a partial last query block."""
+    from psa_kernels import reference
+    from psa_kernels.reference import _strided_keys, _strided_queries
+
+    importance_from_lse = _benchmark_module("gluon_estimate").importance_from_lse
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, Lq, Lk, D, S, block = 2, 4, 2, 150, 230, 16, 8, 32
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64)
+    qs = _strided_queries(q, S)
+    ks = _strided_keys(k, S).repeat_interleave(Hq // Hkv, dim=1)
+    logits = torch.einsum("bhmd,bhnd->bhmn", qs, ks) * (D**-0.5 / S)
+    rows, cols = torch.arange(qs.shape[2]), torch.arange(ks.shape[2])
+    row_last = (Lk - Lq) + torch.clamp(rows * S + S - 1, max=Lq - 1)
+    logits = logits.masked_fill(cols[None, :] * S > row_last[:, None], float("-inf"))
+    per = block // S
+    nk = -(-Lk // block)
+    padded = torch.nn.functional.pad(logits, (0, nk * per - logits.shape[-1]), value=float("-inf"))
+    lse = torch.logsumexp(padded.view(B, Hq, -1, nk, per), -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    got = importance_from_lse(lse.reshape(B * Hq, -1, nk), B, Hq, Lq, stride=S, block_q=block)
+    want = reference.antidiagonal_importance(q, k, causal=True, block_q=block, block_k=block, stride=S)
+    assert got.shape == want.shape, f"seed {seed}"
+    assert torch.allclose(got, want, atol=1e-9), f"seed {seed}: {(got - want).abs().max():.2e}"
