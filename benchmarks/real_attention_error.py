@@ -82,29 +82,36 @@ def needle_key_blocks(needles, inputs, frame_side: int, block_k: int = 128) -> l
     return sorted(blocks)
 
 
-def needle_levels(q, k, scale, text, blocks, configs, dense_text: bool) -> dict:
-    """Per variant, the shares of (head, needle block) pairs of the last query block read at level
-    1, pooled and skipped; under ``"rank"`` the importance's view of the same pairs."""
+def level_maps(q, k, scale, text, configs, dense_text: bool) -> dict:
+    """``{label: LevelMap}``: each variant's map of one layer, as the ``"psa"`` hook builds it."""
+    return {label: psa_kernels.build_level_map(q, k, causal=True, scale=scale, text_mask=text if dense_text else None,
+                                               compact=True, **_mask_kwargs(config, dense_text))
+            for label, config in configs.items()}
+
+
+def needle_levels(q, k, scale, blocks, maps: dict) -> dict:
+    """Per variant (``maps`` from :func:`level_maps`), the shares of (head, needle block) pairs of the
+    last query block read at level 1, pooled and skipped; under ``"rank"`` the importance's view of
+    the same pairs, under ``"rank_exact"`` the exact attention's (what the estimate approximates)."""
     out = {}
-    for label, config in configs.items():
-        kwargs = _mask_kwargs(config, dense_text)
-        level_map = psa_kernels.build_level_map(q, k, causal=True, scale=scale,
-                                                text_mask=text if dense_text else None, **kwargs)
-        levels = level_map[0, :, -1, blocks].long()
+    for label, level_map in maps.items():
+        levels = level_map.to_dense()[0, :, -1, blocks].long()
         out[label] = dict(level1=float((levels == 1).float().mean()), pooled=float((levels > 1).float().mean()),
                           skipped=float((levels == 0).float().mean()))
     imp = psa_kernels.antidiagonal_importance(q, k, causal=True, scale=scale, block_q=128, block_k=128, stride=8)
     row = imp[0, :, -1].double()  # [H, nk]; invisible blocks score 0 and are excluded below
     visible = (row > 0).sum(-1, keepdim=True).clamp(min=1)
+    out["rank"] = _needle_rank(row, blocks, visible)
+    out["rank_exact"] = _needle_rank(_exact_block_mass(q, k, scale, block=128)[0, :, -1].double(), blocks, visible)
+    return out
+
+
+def _needle_rank(row: torch.Tensor, blocks, visible: torch.Tensor) -> dict:
+    """Of ``row [H, nk]``'s ``visible`` blocks: the mean share scored above a needle block, and the
+    share of needle blocks above the row's mean."""
     above = ((row[:, None, :] > row[:, blocks, None]).sum(-1) / visible).float()  # [H, needles]
     over_mean = row[:, blocks] > (row.sum(-1, keepdim=True) / visible)
-    out["rank"] = dict(share_above=float(above.mean()), above_mean=float(over_mean.float().mean()))
-    # The same ranking from the last query block's exact attention (what the estimate approximates).
-    exact = _exact_block_mass(q, k, scale, block=128)[0, :, -1].double()
-    above = ((exact[:, None, :] > exact[:, blocks, None]).sum(-1) / visible).float()
-    over_mean = exact[:, blocks] > (exact.sum(-1, keepdim=True) / visible)
-    out["rank_exact"] = dict(share_above=float(above.mean()), above_mean=float(over_mean.float().mean()))
-    return out
+    return dict(share_above=float(above.mean()), above_mean=float(over_mean.float().mean()))
 
 
 def _exact_block_mass(q, k, scale, block: int) -> torch.Tensor:
@@ -127,14 +134,13 @@ def _mask_kwargs(config, dense_text: bool) -> dict:
     return kwargs
 
 
-def layer_errors(q, k, v, scale, text, configs, dense_text: bool) -> dict:
-    """``{label: dict(all, question, last, sparsity)}`` for one layer's tensors ``[1, H, L, D]``."""
+def layer_errors(q, k, v, scale, text, maps: dict) -> dict:
+    """``{label: dict(all, question, last, sparsity)}`` for one layer's tensors ``[1, H, L, D]`` and
+    its variants' maps (:func:`level_maps`)."""
     dense = psa_kernels.dense_attention(q, k, v, causal=True, scale=scale)
     question = torch.nonzero(~text[0]).max().item() + 1  # rows after the last visual token
     out = {}
-    for label, config in configs.items():
-        level_map = psa_kernels.build_level_map(q, k, causal=True, scale=scale, text_mask=text if dense_text else None,
-                                                compact=True, **_mask_kwargs(config, dense_text))
+    for label, level_map in maps.items():
         o = psa_kernels.psa_attention(q, k, v, level_map, causal=True, scale=scale)
         out[label] = dict(all=rel(o, dense), question=rel(o[:, :, question:], dense[:, :, question:]),
                           last=rel(o[:, :, -1:], dense[:, :, -1:]), sparsity=float(level_map.sparsity().mean()))
@@ -193,12 +199,13 @@ def main(argv=None) -> int:
             sample = make_sample(args.seed + i, frames=args.frames, size=(224, 224), kind=kind)
             blocks = needle_key_blocks(sample.needles, inputs, frame_side=224)
         for layer, (q, k, v, scale) in sorted(store.items()):
-            for label, err in layer_errors(q, k, v, scale, text, configs, dense_text).items():
+            maps = level_maps(q, k, scale, text, configs, dense_text)
+            for label, err in layer_errors(q, k, v, scale, text, maps).items():
                 acc = sums.setdefault((layer, label), dict(all=0.0, question=0.0, last=0.0, sparsity=0.0))
                 for key in acc:
                     acc[key] += err[key] / args.questions
             if blocks is not None:
-                for label, shares in needle_levels(q, k, scale, text, blocks, configs, dense_text).items():
+                for label, shares in needle_levels(q, k, scale, blocks, maps).items():
                     acc = needle_sums.setdefault((layer, label), dict.fromkeys(shares, 0.0))
                     for key in acc:
                         acc[key] += shares[key] / args.questions
@@ -226,13 +233,12 @@ def main(argv=None) -> int:
         report = dict(model=args.model, frames=args.frames, questions=args.questions, seed=args.seed,
                       overrides=parse_overrides(args.override), tokens=tokens, dense_text=dense_text,
                       device=args.device, rows=rows, means=means, seconds=round(time.perf_counter() - started, 1))
-        (out / "real_error.json").write_text(json.dumps(report, indent=1))
-        (out / "real_error.txt").write_text(table + "\n")
         if needle_table:
             report["needle_blocks"] = [dict(layer=layer, variant=label, **v) for (layer, label), v in
                                        sorted(needle_sums.items())]
-            (out / "real_error.json").write_text(json.dumps(report, indent=1))
             (out / "needle_blocks.txt").write_text(needle_table + "\n")
+        (out / "real_error.json").write_text(json.dumps(report, indent=1))
+        (out / "real_error.txt").write_text(table + "\n")
     return 0
 
 
