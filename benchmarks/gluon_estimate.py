@@ -125,8 +125,7 @@ def _estimate_phase1_kernel(
     n_tiles = gl.cdiv(col_end, BLOCK_C)
     row_scale = gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2
     row_scale = gl.maximum(row_scale, 1e-30)
-    key_row0 = (b * Hkv + hk) * n_cols  # this kv head's first row in the 2-D key copy
-    kcol_base = (b * Hkv + hk) * n_cols
+    key_row0 = (b * Hkv + hk) * n_cols  # this kv head's first row in the 2-D key copy and its scales
     lse_row_base = bh.to(gl.int64) * n_rows * nk
 
     mbarrier.expect(q_bar.index(0), S * BLOCK_R * BLOCK_D)
@@ -146,12 +145,12 @@ def _estimate_phase1_kernel(
         cur = hopper.warpgroup_mma_wait(num_outstanding=S, deps=[acc])  # tile c done, tile c+1 in flight
         _load_tile(K_DESC, k_bufs, k_bars, c % 2, key_row0 + (c + 2) * BLOCK_C, c + 2 < n_tiles,
                    S, BLOCK_C, BLOCK_D)
-        _epilogue(cur, c * BLOCK_C, m, row_ok, row_last, first_last, row_scale, SK, LSE, lse_row_base, kcol_base,
+        _epilogue(cur, c * BLOCK_C, m, row_ok, row_last, first_last, row_scale, SK, LSE, lse_row_base, key_row0,
                   n_cols, nk, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
         acc = nxt
     cur = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     _epilogue(cur, (n_tiles - 1) * BLOCK_C, m, row_ok, row_last, first_last, row_scale, SK, LSE, lse_row_base,
-              kcol_base, n_cols, nk, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
+              key_row0, n_cols, nk, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
     mbarrier.invalidate(q_bar.index(0))
     mbarrier.invalidate(k_bars.index(0))
     mbarrier.invalidate(k_bars.index(1))

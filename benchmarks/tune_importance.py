@@ -6,8 +6,8 @@ Causal Qwen2.5-VL-7B text shape (28/4 heads, D=128, bf16), strides 8 and 16, bot
 precisions (``full``: bf16 products; ``fp8``: the fp8 copies, their quantisation included): the
 time of ``antidiagonal_importance_triton`` for each (block_r, block_c, num_warps, num_stages, and
 optionally kv_chunk, persistent programs per SM and a register cap ``maxnreg``) against dense SDPA
-(CUDA-event medians, warm-up excluded), and the largest difference from the default launch's result (all launches compute the same thing). Use it to choose
-``kernels/importance.py``'s ``LAUNCH``. ``--baseline`` also times another version of the kernel
+(CUDA-event medians, warm-up excluded), and the largest difference from the default launch's result
+(all launches compute the same thing). Use it to choose ``kernels/importance.py``'s ``LAUNCH``. ``--baseline`` also times another version of the kernel
 module (e.g. ``git show HEAD~1:kernels/importance.py > /tmp/old.py``) with its default launch, in the
 same process, as the row ``baseline``.
 """

@@ -126,10 +126,9 @@ def _quantize_kernel(
                        S, False, HAS_PAD, HEAD_DIM, BLOCK_D, GROUPS, EMULATE_FP8)
 
 
-def _fp8_copy(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Empty fp8 copy ``[B, H, ceil(L/s), s * BLOCK_D]`` and scales ``[B, H, ceil(L/s)]`` for ``x``."""
-    B, H, L, D = x.shape
-    block_d = max(16, next_pow2(D))
+def _fp8_copy(x: torch.Tensor, stride: int, block_d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Empty fp8 copy ``[B, H, ceil(L/s), s * block_d]`` and scales ``[B, H, ceil(L/s)]`` for ``x``."""
+    B, H, L, _ = x.shape
     n = cdiv(L, stride)
     out = torch.empty(B, H, n, stride * block_d, dtype=torch.float8_e4m3fn, device=x.device)
     return out, torch.empty(B, H, n, dtype=torch.float32, device=x.device), n
@@ -146,13 +145,13 @@ def quantize_qk(q: torch.Tensor | None, k: torch.Tensor | None, stride: int, *,
     block_d = max(16, next_pow2(D))
     q = q if q is None or q.stride(-1) == 1 else q.contiguous()
     k = k if k is None or k.stride(-1) == 1 else k.contiguous()
-    q8, sq, nq = _fp8_copy(q, stride) if q is not None else (None, None, 0)
-    k8, sk, nk = _fp8_copy(k, stride) if k is not None else (None, None, 0)
+    q8, sq, nq = _fp8_copy(q, stride, block_d) if q is not None else (None, None, 0)
+    k8, sk, nk = _fp8_copy(k, stride, block_d) if k is not None else (None, None, 0)
     q_rows = q.shape[0] * q.shape[1] if q is not None else 0
     k_rows = k.shape[0] * k.shape[1] if k is not None else 0
     groups = max(1, 4096 // (stride * block_d) * 4)
     pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None and k is not None else None
-    # An absent side stands in for itself with the other's tensors; no row of the grid reads it.
+    # An absent side is given the other side's tensors as placeholders: the grid has no row for it.
     qa = (q, q8, sq) if q is not None else (k, k8, sk)
     ka = (k, k8, sk) if k is not None else qa
     _quantize_kernel[(cdiv(max(nq, nk), groups), q_rows + k_rows)](
