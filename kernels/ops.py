@@ -159,10 +159,10 @@ def build_level_map(q: torch.Tensor, k: torch.Tensor, *, compact: bool = False, 
     lengths, ``causal``, ``key_padding_mask``), which :func:`psa_attention` reads directly.
 
     Keyword arguments as :func:`psa_kernels.reference.build_level_map`. Where kernels serve:
-    the importance kernel (with the fp8 copies' quantisation first when
+    the importance kernel (with one launch first for the fp8 copies of q and k when
     ``estimate_precision="fp8"``), one kernel for the similarity cap, the least similar pairs'
     similarities (``mode="budget"``) and the block flags, and one for the assignment and the layout: three
-    to five launches, no host synchronisation.
+    or four launches, no host synchronisation.
     """
     defaults = _mask_defaults()
     unknown = set(kwargs) - set(defaults)
