@@ -163,3 +163,32 @@ def test_gluon_draft_second_phase_turns_block_log_sum_exps_into_the_reference_im
     want = reference.antidiagonal_importance(q, k, causal=True, block_q=block, block_k=block, stride=S)
     assert got.shape == want.shape, f"seed {seed}"
     assert torch.allclose(got, want, atol=1e-9), f"seed {seed}: {(got - want).abs().max():.2e}"
+
+
+def test_warp_specialised_gluon_variants_fit_an_sm_shared_memory():
+    """benchmarks/gluon_estimate_ws.py (Gluon, GPU only) sizes its rings by hand: every variant's
+    queries, key ring, reduction scratch and barriers must fit Hopper's 227 KB per block, or the
+    launch fails on the GPU only."""
+    ws = _benchmark_module("gluon_estimate_ws")
+    limit = 227 * 1024
+    queries = 2 * 8 * 64 * 128  # 128 strided rows x 8 chunks of 128 fp8 bytes
+    reduction = 8 * 1024  # the second phase's cross-warp reduction
+    for label, block_c, nstage, nstage_whole, *_ in ws.VARIANTS:
+        barriers = 8 * (2 * max(nstage, nstage_whole) + 3)
+        assert queries + nstage * block_c * 128 + barriers <= limit, label
+        assert queries + nstage_whole * block_c * 128 + reduction + barriers <= limit, label
+    for label, block_c, nstage in ws.COL_VARIANTS:
+        assert queries + nstage * block_c * 128 + reduction + 8 * (2 * nstage + 3) <= limit, label
+
+
+@pytest.mark.parametrize("name", ["tune_assign", "estimate_stride"])
+def test_gpu_only_benchmarks_say_so_without_cuda(name, monkeypatch):
+    """The assignment and stride benchmarks time GPU kernels: without CUDA they stop with a
+    one-line reason before any work, and their --help explains them."""
+    module = _benchmark_module(name)
+    with pytest.raises(SystemExit) as help_exit:
+        module.main(["--help"])
+    assert help_exit.value.code == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA"):
+        module.main([])

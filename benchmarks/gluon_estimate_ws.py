@@ -1,0 +1,733 @@
+"""EXPERIMENT (not used by the package): the fp8 antidiagonal estimate in Gluon with warp
+specialisation, the next step after ``benchmarks/gluon_estimate.py``.
+
+Two forms, each a producer warp streaming the key chunks (``BLOCK_C`` strided key rows x 128 bytes)
+through a ring of ``NSTAGE`` shared-memory stages with "ready" and "empty" mbarriers, and two
+consumer warpgroups over a tile of 128 strided rows whose fp8 query chunks stay in shared memory
+(128 KB):
+
+- rows (``estimate_lse_ws``: first phase only; ``importance_ws``: the whole estimate, persistent,
+  second phase in the consumers): each warpgroup owns 64 rows, both read every stage;
+- cols (``importance_cols``): each column tile belongs to one warpgroup for all 128 rows, dealt in
+  turn, so one warpgroup's epilogue can run under the other's products.
+
+Outcome on an H200 (``benchmarks/results/gluon_estimate_h200/``, 6-8): both right, neither faster
+than the Triton kernel at 32k-64k. Rows: 2.89 ms at 64k against 2.92 (the products and key loads
+alone take 1.5-1.6 ms of its 2.35-2.49 ms first phase: the warpgroups run their epilogues
+together). Cols: 4.08 ms; the ring holds 1.25 column tiles beside the queries, so each warpgroup
+waits for the other's stages and the key loads sit on the critical path.
+
+    python benchmarks/gluon_estimate_ws.py --lengths 32768,65536 [--kernels rows,cols]   # on the GPU
+    python benchmarks/gluon_estimate_ws.py --offline        # compile for sm_90, no GPU"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia import hopper  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: E402
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
+
+from benchmarks.gluon_estimate import _LOG2E, _epilogue, cdiv, importance_from_lse  # noqa: E402
+
+
+@gluon.jit
+def _geometry(rows0, n_rows_here, Lq, Lk, n_cols, CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_C: gl.constexpr):
+    """Column tiles that rows ``[rows0, rows0 + n_rows_here)`` see."""
+    last = (Lk - Lq) + gl.minimum((rows0 + n_rows_here - 1) * S + S - 1, Lq - 1)
+    if CAUSAL:
+        col_end = gl.minimum(n_cols, last // S + 1)
+    else:
+        col_end = n_cols
+    return gl.cdiv(col_end, BLOCK_C)
+
+
+@gluon.jit
+def _producer(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
+              q_smem, k_ring, q_bar, ready, empty,
+              CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+              BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
+              EPILOGUE: gl.constexpr):
+    tile = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // Hq
+    hk = (bh % Hq) // GROUP
+    rows0 = tile * 2 * BLOCK_R
+    n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+    key_row0 = (b * Hkv + hk) * n_cols
+    mbarrier.expect(q_bar.index(0), 2 * S * BLOCK_R * BLOCK_D)
+    for w in gl.static_range(2):
+        for i in gl.static_range(S):
+            tma.async_copy_global_to_shared(Q_DESC, [bh * n_rows + rows0 + w * BLOCK_R, i * BLOCK_D], q_bar.index(0),
+                                            q_smem.index(w * S + i))
+    for t in range(n_tiles):
+        for i in gl.static_range(S):
+            step = t * S + i
+            s = step % NSTAGE
+            # A fresh mbarrier counts as having completed the phase before phase 0: the first
+            # round's waits (parity 1) pass at once.
+            mbarrier.wait(empty.index(s), ((step // NSTAGE) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
+            tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
+                                            k_ring.index(s))
+
+
+@gluon.jit
+def _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
+             q_smem, k_ring, q_bar, ready, empty,
+             CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+             BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, EPILOGUE: gl.constexpr,
+             W: gl.constexpr):
+    tile = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // Hq
+    hk = (bh % Hq) // GROUP
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_C, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    rows0 = tile * 2 * BLOCK_R
+    r0 = rows0 + W * BLOCK_R
+    n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)  # what the producer loads
+    n_mine = _geometry(r0, BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)  # what these rows see
+    m = r0 + gl.arange(0, BLOCK_R, layout=row_layout)
+    row_ok = m < n_rows
+    row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
+    first_last = (Lk - Lq) + gl.minimum(r0 * S + S - 1, Lq - 1)
+    row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+    key_row0 = (b * Hkv + hk) * n_cols
+    lse_row_base = bh.to(gl.int64) * n_rows * nk
+    mbarrier.wait(q_bar.index(0), 0)
+    total = gl.zeros([BLOCK_R], gl.float32, row_layout)
+    for t in range(n_tiles):
+        if t < n_mine:
+            cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
+            col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+            acc = gl.zeros([BLOCK_R, BLOCK_C], gl.float32, acc_layout)
+            for i in gl.static_range(S):
+                step = t * S + i
+                s = step % NSTAGE
+                mbarrier.wait(ready.index(s), (step // NSTAGE) & 1)
+                acc = hopper.warpgroup_mma(q_smem.index(W * S + i), k_ring.index(s).permute((1, 0)), acc,
+                                           is_async=True)
+                if i > 0:  # the previous chunk's product is done: its stage can be refilled
+                    acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+                    mbarrier.arrive(empty.index((step - 1) % NSTAGE), count=1)
+            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            mbarrier.arrive(empty.index((t * S + S - 1) % NSTAGE), count=1)
+            if EPILOGUE:
+                _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, LSE, lse_row_base,
+                          nk, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
+            else:  # diagnostic: products and key loads only (a row sum keeps them alive)
+                total += gl.sum(acc, 1)
+        else:  # a tile only the other warpgroup's rows see: pass its stages on
+            for i in gl.static_range(S):
+                step = t * S + i
+                s = step % NSTAGE
+                mbarrier.wait(ready.index(s), (step // NSTAGE) & 1)
+                mbarrier.arrive(empty.index(s), count=1)
+    if not EPILOGUE:
+        gl.store(LSE + lse_row_base + m.to(gl.int64) * nk, total, mask=row_ok)
+
+
+@gluon.jit
+def _consumer0(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
+               q_smem, k_ring, q_bar, ready, empty,
+               CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+               BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
+               EPILOGUE: gl.constexpr):
+    _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
+             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE, 0)
+
+
+@gluon.jit
+def _consumer1(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
+               q_smem, k_ring, q_bar, ready, empty,
+               CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+               BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
+               EPILOGUE: gl.constexpr):
+    _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
+             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE, 1)
+
+
+@gluon.jit
+def _estimate_ws_kernel(
+    Q_DESC, K_DESC, SQ, SK, LSE, scale_log2,
+    Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
+    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, EPILOGUE: gl.constexpr,
+):
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * S, BLOCK_R, BLOCK_D], Q_DESC.layout)
+    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [NSTAGE, BLOCK_C, BLOCK_D], K_DESC.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    for i in gl.static_range(NSTAGE):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release a stage
+    # The argument tuples are written out in the call: a tuple built first turned the constexprs
+    # in it into tensors (Triton 3.6).
+    gl.warp_specialize([
+        (_consumer0, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem, k_ring,
+                      q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE)),
+        (_consumer1, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem, k_ring,
+                      q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE)),
+        (_producer, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem, k_ring,
+                     q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE)),
+    ], [4, 1], [CONSUMER_REGS, 40])
+
+
+def prepare(q, k, stride=8, block_k=128, block_r=64, block_c=64):
+    from psa_kernels.importance import quantize_qk
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q8, sq, k8, sk = quantize_qk(q, k, stride)
+    n_rows, n_cols, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lk, block_k)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    q_desc = TensorDescriptor.from_tensor(q8.view(B * Hq * n_rows, stride * D), [block_r, D], layout)
+    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * D), [block_c, D], layout)
+    lse = torch.full((B * Hq, n_rows, nk), float("-inf"), dtype=torch.float32, device=q.device)
+    return q_desc, k_desc, sq, sk, lse, n_rows, n_cols, nk
+
+
+def estimate_lse_ws(q, k, *, causal=True, scale=None, stride=8, block_k=128, block_c=64, nstage=12,
+                    consumer_regs=232, maxnreg=168, prepared=None, epilogue=True):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    assert D == 128 and stride == 8, "experiment: D = 128, stride 8"
+    scale = D**-0.5 if scale is None else float(scale)
+    if scale < 0:
+        q, scale = -q, -scale
+    block_r = 64
+    q_desc, k_desc, sq, sk, lse, n_rows, n_cols, nk = prepared or prepare(q, k, stride, block_k, block_r, block_c)
+    grid = (cdiv(n_rows, 2 * block_r), B * Hq)
+    _estimate_ws_kernel[grid](
+        q_desc, k_desc, sq, sk, lse, scale / stride * _LOG2E,
+        Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nk,
+        CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=D, COLS_PER_BLOCK=block_k // stride,
+        NSTAGE=nstage, CONSUMER_REGS=consumer_regs, EPILOGUE=epilogue, num_warps=4, maxnreg=maxnreg,
+    )
+    return lse
+
+
+# --- the whole estimate: persistent programs, second phase in the consumers ---------------------
+
+
+@gluon.jit
+def _item(w, n_row_tiles, BHQ):
+    """Work item ``w``: every head's longest (last) row tile before any head's next."""
+    return n_row_tiles - 1 - w // BHQ, w % BHQ
+
+
+@gluon.jit
+def _producer_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                   nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                   CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                   BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    step = 0
+    item = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        tile, bh = _item(w, n_row_tiles, n_work // n_row_tiles)
+        b = bh // Hq
+        hk = (bh % Hq) // GROUP
+        rows0 = tile * 2 * BLOCK_R
+        n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        key_row0 = (b * Hkv + hk) * n_cols
+        mbarrier.wait(q_free.index(0), (item & 1) ^ 1)  # both consumers are done with the last item's rows
+        mbarrier.expect(q_bar.index(0), 2 * S * BLOCK_R * BLOCK_D)
+        for h2 in gl.static_range(2):
+            for i in gl.static_range(S):
+                tma.async_copy_global_to_shared(Q_DESC, [bh * n_rows + rows0 + h2 * BLOCK_R, i * BLOCK_D],
+                                                q_bar.index(0), q_smem.index(h2 * S + i))
+        for t in range(n_tiles):
+            for i in gl.static_range(S):
+                s = (step + i) % NSTAGE
+                mbarrier.wait(empty.index(s), (((step + i) // NSTAGE) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
+                tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
+                                                k_ring.index(s))
+            step += S
+        item += 1
+
+
+@gluon.jit
+def _second_phase(strip, r0, bh, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, OUT, CAUSAL: gl.constexpr, S: gl.constexpr,
+                  BLOCK_R: gl.constexpr, COLS_PER_BLOCK: gl.constexpr):
+    """Rows ``[r0, r0 + BLOCK_R)``, whose per-block log-sum-exps sit at ``strip`` (``nk_pad`` apart):
+    each row's log-sum-exp over its blocks, then each query block's sum of its rows' block
+    probabilities, stored (as the Triton kernel's second loop)."""
+    BLOCK_J: gl.constexpr = 64
+    QBLOCKS: gl.constexpr = BLOCK_R // 16  # 128-token query blocks (16 strided rows)
+    strip_layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
+    last = (Lk - Lq) + gl.minimum((r0 + BLOCK_R - 1) * S + S - 1, Lq - 1)
+    if CAUSAL:
+        col_end = gl.minimum(n_cols, last // S + 1)
+    else:
+        col_end = n_cols
+    j_end = gl.cdiv(col_end, COLS_PER_BLOCK)
+    rr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, strip_layout))
+    rok = (r0 + rr) < n_rows
+    m_i = gl.full([BLOCK_R], float("-inf"), gl.float32, gl.SliceLayout(1, strip_layout))
+    l_i = gl.zeros([BLOCK_R], gl.float32, gl.SliceLayout(1, strip_layout))
+    for j0 in range(0, j_end, BLOCK_J):
+        j = j0 + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, strip_layout))
+        msk = rok[:, None] & (j < j_end)[None, :]
+        lse = gl.load(strip + rr[:, None] * nk_pad + j[None, :], mask=msk, other=float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(lse, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * gl.exp2(m_i - m_safe) + gl.sum(gl.exp2(lse - m_safe[:, None]), 1)
+        m_i = m_new
+    m_safe = gl.where(m_i == float("-inf"), 0.0, m_i)
+    row_lse = gl.where((l_i > 0) & rok, m_safe + gl.log2(gl.maximum(l_i, 1e-30)), float("inf"))
+    out_base = OUT + bh.to(gl.int64) * nq * nk
+    for j0 in range(0, nk, BLOCK_J):
+        j = j0 + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, strip_layout))
+        msk = rok[:, None] & (j < j_end)[None, :]
+        lse = gl.load(strip + rr[:, None] * nk_pad + j[None, :], mask=msk, other=float("-inf"))
+        p = gl.where(msk, gl.exp2(lse - row_lse[:, None]), 0.0)  # never the strip's stale entries
+        sums = gl.sum(gl.reshape(p, [QBLOCKS, 16, BLOCK_J]), 1)
+        sl: gl.constexpr = sums.type.layout
+        qb = r0 // 16 + gl.arange(0, QBLOCKS, layout=gl.SliceLayout(1, sl))
+        jj = j0 + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, sl))
+        gl.store(out_base + qb[:, None] * nk + jj[None, :], sums, mask=(qb < nq)[:, None] & (jj < nk)[None, :])
+
+
+@gluon.jit
+def _consume_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                  CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                  BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, W: gl.constexpr):
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_C, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    strip = SCR + (gl.program_id(0) * 2 + W).to(gl.int64) * BLOCK_R * nk_pad
+    step = 0
+    item = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        tile, bh = _item(w, n_row_tiles, n_work // n_row_tiles)
+        b = bh // Hq
+        hk = (bh % Hq) // GROUP
+        rows0 = tile * 2 * BLOCK_R
+        r0 = rows0 + W * BLOCK_R
+        n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        n_mine = _geometry(r0, BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        m = r0 + gl.arange(0, BLOCK_R, layout=row_layout)
+        row_ok = m < n_rows
+        row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
+        first_last = (Lk - Lq) + gl.minimum(r0 * S + S - 1, Lq - 1)
+        row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+        key_row0 = (b * Hkv + hk) * n_cols
+        mbarrier.wait(q_bar.index(0), item & 1)
+        for t in range(n_tiles):
+            if t < n_mine:
+                cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
+                col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+                acc = gl.zeros([BLOCK_R, BLOCK_C], gl.float32, acc_layout)
+                for i in gl.static_range(S):
+                    s = (step + i) % NSTAGE
+                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
+                    acc = hopper.warpgroup_mma(q_smem.index(W * S + i), k_ring.index(s).permute((1, 0)), acc,
+                                               is_async=True)
+                    if i > 0:  # the previous chunk's product is done: its stage can be refilled
+                        acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+                        mbarrier.arrive(empty.index((step + i - 1) % NSTAGE), count=1)
+                acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                mbarrier.arrive(empty.index((step + S - 1) % NSTAGE), count=1)
+                # The strip holds local rows: row m at strip + (m - r0) * nk_pad.
+                _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
+                          -r0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
+            else:  # a tile only the other warpgroup's rows see: pass its stages on
+                for i in gl.static_range(S):
+                    s = (step + i) % NSTAGE
+                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
+                    mbarrier.arrive(empty.index(s), count=1)
+            step += S
+        mbarrier.arrive(q_free.index(0), count=1)
+        gl.thread_barrier()  # the strip written above is read by other threads of this warpgroup
+        _second_phase(strip, r0, bh, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, OUT, CAUSAL, S, BLOCK_R, COLS_PER_BLOCK)
+        gl.thread_barrier()  # the next item overwrites the strip
+        item += 1
+
+
+@gluon.jit
+def _consumer_full0(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    _consume_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)
+
+
+@gluon.jit
+def _consumer_full1(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    _consume_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)
+
+
+@gluon.jit
+def _importance_ws_kernel(
+    Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2,
+    Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * S, BLOCK_R, BLOCK_D], Q_DESC.layout)
+    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [NSTAGE, BLOCK_C, BLOCK_D], K_DESC.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    mbarrier.init(q_free.index(0), count=2)
+    for i in gl.static_range(NSTAGE):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    gl.warp_specialize([
+        (_consumer_full0, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_consumer_full1, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_producer_full, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                          nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                          CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+    ], [4, 1], [CONSUMER_REGS, 40])
+
+
+def importance_ws(q, k, *, causal=True, scale=None, stride=8, block_q=128, block_k=128, block_c=64, nstage=10,
+                  consumer_regs=232, maxnreg=168, programs=None):
+    """Block importance ``[B, Hq, nq, nk]`` as ``antidiagonal_importance_triton(precision="fp8")``."""
+    from psa_kernels.importance import quantize_qk
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    assert D == 128 and stride == 8 and block_q == 128, "experiment: D = 128, stride 8, 128-token query blocks"
+    scale = D**-0.5 if scale is None else float(scale)
+    if scale < 0:
+        q, scale = -q, -scale
+    block_r = 64
+    q8, sq, k8, sk = quantize_qk(q, k, stride)
+    n_rows, n_cols, nq, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lq, block_q), cdiv(Lk, block_k)
+    nk_pad = cdiv(nk, 64) * 64
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    q_desc = TensorDescriptor.from_tensor(q8.view(B * Hq * n_rows, stride * D), [block_r, D], layout)
+    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * D), [block_c, D], layout)
+    n_row_tiles = cdiv(n_rows, 2 * block_r)
+    n_work = B * Hq * n_row_tiles
+    if programs is None:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    programs = max(1, min(programs, n_work))
+    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(programs * 2 * block_r * nk_pad, dtype=torch.float32, device=q.device)
+    _importance_ws_kernel[(programs,)](
+        q_desc, k_desc, sq, sk, out, scratch, scale / stride * _LOG2E,
+        Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+        CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=D, COLS_PER_BLOCK=block_k // stride,
+        NSTAGE=nstage, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+    )
+    return out
+
+
+# --- the whole estimate, column tiles dealt to the warpgroups in turn -----------------------------
+#
+# Above, both warpgroups wait on the same key stages, so they multiply together and then run their
+# epilogues together while the tensor cores idle (on the GPU: products and key loads alone take
+# about two thirds of the first phase). Here each column tile belongs to one warpgroup, for all
+# 128 rows of the item (two m64 products per chunk): tile g of the stream to warpgroup g % 2. The
+# ring hands out stages in stream order and holds fewer than two tiles, so a warpgroup's next tile
+# can only start once the other's products have freed their stages. The intent was
+# FlashAttention-3's ping-pong from the ring's order (each epilogue under the other warpgroup's
+# products); measured, the short ring puts every tile's key loads on the critical path instead
+# (module docstring). Both warpgroups then meet to run the second phase on 64 rows each of the
+# item's strip.
+
+
+@gluon.jit
+def _producer_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                   nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                   CAUSAL: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr,
+                   BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    step = 0
+    item = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        tile, bh = _item(w, n_row_tiles, n_work // n_row_tiles)
+        b = bh // Hq
+        hk = (bh % Hq) // GROUP
+        rows0 = tile * ROWS
+        n_tiles = _geometry(rows0, ROWS, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        key_row0 = (b * Hkv + hk) * n_cols
+        mbarrier.wait(q_free.index(0), (item & 1) ^ 1)  # both consumers are done with the last item's rows
+        mbarrier.expect(q_bar.index(0), S * ROWS * BLOCK_D)
+        for i in gl.static_range(S):
+            tma.async_copy_global_to_shared(Q_DESC, [bh * n_rows + rows0, i * BLOCK_D], q_bar.index(0),
+                                            q_smem.index(i))
+        for t in range(n_tiles):
+            for i in gl.static_range(S):
+                s = (step + i) % NSTAGE
+                mbarrier.wait(empty.index(s), (((step + i) // NSTAGE) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
+                tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
+                                                k_ring.index(s))
+            step += S
+        item += 1
+
+
+@gluon.jit
+def _consume_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                  CAUSAL: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr,
+                  BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, W: gl.constexpr):
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_C, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    HALF: gl.constexpr = ROWS // 2
+    strip = SCR + gl.program_id(0).to(gl.int64) * ROWS * nk_pad  # the program's, shared by both warpgroups
+    step = 0
+    dealt = 0  # column tiles of earlier items: the stream's tile g goes to warpgroup g % 2
+    item = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        tile, bh = _item(w, n_row_tiles, n_work // n_row_tiles)
+        b = bh // Hq
+        hk = (bh % Hq) // GROUP
+        rows0 = tile * ROWS
+        n_tiles = _geometry(rows0, ROWS, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        m = rows0 + gl.arange(0, ROWS, layout=row_layout)
+        row_ok = m < n_rows
+        row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
+        first_last = (Lk - Lq) + gl.minimum(rows0 * S + S - 1, Lq - 1)
+        row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+        key_row0 = (b * Hkv + hk) * n_cols
+        mbarrier.wait(q_bar.index(0), item & 1)
+        for t in range((dealt + W) % 2, n_tiles, 2):
+            st = step + t * S
+            cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
+            col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+            acc = gl.zeros([ROWS, BLOCK_C], gl.float32, acc_layout)
+            for i in gl.static_range(S):
+                s = (st + i) % NSTAGE
+                mbarrier.wait(ready.index(s), ((st + i) // NSTAGE) & 1)
+                acc = hopper.warpgroup_mma(q_smem.index(i), k_ring.index(s).permute((1, 0)), acc, is_async=True)
+                if i > 0:  # the previous chunk's product is done: its stage can be refilled
+                    acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+                    mbarrier.arrive(empty.index((st + i - 1) % NSTAGE), count=1)
+            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            mbarrier.arrive(empty.index((st + S - 1) % NSTAGE), count=1)
+            _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
+                      -rows0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, ROWS, BLOCK_C, COLS_PER_BLOCK, acc_layout)
+        step += n_tiles * S
+        dealt += n_tiles
+        mbarrier.arrive(q_free.index(0), count=1)
+        # Both warpgroups' tiles are in the strip: meet, run the second phase on half the rows each,
+        # meet again before the next item's epilogues overwrite the strip.
+        gl.thread_barrier()
+        mbarrier.arrive(meet.index(0), count=1)
+        mbarrier.wait(meet.index(0), 0)
+        _second_phase(strip + W * HALF * nk_pad, rows0 + W * HALF, bh, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, OUT,
+                      CAUSAL, S, HALF, COLS_PER_BLOCK)
+        gl.thread_barrier()
+        mbarrier.arrive(meet.index(0), count=1)
+        mbarrier.wait(meet.index(0), 1)
+        item += 1
+
+
+@gluon.jit
+def _consumer_cols0(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                    CAUSAL: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr,
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    _consume_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                  CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)
+
+
+@gluon.jit
+def _consumer_cols1(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                    CAUSAL: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr,
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    _consume_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                  CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)
+
+
+@gluon.jit
+def _importance_cols_kernel(
+    Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2,
+    Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+    CAUSAL: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr,
+    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+):
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [S, ROWS, BLOCK_D], Q_DESC.layout)
+    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [NSTAGE, BLOCK_C, BLOCK_D], K_DESC.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    meet = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    mbarrier.init(q_free.index(0), count=2)
+    mbarrier.init(meet.index(0), count=2)
+    for i in gl.static_range(NSTAGE):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)  # each stage belongs to one warpgroup's tile
+    gl.warp_specialize([
+        (_consumer_cols0, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                           CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_consumer_cols1, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                           CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_producer_cols, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                          nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                          CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def importance_cols(q, k, *, causal=True, scale=None, stride=8, block_q=128, block_k=128, block_c=64, nstage=10,
+                    consumer_regs=232, producer_regs=40, maxnreg=168, programs=None):
+    """As ``importance_ws``, with column tiles dealt to the warpgroups in turn."""
+    from psa_kernels.importance import quantize_qk
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    assert D == 128 and stride == 8 and block_q == 128, "experiment: D = 128, stride 8, 128-token query blocks"
+    scale = D**-0.5 if scale is None else float(scale)
+    if scale < 0:
+        q, scale = -q, -scale
+    rows = 128
+    q8, sq, k8, sk = quantize_qk(q, k, stride)
+    n_rows, n_cols, nq, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lq, block_q), cdiv(Lk, block_k)
+    nk_pad = cdiv(nk, 64) * 64
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    q_desc = TensorDescriptor.from_tensor(q8.view(B * Hq * n_rows, stride * D), [rows, D], layout)
+    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * D), [block_c, D], layout)
+    n_row_tiles = cdiv(n_rows, rows)
+    n_work = B * Hq * n_row_tiles
+    if programs is None:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    programs = max(1, min(programs, n_work))
+    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(programs * rows * nk_pad, dtype=torch.float32, device=q.device)
+    _importance_cols_kernel[(programs,)](
+        q_desc, k_desc, sq, sk, out, scratch, scale / stride * _LOG2E,
+        Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+        CAUSAL=causal, S=stride, ROWS=rows, BLOCK_C=block_c, BLOCK_D=D, COLS_PER_BLOCK=block_k // stride,
+        NSTAGE=nstage, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg,
+    )
+    return out
+
+
+VARIANTS = [  # (label, block_c, stages of the first-phase kernel, stages of the whole kernel, consumer
+    # registers, maxnreg). The queries take 128 KB of the 227 KB; the whole kernel's second phase
+    # another 8 KB for its reduction. Per 64 x N x 128 product a warpgroup reads 8 KB of queries and
+    # N x 128 B of keys from shared memory: with N = 64 the two warpgroups plus the TMA writes ask
+    # about 160 B per clock at the tensor cores' fp8 rate (over the 128 B/clock shared memory gives),
+    # with N = 128 about 128.
+    ("C64", 64, 10, 10, 232, 168),
+    ("C128", 128, 6, 5, 232, 168),
+]
+COL_VARIANTS = [  # (label, block_c, stages): the column-dealt kernel (whole estimate only)
+    # Nine warps launch as twelve (384 threads), so the launch's register cap stays 168; offline
+    # the first consumer spills 356 bytes there (loop-invariant 64-bit shared-memory descriptors,
+    # reloaded once per chunk), the same at a cap of 224.
+    ("cols C64 ring 10", 64, 10),
+    ("cols C64 ring 11", 64, 11),
+    ("cols C32 ring 20", 32, 20),
+]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="32768,65536")
+    parser.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU and report")
+    parser.add_argument("--kernels", default="rows,cols", help="which forms to time: rows (shared key stages), "
+                        "cols (column tiles dealt in turn)")
+    args = parser.parse_args(argv)
+    if args.offline:
+        from benchmarks.offline_compile import report, sm90_compiler
+
+        q = torch.randn(1, 28, 4096, 128, dtype=torch.bfloat16)
+        k = torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16)
+        for label, block_c, nstage, nstage_whole, regs, maxnreg in VARIANTS:
+            with sm90_compiler() as compiled:
+                try:
+                    estimate_lse_ws(q, k, block_c=block_c, nstage=nstage, consumer_regs=regs, maxnreg=maxnreg)
+                    importance_ws(q, k, block_c=block_c, nstage=nstage_whole, consumer_regs=regs, maxnreg=maxnreg)
+                except Exception as err:  # noqa: BLE001
+                    print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
+                for name, kernel in compiled:
+                    if kernel is not None and "ws" in name:
+                        report(f"{label}:{name}", kernel, Path("/tmp/gluon_ws"))
+        for label, block_c, nstage in COL_VARIANTS:
+            with sm90_compiler() as compiled:
+                try:
+                    importance_cols(q, k, block_c=block_c, nstage=nstage)
+                except Exception as err:  # noqa: BLE001
+                    print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
+                for name, kernel in compiled:
+                    if kernel is not None and "cols" in name:
+                        report(f"{label.replace(' ', '_')}:{name}", kernel, Path("/tmp/gluon_ws"))
+        return 0
+    from triton.testing import do_bench
+
+    from psa_kernels.importance import antidiagonal_importance_triton, quantize_qk
+
+    def bench(f):
+        return do_bench(f, warmup=10, rep=50, return_mode="median")
+
+    for L in (int(x) for x in args.lengths.split(",")):
+        q = torch.randn(1, 28, L, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 4, L, 128, device="cuda", dtype=torch.bfloat16)
+        want = antidiagonal_importance_triton(q, k, causal=True, precision="fp8")
+        t_triton = bench(lambda q=q, k=k: antidiagonal_importance_triton(q, k, causal=True, precision="fp8"))
+        t_quant = bench(lambda q=q, k=k: quantize_qk(q, k, 8))
+        print(f"L {L}: triton (quantise + both phases) {t_triton:.3f} ms, quantise {t_quant:.3f}", flush=True)
+        for label, block_c, nstage, nstage_whole, regs, maxnreg in VARIANTS if "rows" in args.kernels else []:
+            kw = {"block_c": block_c, "nstage": nstage, "consumer_regs": regs, "maxnreg": maxnreg}
+            got = importance_from_lse(estimate_lse_ws(q, k, **kw), 1, 28, L)
+            torch.cuda.synchronize()
+            err = ((got - want).norm() / want.norm()).item()
+            prepared = prepare(q, k, block_c=block_c)
+            t = bench(lambda q=q, k=k, kw=kw, p=prepared: estimate_lse_ws(q, k, prepared=p, **kw))
+            t_bare = bench(lambda q=q, k=k, kw=kw, p=prepared: estimate_lse_ws(q, k, prepared=p, epilogue=False, **kw))
+            print(f"  {label:6s} phase-1 kernel {t:.3f} ms  rel err {err:.2e}; products and key loads only "
+                  f"{t_bare:.3f} ms", flush=True)
+            kw["nstage"] = nstage_whole
+            full = importance_ws(q, k, **kw)
+            torch.cuda.synchronize()
+            err = ((full - want).norm() / want.norm()).item()
+            worst = (full - want).abs().max().item()
+            t = bench(lambda q=q, k=k, kw=kw: importance_ws(q, k, **kw))
+            print(f"  {label:6s} WHOLE (quantise + both phases) {t:.3f} ms  rel err {err:.2e}  max abs {worst:.1e}"
+                  f"  nan {bool(full.isnan().any())}", flush=True)
+        for label, block_c, nstage in COL_VARIANTS if "cols" in args.kernels else []:
+            kw = {"block_c": block_c, "nstage": nstage}
+            full = importance_cols(q, k, **kw)
+            torch.cuda.synchronize()
+            err = ((full - want).norm() / want.norm()).item()
+            worst = (full - want).abs().max().item()
+            t = bench(lambda q=q, k=k, kw=kw: importance_cols(q, k, **kw))
+            print(f"  {label:18s} WHOLE (quantise + both phases) {t:.3f} ms  rel err {err:.2e}  max abs {worst:.1e}"
+                  f"  nan {bool(full.isnan().any())}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
