@@ -9,13 +9,17 @@ consumer warpgroups over a tile of 128 strided rows whose fp8 query chunks stay 
 - rows (``estimate_lse_ws``: first phase only; ``importance_ws``: the whole estimate, persistent,
   second phase in the consumers): each warpgroup owns 64 rows, both read every stage;
 - cols (``importance_cols``): each column tile belongs to one warpgroup for all 128 rows, dealt in
-  turn, so one warpgroup's epilogue can run under the other's products.
+  turn, so one warpgroup's epilogue can run under the other's products;
+- qreg (``importance_qreg``): each warpgroup's 64 rows of queries in registers, shared memory all
+  key ring, the warpgroups in ping-pong on the tensor cores (``--check`` compares it with the
+  Triton kernel on awkward shapes first).
 
 Outcome on an H200 (``benchmarks/results/gluon_estimate_h200/``, 6-8): both right, neither faster
 than the Triton kernel at 32k-64k. Rows: 2.89 ms at 64k against 2.92 (the products and key loads
 alone take 1.5-1.6 ms of its 2.35-2.49 ms first phase: the warpgroups run their epilogues
 together). Cols: 4.08 ms; the ring holds 1.25 column tiles beside the queries, so each warpgroup
-waits for the other's stages and the key loads sit on the critical path.
+waits for the other's stages and the key loads sit on the critical path. Qreg (10): bit-equal
+to the Triton kernel, 2.72 ms at 64k against 2.95 (-8%), equal at 32k, slower at 12k.
 
     python benchmarks/gluon_estimate_ws.py --lengths 32768,65536 [--kernels rows,cols]   # on the GPU
     python benchmarks/gluon_estimate_ws.py --offline        # compile for sm_90, no GPU"""
@@ -634,6 +638,200 @@ def importance_cols(q, k, *, causal=True, scale=None, stride=8, block_q=128, blo
     return out
 
 
+# --- the whole estimate, queries in registers, warpgroups in ping-pong ----------------------------
+#
+# Both forms above keep the 128 KB of queries in shared memory, which leaves room for 1.25 column
+# tiles of keys. Here each consumer warpgroup holds its 64 rows' fp8 queries in registers (the
+# A operand of its products: 64 x 1,024 bytes = 128 registers per thread) and shared memory is all
+# key ring (24 stages of 64 keys: three column tiles). The warpgroups take turns on the tensor
+# cores (a "turn" mbarrier each): warpgroup 0 issues a tile's eight products, hands the turn over,
+# runs that tile's epilogue while warpgroup 1's products of the same tile run, waits for its turn,
+# and so on (FlashAttention-3's ping-pong). A stage is freed when both have read it.
+
+
+@gluon.jit
+def _producer_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                   nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                   CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                   BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    step = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        tile, bh = _item(w, n_row_tiles, n_work // n_row_tiles)
+        b = bh // Hq
+        hk = (bh % Hq) // GROUP
+        n_tiles = _geometry(tile * 2 * BLOCK_R, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        key_row0 = (b * Hkv + hk) * n_cols
+        for t in range(n_tiles):
+            for i in gl.static_range(S):
+                s = (step + i) % NSTAGE
+                mbarrier.wait(empty.index(s), (((step + i) // NSTAGE) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
+                tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
+                                                k_ring.index(s))
+            step += S
+
+
+@gluon.jit
+def _query_chunk(Q8, row_off, cols, i: gl.constexpr, BLOCK_D: gl.constexpr):
+    return gl.load(Q8 + row_off[:, None] + (i * BLOCK_D + cols)[None, :])
+
+
+@gluon.jit
+def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                  CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                  BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, W: gl.constexpr):
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_C, 32])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
+    row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    strip = SCR + (gl.program_id(0) * 2 + W).to(gl.int64) * BLOCK_R * nk_pad
+    step = 0
+    g = 0  # column tiles so far: the turn barriers' phase
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        tile, bh = _item(w, n_row_tiles, n_work // n_row_tiles)
+        b = bh // Hq
+        hk = (bh % Hq) // GROUP
+        rows0 = tile * 2 * BLOCK_R
+        r0 = rows0 + W * BLOCK_R
+        n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        n_mine = _geometry(r0, BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
+        m = r0 + gl.arange(0, BLOCK_R, layout=row_layout)
+        row_ok = m < n_rows
+        row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
+        first_last = (Lk - Lq) + gl.minimum(r0 * S + S - 1, Lq - 1)
+        row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+        key_row0 = (b * Hkv + hk) * n_cols
+        # This warpgroup's rows of the fp8 queries, as the products' A operand (rows past the end
+        # read the last row: their results are never stored).
+        qr = gl.minimum(r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, a_layout)), n_rows - 1)
+        row_off = (bh * n_rows + qr).to(gl.int64) * (S * BLOCK_D)
+        qc = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, a_layout))
+        a0 = _query_chunk(Q8, row_off, qc, 0, BLOCK_D)
+        a1 = _query_chunk(Q8, row_off, qc, 1, BLOCK_D)
+        a2 = _query_chunk(Q8, row_off, qc, 2, BLOCK_D)
+        a3 = _query_chunk(Q8, row_off, qc, 3, BLOCK_D)
+        a4 = _query_chunk(Q8, row_off, qc, 4, BLOCK_D)
+        a5 = _query_chunk(Q8, row_off, qc, 5, BLOCK_D)
+        a6 = _query_chunk(Q8, row_off, qc, 6, BLOCK_D)
+        a7 = _query_chunk(Q8, row_off, qc, 7, BLOCK_D)
+        queries = (a0, a1, a2, a3, a4, a5, a6, a7)
+        for t in range(n_tiles):
+            # Warpgroup 0 goes first (a fresh barrier passes a wait on parity 1).
+            mbarrier.wait(turn.index(W), (g & 1) ^ (1 - W))
+            if t < n_mine:
+                cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
+                col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+                acc = gl.zeros([BLOCK_R, BLOCK_C], gl.float32, acc_layout)
+                for i in gl.static_range(S):
+                    s = (step + i) % NSTAGE
+                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
+                    acc = hopper.warpgroup_mma(queries[i], k_ring.index(s).permute((1, 0)), acc, is_async=True)
+                    if i > 0:
+                        acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+                        mbarrier.arrive(empty.index((step + i - 1) % NSTAGE), count=1)
+                mbarrier.arrive(turn.index(1 - W), count=1)  # the last product is issued: the other's turn
+                acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                mbarrier.arrive(empty.index((step + S - 1) % NSTAGE), count=1)
+                _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
+                          -r0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
+            else:  # a tile only the other warpgroup's rows see
+                mbarrier.arrive(turn.index(1 - W), count=1)
+                for i in gl.static_range(S):
+                    s = (step + i) % NSTAGE
+                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
+                    mbarrier.arrive(empty.index(s), count=1)
+            step += S
+            g += 1
+        gl.thread_barrier()  # the strip written above is read by other threads of this warpgroup
+        _second_phase(strip, r0, bh, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, OUT, CAUSAL, S, BLOCK_R, COLS_PER_BLOCK)
+        gl.thread_barrier()  # the next item overwrites the strip
+
+
+@gluon.jit
+def _consumer_qreg0(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                    nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)
+
+
+@gluon.jit
+def _consumer_qreg1(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                    nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+    _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                  nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)
+
+
+@gluon.jit
+def _importance_qreg_kernel(
+    Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2,
+    Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
+    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [NSTAGE, BLOCK_C, BLOCK_D], K_DESC.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NSTAGE):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both warpgroups read every stage
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    gl.warp_specialize([
+        (_consumer_qreg0, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                           nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_consumer_qreg1, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                           nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_producer_qreg, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                          nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                          CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+    ], [4, 1], [CONSUMER_REGS, 40])
+
+
+def importance_qreg(q, k, *, causal=True, scale=None, stride=8, block_q=128, block_k=128, block_c=64, nstage=24,
+                    consumer_regs=232, maxnreg=168, programs=None, key_padding_mask=None):
+    """As ``importance_ws``, the queries in registers and the warpgroups in ping-pong; any head
+    dim up to 128 (the fp8 copies pad it to 128) and key padding (zero key scales)."""
+    from psa_kernels.importance import quantize_qk
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    assert 64 < D <= 128 and stride == 8 and block_q == 128 and block_k == 128, \
+        "experiment: head dim 65-128, stride 8, 128-token blocks"
+    scale = D**-0.5 if scale is None else float(scale)
+    if scale < 0:
+        q, scale = -q, -scale
+    block_r, block_d = 64, 128
+    q8, sq, k8, sk = quantize_qk(q, k, stride, key_padding_mask=key_padding_mask)
+    n_rows, n_cols, nq, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lq, block_q), cdiv(Lk, block_k)
+    nk_pad = cdiv(nk, 64) * 64
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * block_d), [block_c, block_d], layout)
+    n_row_tiles = cdiv(n_rows, 2 * block_r)
+    n_work = B * Hq * n_row_tiles
+    if programs is None:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    programs = max(1, min(programs, n_work))
+    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(programs * 2 * block_r * nk_pad, dtype=torch.float32, device=q.device)
+    _importance_qreg_kernel[(programs,)](
+        q8, k_desc, sq, sk, out, scratch, scale / stride * _LOG2E,
+        Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
+        CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d, COLS_PER_BLOCK=block_k // stride,
+        NSTAGE=nstage, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+    )
+    return out
+
+
 VARIANTS = [  # (label, block_c, stages of the first-phase kernel, stages of the whole kernel, consumer
     # registers, maxnreg). The queries take 128 KB of the 227 KB; the whole kernel's second phase
     # another 8 KB for its reduction. Per 64 x N x 128 product a warpgroup reads 8 KB of queries and
@@ -651,14 +849,48 @@ COL_VARIANTS = [  # (label, block_c, stages): the column-dealt kernel (whole est
     ("cols C64 ring 11", 64, 11),
     ("cols C32 ring 20", 32, 20),
 ]
+QREG_VARIANTS = [  # (label, block_c, stages): queries in registers, all of shared memory key ring
+    ("qreg C64 ring 24", 64, 24),
+    ("qreg C32 ring 48", 32, 48),
+]
+
+
+def check_qreg():
+    """importance_qreg against the Triton kernel (fp8, same quantisation) on awkward shapes."""
+    from psa_kernels.importance import antidiagonal_importance_triton
+
+    cases = [  # (B, Hq, Hkv, Lq, Lk, D, causal, left padding of the second sample)
+        (1, 28, 4, 3000, 3000, 128, True, 0),
+        (2, 28, 4, 2500, 2500, 80, True, 700),
+        (1, 7, 1, 1000, 5000, 128, True, 0),
+        (2, 14, 2, 2048, 2048, 128, False, 300),
+        (1, 28, 4, 130, 130, 128, True, 0),
+    ]
+    for B, Hq, Hkv, Lq, Lk, D, causal, pad in cases:
+        q = torch.randn(B, Hq, Lq, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, Hkv, Lk, D, device="cuda", dtype=torch.bfloat16)
+        mask = None
+        if pad:
+            mask = torch.ones(B, Lk, dtype=torch.bool, device="cuda")
+            mask[1, :pad] = False
+        want = antidiagonal_importance_triton(q, k, causal=causal, precision="fp8", key_padding_mask=mask)
+        got = importance_qreg(q, k, causal=causal, key_padding_mask=mask)
+        torch.cuda.synchronize()
+        err = ((got - want).norm() / want.norm()).item()
+        worst = (got - want).abs().max().item()
+        print(f"check B {B} heads {Hq}/{Hkv} Lq {Lq} Lk {Lk} D {D} causal {causal} pad {pad}: rel err {err:.1e} "
+              f"max abs {worst:.1e} nan {bool(got.isnan().any())} {'OK' if worst < 1e-5 else 'MISMATCH'}", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="32768,65536")
     parser.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU and report")
-    parser.add_argument("--kernels", default="rows,cols", help="which forms to time: rows (shared key stages), "
-                        "cols (column tiles dealt in turn)")
+    parser.add_argument("--check", action="store_true", help="compare importance_qreg with the Triton kernel on "
+                        "awkward shapes (GQA 7, head dim 80, Lq < Lk, batch 2 with left padding, odd lengths, "
+                        "bidirectional) before timing")
+    parser.add_argument("--kernels", default="rows,cols,qreg", help="which forms to time: rows (shared key "
+                        "stages), cols (column tiles dealt in turn), qreg (queries in registers, ping-pong)")
     args = parser.parse_args(argv)
     if args.offline:
         from benchmarks.offline_compile import report, sm90_compiler
@@ -675,14 +907,15 @@ def main(argv=None):
                 for name, kernel in compiled:
                     if kernel is not None and "ws" in name:
                         report(f"{label}:{name}", kernel, Path("/tmp/gluon_ws"))
-        for label, block_c, nstage in COL_VARIANTS:
+        for label, block_c, nstage, whole in [(*v, importance_cols) for v in COL_VARIANTS] + \
+                [(*v, importance_qreg) for v in QREG_VARIANTS]:
             with sm90_compiler() as compiled:
                 try:
-                    importance_cols(q, k, block_c=block_c, nstage=nstage)
+                    whole(q, k, block_c=block_c, nstage=nstage)
                 except Exception as err:  # noqa: BLE001
                     print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
                 for name, kernel in compiled:
-                    if kernel is not None and "cols" in name:
+                    if kernel is not None and ("cols" in name or "qreg" in name):
                         report(f"{label.replace(' ', '_')}:{name}", kernel, Path("/tmp/gluon_ws"))
         return 0
     from triton.testing import do_bench
@@ -691,6 +924,9 @@ def main(argv=None):
 
     def bench(f):
         return do_bench(f, warmup=10, rep=50, return_mode="median")
+
+    if args.check:
+        check_qreg()
 
     for L in (int(x) for x in args.lengths.split(",")):
         q = torch.randn(1, 28, L, 128, device="cuda", dtype=torch.bfloat16)
@@ -717,13 +953,15 @@ def main(argv=None):
             t = bench(lambda q=q, k=k, kw=kw: importance_ws(q, k, **kw))
             print(f"  {label:6s} WHOLE (quantise + both phases) {t:.3f} ms  rel err {err:.2e}  max abs {worst:.1e}"
                   f"  nan {bool(full.isnan().any())}", flush=True)
-        for label, block_c, nstage in COL_VARIANTS if "cols" in args.kernels else []:
+        forms = [(label, c, n, importance_cols) for label, c, n in COL_VARIANTS if "cols" in args.kernels]
+        forms += [(label, c, n, importance_qreg) for label, c, n in QREG_VARIANTS if "qreg" in args.kernels]
+        for label, block_c, nstage, whole in forms:
             kw = {"block_c": block_c, "nstage": nstage}
-            full = importance_cols(q, k, **kw)
+            full = whole(q, k, **kw)
             torch.cuda.synchronize()
             err = ((full - want).norm() / want.norm()).item()
             worst = (full - want).abs().max().item()
-            t = bench(lambda q=q, k=k, kw=kw: importance_cols(q, k, **kw))
+            t = bench(lambda q=q, k=k, kw=kw, whole=whole: whole(q, k, **kw))
             print(f"  {label:18s} WHOLE (quantise + both phases) {t:.3f} ms  rel err {err:.2e}  max abs {worst:.1e}"
                   f"  nan {bool(full.isnan().any())}", flush=True)
     return 0

@@ -179,6 +179,8 @@ def test_warp_specialised_gluon_variants_fit_an_sm_shared_memory():
         assert queries + nstage_whole * block_c * 128 + reduction + barriers <= limit, label
     for label, block_c, nstage in ws.COL_VARIANTS:
         assert queries + nstage * block_c * 128 + reduction + 8 * (2 * nstage + 3) <= limit, label
+    for label, block_c, nstage in ws.QREG_VARIANTS:  # queries in registers: all key ring
+        assert nstage * block_c * 128 + reduction + 8 * (2 * nstage + 2) <= limit, label
 
 
 @pytest.mark.parametrize("name", ["tune_assign", "estimate_stride"])
