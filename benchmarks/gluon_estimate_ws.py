@@ -653,7 +653,7 @@ def importance_cols(q, k, *, causal=True, scale=None, stride=8, block_q=128, blo
 def _producer_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                    nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                   BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+                   BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, FLAGS: gl.constexpr):
     step = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
         tile, bh = _item(w, n_row_tiles, n_work // n_row_tiles)
@@ -680,7 +680,11 @@ def _query_chunk(Q8, row_off, cols, i: gl.constexpr, BLOCK_D: gl.constexpr):
 def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                   nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
                   CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                  BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, W: gl.constexpr):
+                  BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, FLAGS: gl.constexpr,
+                  W: gl.constexpr):
+    # FLAGS (diagnostics): bit 0 runs the epilogue, bit 1 the ping-pong turns (production: 3).
+    EPILOGUE: gl.constexpr = (FLAGS & 1) != 0
+    PINGPONG: gl.constexpr = (FLAGS & 2) != 0
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_C, 32])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
@@ -718,7 +722,8 @@ def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, 
         queries = (a0, a1, a2, a3, a4, a5, a6, a7)
         for t in range(n_tiles):
             # Warpgroup 0 goes first (a fresh barrier passes a wait on parity 1).
-            mbarrier.wait(turn.index(W), (g & 1) ^ (1 - W))
+            if PINGPONG:
+                mbarrier.wait(turn.index(W), (g & 1) ^ (1 - W))
             if t < n_mine:
                 cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
                 col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
@@ -730,13 +735,19 @@ def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, 
                     if i > 0:
                         acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
                         mbarrier.arrive(empty.index((step + i - 1) % NSTAGE), count=1)
-                mbarrier.arrive(turn.index(1 - W), count=1)  # the last product is issued: the other's turn
+                if PINGPONG:  # the last product is issued: the other's turn
+                    mbarrier.arrive(turn.index(1 - W), count=1)
                 acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                 mbarrier.arrive(empty.index((step + S - 1) % NSTAGE), count=1)
-                _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
-                          -r0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
+                if EPILOGUE:
+                    _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
+                              -r0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK,
+                              acc_layout)
+                else:  # products only: one sum keeps them alive
+                    gl.store(strip + (m - r0).to(gl.int64) * nk_pad + t, gl.sum(acc, 1), mask=row_ok)
             else:  # a tile only the other warpgroup's rows see
-                mbarrier.arrive(turn.index(1 - W), count=1)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - W), count=1)
                 for i in gl.static_range(S):
                     s = (step + i) % NSTAGE
                     mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
@@ -752,20 +763,22 @@ def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, 
 def _consumer_qreg0(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                     nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
                     CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
+                    FLAGS: gl.constexpr):
     _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                   nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)
+                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS, 0)
 
 
 @gluon.jit
 def _consumer_qreg1(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                     nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
                     CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
+                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
+                    FLAGS: gl.constexpr):
     _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                   nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)
+                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS, 1)
 
 
 @gluon.jit
@@ -774,6 +787,7 @@ def _importance_qreg_kernel(
     Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
     CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
     BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    FLAGS: gl.constexpr,
 ):
     k_ring = gl.allocate_shared_memory(gl.float8e4nv, [NSTAGE, BLOCK_C, BLOCK_D], K_DESC.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
@@ -787,18 +801,18 @@ def _importance_qreg_kernel(
     gl.warp_specialize([
         (_consumer_qreg0, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                            nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS)),
         (_consumer_qreg1, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                            nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS)),
         (_producer_qreg, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                           nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                          CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+                          CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS)),
     ], [4, 1], [CONSUMER_REGS, 40])
 
 
 def importance_qreg(q, k, *, causal=True, scale=None, stride=8, block_q=128, block_k=128, block_c=64, nstage=24,
-                    consumer_regs=232, maxnreg=168, programs=None, key_padding_mask=None):
+                    consumer_regs=232, maxnreg=168, programs=None, key_padding_mask=None, flags=3):
     """As ``importance_ws``, the queries in registers and the warpgroups in ping-pong; any head
     dim up to 128 (the fp8 copies pad it to 128) and key padding (zero key scales)."""
     from psa_kernels.importance import quantize_qk
@@ -827,7 +841,7 @@ def importance_qreg(q, k, *, causal=True, scale=None, stride=8, block_q=128, blo
         q8, k_desc, sq, sk, out, scratch, scale / stride * _LOG2E,
         Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
         CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d, COLS_PER_BLOCK=block_k // stride,
-        NSTAGE=nstage, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        NSTAGE=nstage, CONSUMER_REGS=consumer_regs, FLAGS=flags, num_warps=4, maxnreg=maxnreg,
     )
     return out
 
@@ -852,6 +866,11 @@ COL_VARIANTS = [  # (label, block_c, stages): the column-dealt kernel (whole est
 QREG_VARIANTS = [  # (label, block_c, stages): queries in registers, all of shared memory key ring
     ("qreg C64 ring 24", 64, 24),
     ("qreg C32 ring 48", 32, 48),
+]
+QREG_DIAGNOSTICS = [  # (label, flags): the C64 form without its ping-pong, without its epilogue (wrong numbers)
+    ("qreg C64 no ping-pong", 1),
+    ("qreg C64 products only", 2),
+    ("qreg C64 products only, no ping-pong", 0),
 ]
 
 
@@ -890,7 +909,8 @@ def main(argv=None):
                         "awkward shapes (GQA 7, head dim 80, Lq < Lk, batch 2 with left padding, odd lengths, "
                         "bidirectional) before timing")
     parser.add_argument("--kernels", default="rows,cols,qreg", help="which forms to time: rows (shared key "
-                        "stages), cols (column tiles dealt in turn), qreg (queries in registers, ping-pong)")
+                        "stages), cols (column tiles dealt in turn), qreg (queries in registers, ping-pong), diag (qreg without "
+                        "its ping-pong or epilogue)")
     args = parser.parse_args(argv)
     if args.offline:
         from benchmarks.offline_compile import report, sm90_compiler
@@ -964,6 +984,9 @@ def main(argv=None):
             t = bench(lambda q=q, k=k, kw=kw, whole=whole: whole(q, k, **kw))
             print(f"  {label:18s} WHOLE (quantise + both phases) {t:.3f} ms  rel err {err:.2e}  max abs {worst:.1e}"
                   f"  nan {bool(full.isnan().any())}", flush=True)
+        for label, flags in QREG_DIAGNOSTICS if "diag" in args.kernels else []:
+            t = bench(lambda q=q, k=k, flags=flags: importance_qreg(q, k, flags=flags))
+            print(f"  {label:36s} {t:.3f} ms (quantise + kernel)", flush=True)
     return 0
 
 
