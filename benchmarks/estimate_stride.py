@@ -60,7 +60,6 @@ def main(argv=None):
                 sp = layout.sparsity().mean().item()
                 rows.append(dict(L=L, variant=name, stride=stride, estimate_ms=t, sparsity=sp, rel_err=err))
                 print(f"{L:6d} {name:14s} {stride:6d} {t:11.3f} {sp:8.3f} {err:8.3f}", flush=True)
-        del q, k, v, dense
     if args.out:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)

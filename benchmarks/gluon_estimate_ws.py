@@ -148,7 +148,8 @@ def _consumer0(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, 
                BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
                EPILOGUE: gl.constexpr):
     _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
-             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE, 0)
+             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
+             EPILOGUE, 0)
 
 
 @gluon.jit
@@ -158,7 +159,8 @@ def _consumer1(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, 
                BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
                EPILOGUE: gl.constexpr):
     _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
-             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE, 1)
+             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
+             EPILOGUE, 1)
 
 
 @gluon.jit
@@ -181,12 +183,15 @@ def _estimate_ws_kernel(
     # The argument tuples are written out in the call: a tuple built first turned the constexprs
     # in it into tensors (Triton 3.6).
     gl.warp_specialize([
-        (_consumer0, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem, k_ring,
-                      q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE)),
-        (_consumer1, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem, k_ring,
-                      q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE)),
-        (_producer, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem, k_ring,
-                     q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, EPILOGUE)),
+        (_consumer0, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
+                      k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
+                     EPILOGUE)),
+        (_consumer1, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
+                      k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
+                     EPILOGUE)),
+        (_producer, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
+                     k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
+                     EPILOGUE)),
     ], [4, 1], [CONSUMER_REGS, 40])
 
 
@@ -909,8 +914,8 @@ def main(argv=None):
                         "awkward shapes (GQA 7, head dim 80, Lq < Lk, batch 2 with left padding, odd lengths, "
                         "bidirectional) before timing")
     parser.add_argument("--kernels", default="rows,cols,qreg", help="which forms to time: rows (shared key "
-                        "stages), cols (column tiles dealt in turn), qreg (queries in registers, ping-pong), diag (qreg without "
-                        "its ping-pong or epilogue)")
+                        "stages), cols (column tiles dealt in turn), qreg (queries in registers, ping-pong), "
+                        "diag (qreg without its ping-pong or epilogue)")
     args = parser.parse_args(argv)
     if args.offline:
         from benchmarks.offline_compile import report, sm90_compiler

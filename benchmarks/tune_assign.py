@@ -86,7 +86,6 @@ def main(argv=None):
             rows.append(row)
             print(f"{L:6d} {name:14s} {row['step_ms']:8.3f} {row['blocks_ms']:9.3f} "
                   + " ".join(f"{row['warps'][w]:8.3f}" for w in warps) + f"  {same}", flush=True)
-        del q, k
     print(f"(per-warp columns: the step's time less the key-block launch's; default launch {row_launch(nk)})")
     if args.out:
         out = Path(args.out)
