@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia import hopper  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
-from benchmarks.gluon_estimate import _LOG2E, _epilogue, cdiv, importance_from_lse  # noqa: E402
+from benchmarks.gluon_estimate import _LOG2E, _epilogue, cdiv, importance_from_lse, prepare  # noqa: E402
 
 
 @gluon.jit
@@ -52,6 +52,83 @@ def _geometry(rows0, n_rows_here, Lq, Lk, n_cols, CAUSAL: gl.constexpr, S: gl.co
     else:
         col_end = n_cols
     return gl.cdiv(col_end, BLOCK_C)
+
+
+@gluon.jit
+def _row_setup(r0, ROWS: gl.constexpr, bh, SQ, scale_log2, n_rows, Lq, Lk, S: gl.constexpr,
+               row_layout: gl.constexpr):
+    """Rows ``[r0, r0 + ROWS)``: their indices, which exist, each one's last visible key, the
+    first row's, and each row's scale into the exponent."""
+    m = r0 + gl.arange(0, ROWS, layout=row_layout)
+    row_ok = m < n_rows
+    row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
+    first_last = (Lk - Lq) + gl.minimum(r0 * S + S - 1, Lq - 1)
+    row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+    return m, row_ok, row_last, first_last, row_scale
+
+
+@gluon.jit
+def _col_scales(SK, key_row0, t, n_cols, BLOCK_C: gl.constexpr, acc_layout: gl.constexpr):
+    """Column tile ``t``'s key scales (0 past the end: the epilogue's ``-inf`` bias)."""
+    cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
+    return gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+
+
+@gluon.jit
+def _stream_keys(K_DESC, k_ring, ready, empty, key_row0, n_tiles, step, S: gl.constexpr, BLOCK_C: gl.constexpr,
+                 BLOCK_D: gl.constexpr, NSTAGE: gl.constexpr):
+    """The producer's loop: column tiles ``[0, n_tiles)`` of one kv head, chunk by chunk into the
+    ring from stage counter ``step``; returns the counter after them."""
+    step = gl.to_tensor(step)  # a literal 0 would be a constexpr, which a loop cannot carry
+    for t in range(n_tiles):
+        for i in gl.static_range(S):
+            s = (step + i) % NSTAGE
+            # A fresh mbarrier counts as having completed the phase before phase 0: the first
+            # round's waits (parity 1) pass at once.
+            mbarrier.wait(empty.index(s), (((step + i) // NSTAGE) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
+            tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
+                                            k_ring.index(s))
+        step += S
+    return step
+
+
+@gluon.jit
+def _smem_chunks(q_smem, BASE: gl.constexpr):
+    """The eight query chunks at ``q_smem[BASE:BASE + 8]`` as the products' A operands (stride 8)."""
+    return (q_smem.index(BASE), q_smem.index(BASE + 1), q_smem.index(BASE + 2), q_smem.index(BASE + 3),
+            q_smem.index(BASE + 4), q_smem.index(BASE + 5), q_smem.index(BASE + 6), q_smem.index(BASE + 7))
+
+
+@gluon.jit
+def _issue_products(queries, k_ring, ready, empty, step, acc, S: gl.constexpr, NSTAGE: gl.constexpr):
+    """One column tile's ``S`` chunk products from stage counter ``step``: each waits for its keys,
+    and frees the previous chunk's stage once that product is done. The last is left in flight
+    (:func:`_finish_products`)."""
+    for i in gl.static_range(S):
+        s = (step + i) % NSTAGE
+        mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
+        acc = hopper.warpgroup_mma(queries[i], k_ring.index(s).permute((1, 0)), acc, is_async=True)
+        if i > 0:
+            acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+            mbarrier.arrive(empty.index((step + i - 1) % NSTAGE), count=1)
+    return acc
+
+
+@gluon.jit
+def _finish_products(acc, empty, step, S: gl.constexpr, NSTAGE: gl.constexpr):
+    acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    mbarrier.arrive(empty.index((step + S - 1) % NSTAGE), count=1)
+    return acc
+
+
+@gluon.jit
+def _pass_stages(ready, empty, step, S: gl.constexpr, NSTAGE: gl.constexpr):
+    """A column tile only the other warpgroup's rows see: release its stages unread."""
+    for i in gl.static_range(S):
+        s = (step + i) % NSTAGE
+        mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
+        mbarrier.arrive(empty.index(s), count=1)
 
 
 @gluon.jit
@@ -72,16 +149,7 @@ def _producer(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n
         for i in gl.static_range(S):
             tma.async_copy_global_to_shared(Q_DESC, [bh * n_rows + rows0 + w * BLOCK_R, i * BLOCK_D], q_bar.index(0),
                                             q_smem.index(w * S + i))
-    for t in range(n_tiles):
-        for i in gl.static_range(S):
-            step = t * S + i
-            s = step % NSTAGE
-            # A fresh mbarrier counts as having completed the phase before phase 0: the first
-            # round's waits (parity 1) pass at once.
-            mbarrier.wait(empty.index(s), ((step // NSTAGE) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
-            tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
-                                            k_ring.index(s))
+    _stream_keys(K_DESC, k_ring, ready, empty, key_row0, n_tiles, 0, S, BLOCK_C, BLOCK_D, NSTAGE)
 
 
 @gluon.jit
@@ -101,42 +169,26 @@ def _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_
     r0 = rows0 + W * BLOCK_R
     n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)  # what the producer loads
     n_mine = _geometry(r0, BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)  # what these rows see
-    m = r0 + gl.arange(0, BLOCK_R, layout=row_layout)
-    row_ok = m < n_rows
-    row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
-    first_last = (Lk - Lq) + gl.minimum(r0 * S + S - 1, Lq - 1)
-    row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+    m, row_ok, row_last, first_last, row_scale = _row_setup(r0, BLOCK_R, bh, SQ, scale_log2, n_rows, Lq, Lk, S,
+                                                            row_layout)
     key_row0 = (b * Hkv + hk) * n_cols
     lse_row_base = bh.to(gl.int64) * n_rows * nk
     mbarrier.wait(q_bar.index(0), 0)
     total = gl.zeros([BLOCK_R], gl.float32, row_layout)
+    queries = _smem_chunks(q_smem, W * S)
     for t in range(n_tiles):
         if t < n_mine:
-            cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
-            col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+            col_scale = _col_scales(SK, key_row0, t, n_cols, BLOCK_C, acc_layout)
             acc = gl.zeros([BLOCK_R, BLOCK_C], gl.float32, acc_layout)
-            for i in gl.static_range(S):
-                step = t * S + i
-                s = step % NSTAGE
-                mbarrier.wait(ready.index(s), (step // NSTAGE) & 1)
-                acc = hopper.warpgroup_mma(q_smem.index(W * S + i), k_ring.index(s).permute((1, 0)), acc,
-                                           is_async=True)
-                if i > 0:  # the previous chunk's product is done: its stage can be refilled
-                    acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                    mbarrier.arrive(empty.index((step - 1) % NSTAGE), count=1)
-            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            mbarrier.arrive(empty.index((t * S + S - 1) % NSTAGE), count=1)
+            acc = _issue_products(queries, k_ring, ready, empty, t * S, acc, S, NSTAGE)
+            acc = _finish_products(acc, empty, t * S, S, NSTAGE)
             if EPILOGUE:
                 _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, LSE, lse_row_base,
                           nk, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
             else:  # diagnostic: products and key loads only (a row sum keeps them alive)
                 total += gl.sum(acc, 1)
-        else:  # a tile only the other warpgroup's rows see: pass its stages on
-            for i in gl.static_range(S):
-                step = t * S + i
-                s = step % NSTAGE
-                mbarrier.wait(ready.index(s), (step // NSTAGE) & 1)
-                mbarrier.arrive(empty.index(s), count=1)
+        else:
+            _pass_stages(ready, empty, t * S, S, NSTAGE)
     if not EPILOGUE:
         gl.store(LSE + lse_row_base + m.to(gl.int64) * nk, total, mask=row_ok)
 
@@ -195,18 +247,41 @@ def _estimate_ws_kernel(
     ], [4, 1], [CONSUMER_REGS, 40])
 
 
-def prepare(q, k, stride=8, block_k=128, block_r=64, block_c=64):
+def _positive_scale(q, scale):
+    """The kernels scale inside the exponent after the row max: they want ``scale >= 0``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return (-q, -scale) if scale < 0 else (q, scale)
+
+
+def _persistent_setup(q, k, *, stride, block_q, block_k, block_c, rows_per_item, q_box_rows, scratch_rows,
+                      programs, key_padding_mask=None):
+    """What the three persistent kernels' launches share: the fp8 copies (the head dim padded to
+    128), the key descriptor (and the query one, ``q_box_rows`` rows per box, unless 0), the sizes,
+    one program per SM, the output and each program's scratch strip of ``scratch_rows`` rows."""
+    from types import SimpleNamespace
+
     from psa_kernels.importance import quantize_qk
 
-    B, Hq, Lq, D = q.shape
+    B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    q8, sq, k8, sk = quantize_qk(q, k, stride)
-    n_rows, n_cols, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lk, block_k)
+    block_d = 128
+    q8, sq, k8, sk = quantize_qk(q, k, stride, key_padding_mask=key_padding_mask)
+    n_rows, n_cols, nq, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lq, block_q), cdiv(Lk, block_k)
+    nk_pad = cdiv(nk, 64) * 64
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    q_desc = TensorDescriptor.from_tensor(q8.view(B * Hq * n_rows, stride * D), [block_r, D], layout)
-    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * D), [block_c, D], layout)
-    lse = torch.full((B * Hq, n_rows, nk), float("-inf"), dtype=torch.float32, device=q.device)
-    return q_desc, k_desc, sq, sk, lse, n_rows, n_cols, nk
+    q_desc = TensorDescriptor.from_tensor(q8.view(B * Hq * n_rows, stride * block_d), [q_box_rows, block_d],
+                                          layout) if q_box_rows else None
+    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * block_d), [block_c, block_d], layout)
+    n_row_tiles = cdiv(n_rows, rows_per_item)
+    n_work = B * Hq * n_row_tiles
+    if programs is None:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    programs = max(1, min(programs, n_work))
+    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(programs * scratch_rows * nk_pad, dtype=torch.float32, device=q.device)
+    sizes = (Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work)
+    return SimpleNamespace(q8=q8, sq=sq, sk=sk, q_desc=q_desc, k_desc=k_desc, sizes=sizes, programs=programs,
+                           out=out, scratch=scratch, block_d=block_d)
 
 
 def estimate_lse_ws(q, k, *, causal=True, scale=None, stride=8, block_k=128, block_c=64, nstage=12,
@@ -214,9 +289,7 @@ def estimate_lse_ws(q, k, *, causal=True, scale=None, stride=8, block_k=128, blo
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     assert D == 128 and stride == 8, "experiment: D = 128, stride 8"
-    scale = D**-0.5 if scale is None else float(scale)
-    if scale < 0:
-        q, scale = -q, -scale
+    q, scale = _positive_scale(q, scale)
     block_r = 64
     q_desc, k_desc, sq, sk, lse, n_rows, n_cols, nk = prepared or prepare(q, k, stride, block_k, block_r, block_c)
     grid = (cdiv(n_rows, 2 * block_r), B * Hq)
@@ -258,14 +331,7 @@ def _producer_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv,
             for i in gl.static_range(S):
                 tma.async_copy_global_to_shared(Q_DESC, [bh * n_rows + rows0 + h2 * BLOCK_R, i * BLOCK_D],
                                                 q_bar.index(0), q_smem.index(h2 * S + i))
-        for t in range(n_tiles):
-            for i in gl.static_range(S):
-                s = (step + i) % NSTAGE
-                mbarrier.wait(empty.index(s), (((step + i) // NSTAGE) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
-                tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
-                                                k_ring.index(s))
-            step += S
+        step = _stream_keys(K_DESC, k_ring, ready, empty, key_row0, n_tiles, step, S, BLOCK_C, BLOCK_D, NSTAGE)
         item += 1
 
 
@@ -330,36 +396,22 @@ def _consume_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, 
         r0 = rows0 + W * BLOCK_R
         n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
         n_mine = _geometry(r0, BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
-        m = r0 + gl.arange(0, BLOCK_R, layout=row_layout)
-        row_ok = m < n_rows
-        row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
-        first_last = (Lk - Lq) + gl.minimum(r0 * S + S - 1, Lq - 1)
-        row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+        m, row_ok, row_last, first_last, row_scale = _row_setup(r0, BLOCK_R, bh, SQ, scale_log2, n_rows, Lq, Lk,
+                                                                S, row_layout)
         key_row0 = (b * Hkv + hk) * n_cols
         mbarrier.wait(q_bar.index(0), item & 1)
+        queries = _smem_chunks(q_smem, W * S)
         for t in range(n_tiles):
             if t < n_mine:
-                cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
-                col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+                col_scale = _col_scales(SK, key_row0, t, n_cols, BLOCK_C, acc_layout)
                 acc = gl.zeros([BLOCK_R, BLOCK_C], gl.float32, acc_layout)
-                for i in gl.static_range(S):
-                    s = (step + i) % NSTAGE
-                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
-                    acc = hopper.warpgroup_mma(q_smem.index(W * S + i), k_ring.index(s).permute((1, 0)), acc,
-                                               is_async=True)
-                    if i > 0:  # the previous chunk's product is done: its stage can be refilled
-                        acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                        mbarrier.arrive(empty.index((step + i - 1) % NSTAGE), count=1)
-                acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-                mbarrier.arrive(empty.index((step + S - 1) % NSTAGE), count=1)
+                acc = _issue_products(queries, k_ring, ready, empty, step, acc, S, NSTAGE)
+                acc = _finish_products(acc, empty, step, S, NSTAGE)
                 # The strip holds local rows: row m at strip + (m - r0) * nk_pad.
                 _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
                           -r0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK, acc_layout)
-            else:  # a tile only the other warpgroup's rows see: pass its stages on
-                for i in gl.static_range(S):
-                    s = (step + i) % NSTAGE
-                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
-                    mbarrier.arrive(empty.index(s), count=1)
+            else:
+                _pass_stages(ready, empty, step, S, NSTAGE)
             step += S
         mbarrier.arrive(q_free.index(0), count=1)
         gl.thread_barrier()  # the strip written above is read by other threads of this warpgroup
@@ -422,35 +474,18 @@ def _importance_ws_kernel(
 def importance_ws(q, k, *, causal=True, scale=None, stride=8, block_q=128, block_k=128, block_c=64, nstage=10,
                   consumer_regs=232, maxnreg=168, programs=None):
     """Block importance ``[B, Hq, nq, nk]`` as ``antidiagonal_importance_triton(precision="fp8")``."""
-    from psa_kernels.importance import quantize_qk
-
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    D = q.shape[-1]
     assert D == 128 and stride == 8 and block_q == 128, "experiment: D = 128, stride 8, 128-token query blocks"
-    scale = D**-0.5 if scale is None else float(scale)
-    if scale < 0:
-        q, scale = -q, -scale
+    q, scale = _positive_scale(q, scale)
     block_r = 64
-    q8, sq, k8, sk = quantize_qk(q, k, stride)
-    n_rows, n_cols, nq, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lq, block_q), cdiv(Lk, block_k)
-    nk_pad = cdiv(nk, 64) * 64
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    q_desc = TensorDescriptor.from_tensor(q8.view(B * Hq * n_rows, stride * D), [block_r, D], layout)
-    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * D), [block_c, D], layout)
-    n_row_tiles = cdiv(n_rows, 2 * block_r)
-    n_work = B * Hq * n_row_tiles
-    if programs is None:
-        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    programs = max(1, min(programs, n_work))
-    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
-    scratch = torch.empty(programs * 2 * block_r * nk_pad, dtype=torch.float32, device=q.device)
-    _importance_ws_kernel[(programs,)](
-        q_desc, k_desc, sq, sk, out, scratch, scale / stride * _LOG2E,
-        Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
-        CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=D, COLS_PER_BLOCK=block_k // stride,
+    x = _persistent_setup(q, k, stride=stride, block_q=block_q, block_k=block_k, block_c=block_c,
+                          rows_per_item=2 * block_r, q_box_rows=block_r, scratch_rows=2 * block_r, programs=programs)
+    _importance_ws_kernel[(x.programs,)](
+        x.q_desc, x.k_desc, x.sq, x.sk, x.out, x.scratch, scale / stride * _LOG2E, *x.sizes,
+        CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=x.block_d, COLS_PER_BLOCK=block_k // stride,
         NSTAGE=nstage, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
-    return out
+    return x.out
 
 
 # --- the whole estimate, column tiles dealt to the warpgroups in turn -----------------------------
@@ -486,14 +521,7 @@ def _producer_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv,
         for i in gl.static_range(S):
             tma.async_copy_global_to_shared(Q_DESC, [bh * n_rows + rows0, i * BLOCK_D], q_bar.index(0),
                                             q_smem.index(i))
-        for t in range(n_tiles):
-            for i in gl.static_range(S):
-                s = (step + i) % NSTAGE
-                mbarrier.wait(empty.index(s), (((step + i) // NSTAGE) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
-                tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
-                                                k_ring.index(s))
-            step += S
+        step = _stream_keys(K_DESC, k_ring, ready, empty, key_row0, n_tiles, step, S, BLOCK_C, BLOCK_D, NSTAGE)
         item += 1
 
 
@@ -516,27 +544,17 @@ def _consume_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, 
         hk = (bh % Hq) // GROUP
         rows0 = tile * ROWS
         n_tiles = _geometry(rows0, ROWS, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
-        m = rows0 + gl.arange(0, ROWS, layout=row_layout)
-        row_ok = m < n_rows
-        row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
-        first_last = (Lk - Lq) + gl.minimum(rows0 * S + S - 1, Lq - 1)
-        row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+        m, row_ok, row_last, first_last, row_scale = _row_setup(rows0, ROWS, bh, SQ, scale_log2, n_rows, Lq, Lk,
+                                                                S, row_layout)
         key_row0 = (b * Hkv + hk) * n_cols
         mbarrier.wait(q_bar.index(0), item & 1)
+        queries = _smem_chunks(q_smem, 0)
         for t in range((dealt + W) % 2, n_tiles, 2):
             st = step + t * S
-            cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
-            col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+            col_scale = _col_scales(SK, key_row0, t, n_cols, BLOCK_C, acc_layout)
             acc = gl.zeros([ROWS, BLOCK_C], gl.float32, acc_layout)
-            for i in gl.static_range(S):
-                s = (st + i) % NSTAGE
-                mbarrier.wait(ready.index(s), ((st + i) // NSTAGE) & 1)
-                acc = hopper.warpgroup_mma(q_smem.index(i), k_ring.index(s).permute((1, 0)), acc, is_async=True)
-                if i > 0:  # the previous chunk's product is done: its stage can be refilled
-                    acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                    mbarrier.arrive(empty.index((st + i - 1) % NSTAGE), count=1)
-            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            mbarrier.arrive(empty.index((st + S - 1) % NSTAGE), count=1)
+            acc = _issue_products(queries, k_ring, ready, empty, st, acc, S, NSTAGE)
+            acc = _finish_products(acc, empty, st, S, NSTAGE)
             _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
                       -rows0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, ROWS, BLOCK_C, COLS_PER_BLOCK, acc_layout)
         step += n_tiles * S
@@ -612,35 +630,18 @@ def _importance_cols_kernel(
 def importance_cols(q, k, *, causal=True, scale=None, stride=8, block_q=128, block_k=128, block_c=64, nstage=10,
                     consumer_regs=232, producer_regs=40, maxnreg=168, programs=None):
     """As ``importance_ws``, with column tiles dealt to the warpgroups in turn."""
-    from psa_kernels.importance import quantize_qk
-
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    D = q.shape[-1]
     assert D == 128 and stride == 8 and block_q == 128, "experiment: D = 128, stride 8, 128-token query blocks"
-    scale = D**-0.5 if scale is None else float(scale)
-    if scale < 0:
-        q, scale = -q, -scale
+    q, scale = _positive_scale(q, scale)
     rows = 128
-    q8, sq, k8, sk = quantize_qk(q, k, stride)
-    n_rows, n_cols, nq, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lq, block_q), cdiv(Lk, block_k)
-    nk_pad = cdiv(nk, 64) * 64
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    q_desc = TensorDescriptor.from_tensor(q8.view(B * Hq * n_rows, stride * D), [rows, D], layout)
-    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * D), [block_c, D], layout)
-    n_row_tiles = cdiv(n_rows, rows)
-    n_work = B * Hq * n_row_tiles
-    if programs is None:
-        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    programs = max(1, min(programs, n_work))
-    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
-    scratch = torch.empty(programs * rows * nk_pad, dtype=torch.float32, device=q.device)
-    _importance_cols_kernel[(programs,)](
-        q_desc, k_desc, sq, sk, out, scratch, scale / stride * _LOG2E,
-        Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
-        CAUSAL=causal, S=stride, ROWS=rows, BLOCK_C=block_c, BLOCK_D=D, COLS_PER_BLOCK=block_k // stride,
+    x = _persistent_setup(q, k, stride=stride, block_q=block_q, block_k=block_k, block_c=block_c,
+                          rows_per_item=rows, q_box_rows=rows, scratch_rows=rows, programs=programs)
+    _importance_cols_kernel[(x.programs,)](
+        x.q_desc, x.k_desc, x.sq, x.sk, x.out, x.scratch, scale / stride * _LOG2E, *x.sizes,
+        CAUSAL=causal, S=stride, ROWS=rows, BLOCK_C=block_c, BLOCK_D=x.block_d, COLS_PER_BLOCK=block_k // stride,
         NSTAGE=nstage, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg,
     )
-    return out
+    return x.out
 
 
 # --- the whole estimate, queries in registers, warpgroups in ping-pong ----------------------------
@@ -666,14 +667,7 @@ def _producer_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq,
         hk = (bh % Hq) // GROUP
         n_tiles = _geometry(tile * 2 * BLOCK_R, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
         key_row0 = (b * Hkv + hk) * n_cols
-        for t in range(n_tiles):
-            for i in gl.static_range(S):
-                s = (step + i) % NSTAGE
-                mbarrier.wait(empty.index(s), (((step + i) // NSTAGE) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), BLOCK_C * BLOCK_D)
-                tma.async_copy_global_to_shared(K_DESC, [key_row0 + t * BLOCK_C, i * BLOCK_D], ready.index(s),
-                                                k_ring.index(s))
-            step += S
+        step = _stream_keys(K_DESC, k_ring, ready, empty, key_row0, n_tiles, step, S, BLOCK_C, BLOCK_D, NSTAGE)
 
 
 @gluon.jit
@@ -705,11 +699,8 @@ def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, 
         r0 = rows0 + W * BLOCK_R
         n_tiles = _geometry(rows0, 2 * BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
         n_mine = _geometry(r0, BLOCK_R, Lq, Lk, n_cols, CAUSAL, S, BLOCK_C)
-        m = r0 + gl.arange(0, BLOCK_R, layout=row_layout)
-        row_ok = m < n_rows
-        row_last = (Lk - Lq) + gl.minimum(m * S + S - 1, Lq - 1)
-        first_last = (Lk - Lq) + gl.minimum(r0 * S + S - 1, Lq - 1)
-        row_scale = gl.maximum(gl.load(SQ + bh * n_rows + m, mask=row_ok, other=0.0) * scale_log2, 1e-30)
+        m, row_ok, row_last, first_last, row_scale = _row_setup(r0, BLOCK_R, bh, SQ, scale_log2, n_rows, Lq, Lk,
+                                                                S, row_layout)
         key_row0 = (b * Hkv + hk) * n_cols
         # This warpgroup's rows of the fp8 queries, as the products' A operand (rows past the end
         # read the last row: their results are never stored).
@@ -730,20 +721,12 @@ def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, 
             if PINGPONG:
                 mbarrier.wait(turn.index(W), (g & 1) ^ (1 - W))
             if t < n_mine:
-                cols = t * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, acc_layout))
-                col_scale = gl.load(SK + key_row0 + cols, mask=cols < n_cols, other=0.0)
+                col_scale = _col_scales(SK, key_row0, t, n_cols, BLOCK_C, acc_layout)
                 acc = gl.zeros([BLOCK_R, BLOCK_C], gl.float32, acc_layout)
-                for i in gl.static_range(S):
-                    s = (step + i) % NSTAGE
-                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
-                    acc = hopper.warpgroup_mma(queries[i], k_ring.index(s).permute((1, 0)), acc, is_async=True)
-                    if i > 0:
-                        acc = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                        mbarrier.arrive(empty.index((step + i - 1) % NSTAGE), count=1)
+                acc = _issue_products(queries, k_ring, ready, empty, step, acc, S, NSTAGE)
                 if PINGPONG:  # the last product is issued: the other's turn
                     mbarrier.arrive(turn.index(1 - W), count=1)
-                acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-                mbarrier.arrive(empty.index((step + S - 1) % NSTAGE), count=1)
+                acc = _finish_products(acc, empty, step, S, NSTAGE)
                 if EPILOGUE:
                     _epilogue(acc, col_scale, t * BLOCK_C, m, row_ok, row_last, first_last, row_scale, strip,
                               -r0.to(gl.int64) * nk_pad, nk_pad, CAUSAL, S, BLOCK_R, BLOCK_C, COLS_PER_BLOCK,
@@ -753,10 +736,7 @@ def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, 
             else:  # a tile only the other warpgroup's rows see
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - W), count=1)
-                for i in gl.static_range(S):
-                    s = (step + i) % NSTAGE
-                    mbarrier.wait(ready.index(s), ((step + i) // NSTAGE) & 1)
-                    mbarrier.arrive(empty.index(s), count=1)
+                _pass_stages(ready, empty, step, S, NSTAGE)
             step += S
             g += 1
         gl.thread_barrier()  # the strip written above is read by other threads of this warpgroup
@@ -820,36 +800,20 @@ def importance_qreg(q, k, *, causal=True, scale=None, stride=8, block_q=128, blo
                     consumer_regs=232, maxnreg=168, programs=None, key_padding_mask=None, flags=3):
     """As ``importance_ws``, the queries in registers and the warpgroups in ping-pong; any head
     dim up to 128 (the fp8 copies pad it to 128) and key padding (zero key scales)."""
-    from psa_kernels.importance import quantize_qk
-
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    D = q.shape[-1]
     assert 64 < D <= 128 and stride == 8 and block_q == 128 and block_k == 128, \
         "experiment: head dim 65-128, stride 8, 128-token blocks"
-    scale = D**-0.5 if scale is None else float(scale)
-    if scale < 0:
-        q, scale = -q, -scale
-    block_r, block_d = 64, 128
-    q8, sq, k8, sk = quantize_qk(q, k, stride, key_padding_mask=key_padding_mask)
-    n_rows, n_cols, nq, nk = cdiv(Lq, stride), cdiv(Lk, stride), cdiv(Lq, block_q), cdiv(Lk, block_k)
-    nk_pad = cdiv(nk, 64) * 64
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    k_desc = TensorDescriptor.from_tensor(k8.view(B * Hkv * n_cols, stride * block_d), [block_c, block_d], layout)
-    n_row_tiles = cdiv(n_rows, 2 * block_r)
-    n_work = B * Hq * n_row_tiles
-    if programs is None:
-        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    programs = max(1, min(programs, n_work))
-    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
-    scratch = torch.empty(programs * 2 * block_r * nk_pad, dtype=torch.float32, device=q.device)
-    _importance_qreg_kernel[(programs,)](
-        q8, k_desc, sq, sk, out, scratch, scale / stride * _LOG2E,
-        Hq, Hq // Hkv, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
-        CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d, COLS_PER_BLOCK=block_k // stride,
+    q, scale = _positive_scale(q, scale)
+    block_r = 64
+    x = _persistent_setup(q, k, stride=stride, block_q=block_q, block_k=block_k, block_c=block_c,
+                          rows_per_item=2 * block_r, q_box_rows=0, scratch_rows=2 * block_r, programs=programs,
+                          key_padding_mask=key_padding_mask)
+    _importance_qreg_kernel[(x.programs,)](
+        x.q8, x.k_desc, x.sq, x.sk, x.out, x.scratch, scale / stride * _LOG2E, *x.sizes,
+        CAUSAL=causal, S=stride, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=x.block_d, COLS_PER_BLOCK=block_k // stride,
         NSTAGE=nstage, CONSUMER_REGS=consumer_regs, FLAGS=flags, num_warps=4, maxnreg=maxnreg,
     )
-    return out
-
+    return x.out
 
 VARIANTS = [  # (label, block_c, stages of the first-phase kernel, stages of the whole kernel, consumer
     # registers, maxnreg). The queries take 128 KB of the 227 KB; the whole kernel's second phase
