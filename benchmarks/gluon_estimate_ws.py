@@ -194,28 +194,6 @@ def _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_
 
 
 @gluon.jit
-def _consumer0(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
-               q_smem, k_ring, q_bar, ready, empty,
-               CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-               BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
-               EPILOGUE: gl.constexpr):
-    _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
-             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
-             EPILOGUE, 0)
-
-
-@gluon.jit
-def _consumer1(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
-               q_smem, k_ring, q_bar, ready, empty,
-               CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-               BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
-               EPILOGUE: gl.constexpr):
-    _consume(Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
-             q_smem, k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
-             EPILOGUE, 1)
-
-
-@gluon.jit
 def _estimate_ws_kernel(
     Q_DESC, K_DESC, SQ, SK, LSE, scale_log2,
     Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk,
@@ -235,12 +213,12 @@ def _estimate_ws_kernel(
     # The argument tuples are written out in the call: a tuple built first turned the constexprs
     # in it into tensors (Triton 3.6).
     gl.warp_specialize([
-        (_consumer0, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
-                      k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
-                     EPILOGUE)),
-        (_consumer1, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
-                      k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
-                     EPILOGUE)),
+        (_consume, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
+                    k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
+                    EPILOGUE, 0)),
+        (_consume, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
+                    k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
+                    EPILOGUE, 1)),
         (_producer, (Q_DESC, K_DESC, SQ, SK, LSE, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nk, q_smem,
                      k_ring, q_bar, ready, empty, CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE,
                      EPILOGUE)),
@@ -421,26 +399,6 @@ def _consume_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, 
 
 
 @gluon.jit
-def _consumer_full0(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
-                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
-    _consume_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
-                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)
-
-
-@gluon.jit
-def _consumer_full1(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
-                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
-    _consume_full(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
-                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)
-
-
-@gluon.jit
 def _importance_ws_kernel(
     Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2,
     Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
@@ -459,12 +417,12 @@ def _importance_ws_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
     gl.warp_specialize([
-        (_consumer_full0, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
-                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
-                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
-        (_consumer_full1, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
-                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
-                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_consume_full, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                         nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                         CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)),
+        (_consume_full, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                         nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
+                         CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)),
         (_producer_full, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty,
                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
@@ -574,26 +532,6 @@ def _consume_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, 
 
 
 @gluon.jit
-def _consumer_cols0(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
-                    CAUSAL: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
-    _consume_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
-                  CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)
-
-
-@gluon.jit
-def _consumer_cols1(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                    nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
-                    CAUSAL: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr):
-    _consume_cols(Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                  nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
-                  CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)
-
-
-@gluon.jit
 def _importance_cols_kernel(
     Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2,
     Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
@@ -615,12 +553,12 @@ def _importance_cols_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)  # each stage belongs to one warpgroup's tile
     gl.warp_specialize([
-        (_consumer_cols0, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
-                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
-                           CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
-        (_consumer_cols1, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
-                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
-                           CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
+        (_consume_cols, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                         nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                         CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 0)),
+        (_consume_cols, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
+                         nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
+                         CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, 1)),
         (_producer_cols, (Q_DESC, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq,
                           nk, nk_pad, n_row_tiles, n_work, q_smem, k_ring, q_bar, q_free, ready, empty, meet,
                           CAUSAL, S, ROWS, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE)),
@@ -745,28 +683,6 @@ def _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, 
 
 
 @gluon.jit
-def _consumer_qreg0(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                    nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
-                    FLAGS: gl.constexpr):
-    _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                  nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS, 0)
-
-
-@gluon.jit
-def _consumer_qreg1(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                    nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                    CAUSAL: gl.constexpr, S: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr,
-                    BLOCK_D: gl.constexpr, COLS_PER_BLOCK: gl.constexpr, NSTAGE: gl.constexpr,
-                    FLAGS: gl.constexpr):
-    _consume_qreg(Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                  nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                  CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS, 1)
-
-
-@gluon.jit
 def _importance_qreg_kernel(
     Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2,
     Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk, nk_pad, n_row_tiles, n_work,
@@ -784,12 +700,12 @@ def _importance_qreg_kernel(
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     gl.warp_specialize([
-        (_consumer_qreg0, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                           nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS)),
-        (_consumer_qreg1, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
-                           nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
-                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS)),
+        (_consume_qreg, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                         nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                         CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS, 0)),
+        (_consume_qreg, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
+                         nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
+                         CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS, 1)),
         (_producer_qreg, (Q8, K_DESC, SQ, SK, OUT, SCR, scale_log2, Hq, GROUP, Hkv, Lq, Lk, n_rows, n_cols, nq, nk,
                           nk_pad, n_row_tiles, n_work, k_ring, ready, empty, turn,
                           CAUSAL, S, BLOCK_R, BLOCK_C, BLOCK_D, COLS_PER_BLOCK, NSTAGE, FLAGS)),
