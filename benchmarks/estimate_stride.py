@@ -40,14 +40,14 @@ def main(argv=None):
     def bench(fn):
         return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
+    base = load_preset("video_mme")
+    configs = [("video_mme", base)] + [(f"sparsity {s}", base.at_sparsity(s, "quantile")) for s in (0.65, 0.9)]
     print(f"{'L':>6} {'variant':14s} {'stride':>6} {'estimate ms':>11} {'sparsity':>8} {'rel err':>8}", flush=True)
     for L in (int(x) for x in args.lengths.split(",")):
         q, k, v = video_like_qkv(L, 28, 4, 128, seed=0, device="cuda", dtype=torch.bfloat16)
         text = torch.zeros(1, L, dtype=torch.bool, device="cuda")
         text[:, L - 256:] = True
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).float()
-        base = load_preset("video_mme")
-        configs = [("video_mme", base)] + [(f"sparsity {s}", base.at_sparsity(s, "quantile")) for s in (0.65, 0.9)]
         for name, cfg in configs:
             for stride in strides:
                 kw = dataclasses.replace(cfg, stride=stride).mask_kwargs()
