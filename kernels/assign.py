@@ -27,7 +27,7 @@ import triton.language as tl
 from .layout import layout_buffers, row_launch, write_row
 from .level_map import LevelMap
 from .reference import BUDGET_FULL_SHARE, BUDGET_STEPS
-from .utils import on_device
+from .utils import launch_kernel, on_device
 
 
 @triton.jit
@@ -230,7 +230,7 @@ def assign_levels_triton(
     out = layout_buffers(B, heads, nq, nk, scores.device, write_map)
     filler = out["counts"]  # stands in for the optional inputs a launch does not read
     with on_device(scores):
-        _assign_kernel[(nq, B * heads)](
+        launch_kernel(_assign_kernel, (nq, B * heads),
             scores, cap if cap is not None else filler, sims if sims is not None else filler, text_cols, text_rows,
             any_valid if any_valid is not None else filler, all_valid if all_valid is not None else filler,
             out["dense"] if write_map else filler, out["indices"], out["counts"], out["plan"], out["cost"],

@@ -31,11 +31,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .level_map import LevelMap
 from .pyramid import build_device_pyramid
-from .utils import cdiv, check_kv_chunk, dot_in_fp32, next_pow2, on_device, tma_ready
+from .utils import (cdiv, check_kv_chunk, descriptor, dot_in_fp32, int8_view, launch_kernel, next_pow2, on_device,
+                    tma_ready)
 
 _LOG2E = 1.4426950408889634
 
@@ -357,16 +357,15 @@ def psa_attention_triton(
         k, v = tma_ready(k), tma_ready(v)
         pyr = build_device_pyramid(k, v, key_padding_mask)
         out = torch.empty_like(q)
-        pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else pyr.counts
+        pad = int8_view(key_padding_mask) if key_padding_mask is not None else pyr.counts
         # One box per level (its tile of keys of one batch and kv head; rows past the end read as 0).
         descriptors = []
         for level, (kt, vt, n) in enumerate(zip((k, pyr.keys, pyr.keys, pyr.keys), (v, pyr.values, pyr.values,
                                                                                       pyr.values), tiles)):
             box = [1, 1, n, block_d]
-            descriptors += [TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=box)
-                            for t in (kt, vt)]
+            descriptors += [descriptor(kt, box), descriptor(vt, box)]
         grid = (B * Hq * cdiv(Lq, block_m),)
-        _psa_fwd_kernel[grid](
+        launch_kernel(_psa_fwd_kernel, grid,
             q, k, v, pyr.keys, pyr.values, pyr.counts, pyr.last, pad, level_map.indices, level_map.counts,
             level_map.plan, out, *descriptors,
             scale * _LOG2E,

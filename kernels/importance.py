@@ -32,9 +32,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .utils import cdiv, check_kv_chunk, dot_in_fp32, interpreting, next_pow2, on_device
+from .utils import (cdiv, check_kv_chunk, descriptor, dot_in_fp32, int8_view, interpreting, launch_kernel, next_pow2,
+                    on_device, sm_count)
 
 _LOG2E = 1.4426950408889634
 
@@ -150,11 +150,11 @@ def quantize_qk(q: torch.Tensor | None, k: torch.Tensor | None, stride: int, *,
     q_rows = q.shape[0] * q.shape[1] if q is not None else 0
     k_rows = k.shape[0] * k.shape[1] if k is not None else 0
     groups = max(1, 4096 // (stride * block_d) * 4)
-    pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None and k is not None else None
+    pad = int8_view(key_padding_mask) if key_padding_mask is not None and k is not None else None
     # An absent side is given the other side's tensors as placeholders: the grid has no row for it.
     qa = (q, q8, sq) if q is not None else (k, k8, sk)
     ka = (k, k8, sk) if k is not None else qa
-    _quantize_kernel[(cdiv(max(nq, nk), groups), q_rows + k_rows)](
+    launch_kernel(_quantize_kernel, (cdiv(max(nq, nk), groups), q_rows + k_rows),
         qa[0], ka[0], pad if pad is not None else qa[2], qa[1], ka[1], qa[2], ka[2],
         qa[0].stride(0), qa[0].stride(1), qa[0].stride(2), ka[0].stride(0), ka[0].stride(1), ka[0].stride(2),
         q_rows, qa[0].shape[1], ka[0].shape[1], qa[0].shape[2], ka[0].shape[2], nq, nk,
@@ -356,17 +356,17 @@ def antidiagonal_importance_triton(
     (a divisor of batch x kv heads, default all of them) sets the program order (see the kernel)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    launch = LAUNCH[precision]
+    cfg = LAUNCH[precision]
     if precision == "full" and q.element_size() == 4:
         # fp32 tiles take twice the bytes: three stages of 64 query + 128 key rows need 290 KB of
         # shared memory, over a Hopper SM's 227 KB (seen on an H200); half the key rows, two stages.
-        launch = dict(launch, block_c=64, num_stages=2)
-    block_r = block_r or launch["block_r"]
-    maxnreg = maxnreg or launch["maxnreg"]
+        cfg = dict(cfg, block_c=64, num_stages=2)
+    block_r = block_r or cfg["block_r"]
+    maxnreg = maxnreg or cfg["maxnreg"]
     launch_extra = {"maxnreg": maxnreg} if maxnreg and not interpreting() else {}
-    block_c = block_c or launch["block_c"]
-    num_warps = num_warps or launch["num_warps"]
-    num_stages = num_stages or launch["num_stages"]
+    block_c = block_c or cfg["block_c"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
     scale = D**-0.5 if scale is None else float(scale)
     if scale < 0:  # the kernel scales inside the exponent after the row max: it wants scale >= 0
         q, scale = -q, -scale
@@ -378,8 +378,7 @@ def antidiagonal_importance_triton(
     n_row_tiles = cdiv(n_rows, block_r)
     n_work = B * Hq * n_row_tiles
     if programs is None:
-        programs = launch["programs_per_sm"] * torch.cuda.get_device_properties(q.device).multi_processor_count \
-            if q.is_cuda else 4
+        programs = cfg["programs_per_sm"] * sm_count(q.device.index) if q.is_cuda else 4
     programs = max(1, min(programs, n_work))
     kv_chunk = B * Hkv if kv_chunk is None else check_kv_chunk(kv_chunk, B * Hkv)
     nk_pad = cdiv(nk, 16) * 16
@@ -389,16 +388,14 @@ def antidiagonal_importance_triton(
         scratch = torch.empty(programs, block_r, nk_pad, dtype=torch.float32, device=q.device)
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()
-        pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else out
+        pad = int8_view(key_padding_mask) if key_padding_mask is not None else out
         prepped = precision == "fp8"
         descriptors, sq, sk, dot_dtype = [None, None], out, out, q.dtype
         if prepped:
             q8, sq, k8, sk = quantize_qk(q, k, stride, key_padding_mask=key_padding_mask)
-            descriptors = [TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()),
-                                            block_shape=[1, 1, rows, block_d])
-                           for t, rows in ((q8, block_r), (k8, block_c))]
+            descriptors = [descriptor(q8, [1, 1, block_r, block_d]), descriptor(k8, [1, 1, block_c, block_d])]
             dot_dtype = q8.dtype
-        _antidiagonal_kernel[(programs,)](
+        launch_kernel(_antidiagonal_kernel, (programs,),
             q, k, pad, out, scratch, *descriptors, sq, sk,
             scale / stride * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import cdiv, next_pow2, on_device
+from .utils import cdiv, int8_view, launch_kernel, next_pow2, on_device
 
 
 @triton.jit
@@ -152,13 +152,13 @@ def key_blocks(k: torch.Tensor, *, q_len: int, block_q: int, block_k: int, thres
     if not thresholds and not flags and not sims and not min_sims:
         return out
     k = k if k.stride(-1) == 1 else k.contiguous()
-    int8 = lambda t: t if t is None or t.dtype == torch.int8 else t.to(torch.int8)  # noqa: E731
-    pad, text = int8(key_padding_mask), int8(text_mask)
+    pad = int8_view(key_padding_mask) if key_padding_mask is not None else None
+    text = int8_view(text_mask) if text_mask is not None else None
     filler = next(t for t in (cap, out["sims"], out["min_sims"], out["text_cols"]) if t is not None)
     pairs = {p: next_pow2(max(1, block_k // p)) for p in (2, 4, 8)}
     grid = (max(nk, nq) if flags else nk, B * H)
     with on_device(k):
-        _key_blocks_kernel[grid](
+        launch_kernel(_key_blocks_kernel, grid,
             k, pad if pad is not None else filler, text if text is not None else filler, cap if cap is not None else filler,
             out["sims"] if sims else filler, out["min_sims"] if min_sims else filler,
             *(out[n] if out[n] is not None else filler for n in ("text_cols", "text_rows", "any_valid", "all_valid")),

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import index_dtype, next_pow2, on_device
+from .utils import index_dtype, launch_kernel, next_pow2, on_device
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def compact_triton(level_map: torch.Tensor, *, block_q, block_k, q_len, k_len, c
     any_valid, all_valid = padding_flags(key_padding_mask, k_len, block_k)
     out = layout_buffers(B, Hm, nq, nk, level_map.device, write_map=True)
     with on_device(level_map):
-        _compact_kernel[(nq, B * Hm)](
+        launch_kernel(_compact_kernel, (nq, B * Hm),
             level_map, out["indices"], out["counts"], out["plan"], out["cost"], out["visible"],
             any_valid if any_valid is not None else out["counts"], all_valid if all_valid is not None else out["counts"],
             out["dense"], level_map.stride(0), level_map.stride(1), level_map.stride(2), Hm, nq, nk, q_len, k_len,

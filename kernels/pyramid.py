@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, next_pow2
+from .utils import cdiv, int8_view, launch_kernel, next_pow2
 
 
 POOLED_FACTORS = (2, 4, 8)
@@ -139,9 +139,9 @@ def build_device_pyramid(k: torch.Tensor, v: torch.Tensor, key_padding_mask: tor
     values = torch.empty(B, H, total, D, dtype=v.dtype, device=v.device)
     counts = torch.empty(B, total, dtype=torch.int32, device=k.device)
     last = torch.empty(B, total, dtype=torch.int32, device=k.device)
-    pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else counts
+    pad = int8_view(key_padding_mask) if key_padding_mask is not None else counts
     grid = (cdiv(n_groups[8], groups), B * H)
-    _pyramid_kernel[grid](
+    launch_kernel(_pyramid_kernel, grid,
         k, v, pad, keys, values, counts, last,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),

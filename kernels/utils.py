@@ -45,6 +45,112 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (read once: a property query
+    costs microseconds of host time on every call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def int8_view(mask: torch.Tensor) -> torch.Tensor:
+    """A bool (or integer) mask as a contiguous int8 tensor for a kernel; a contiguous bool mask is
+    viewed, not copied (a conversion is one more launch and tens of microseconds of host time)."""
+    mask = mask.contiguous()
+    if mask.dtype in (torch.bool, torch.int8):
+        return mask.view(torch.int8)
+    return (mask != 0).to(torch.int8)
+
+
+def descriptor(t: torch.Tensor, block_shape: list[int]):
+    """A host-side tensor descriptor of all of ``t`` (the tensor-memory accelerator's box
+    ``block_shape``). The caller guarantees what Triton's constructor would assert (16-byte aligned
+    base and strides, unit last stride: :func:`tma_ready` or a fresh allocation); skipping its
+    checks saves microseconds per descriptor, and a call builds up to ten."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d = object.__new__(TensorDescriptor)
+    # Fields without a value here (padding, and in newer Triton round_f32_to_tf32) keep their
+    # dataclass defaults, which are class attributes.
+    d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=block_shape)
+    return d
+
+
+_compiled: dict = {}  # (kernel, specialisation key) -> compiled kernel, filled by launch_kernel()
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_launch_supported() -> bool:
+    """Whether this Triton has the internals :func:`launch_kernel` relies on (3.6-3.8 do)."""
+    try:
+        from triton import knobs
+        from triton.compiler import CompiledKernel
+
+        return all(hasattr(knobs.runtime, name) for name in ("launch_enter_hook", "launch_exit_hook")) \
+            and hasattr(CompiledKernel, "launch_metadata")
+    except Exception:  # noqa: BLE001 - another Triton: take its own launch path
+        return False
+
+
+def launch_kernel(kernel, grid: tuple, *args, **options):
+    """``kernel[grid](*args, **options)`` for a ``@triton.jit`` kernel, with Triton's per-call
+    bookkeeping skipped once the call's specialisation has been compiled.
+
+    Triton's launch path spends 15-30 us of host time per launch (option knobs, the cache key as
+    a string, launch metadata, hooks) besides binding the arguments, and a PSA call makes six.
+    Here the arguments are bound by Triton's own binder, so the specialisation, hence the
+    compiled kernel, is exactly the one Triton would pick; the compiled kernel is looked up by
+    that specialisation and its launcher called directly. The first launch of each
+    specialisation, the interpreter, launch hooks (profilers) and a Triton without these
+    internals take ``kernel[grid]`` itself. ``grid`` is a tuple of ints.
+    """
+    caches = getattr(kernel, "device_caches", None)  # absent in the interpreter
+    if caches is None or not _fast_launch_supported():
+        return kernel[grid](*args, **options)
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    runtime = knobs.runtime
+    if kernel.pre_run_hooks or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) \
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None:
+        return kernel[grid](*args, **options)
+    active = driver.active
+    device = active.get_current_device()
+    binder = caches.get(device)  # created by the first launch on this device
+    if binder is None:
+        return _compile_and_launch(kernel, grid, args, options)
+    bound, specialization, rest = binder[4](*args, **options)
+    try:
+        compiled = _compiled.get((kernel, device, tuple(specialization), tuple(rest.items())))
+    except TypeError:  # an argument Triton specialises on something unhashable
+        return kernel[grid](*args, **options)
+    if compiled is None:
+        return _compile_and_launch(kernel, grid, args, options)
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                 active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
+                 *bound.values())
+    return compiled
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is set (Triton 3.6+ keeps them in a chain, empty when none is)."""
+    return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
+
+
+def _compile_and_launch(kernel, grid, args, options):
+    """Triton's own launch (compiling if needed); remembers the compiled kernel for :func:`launch_kernel`."""
+    from triton.runtime.driver import driver
+
+    compiled = kernel[grid](*args, **options)
+    device = driver.active.get_current_device()
+    _, specialization, rest = kernel.device_caches[device][4](*args, **options)
+    if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+        try:
+            _compiled[(kernel, device, tuple(specialization), tuple(rest.items()))] = compiled
+        except TypeError:
+            pass
+    return compiled
+
+
 def tma_ready(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when the tensor-memory accelerator can read it (16-byte aligned base and
     strides, unit last stride), else a contiguous copy."""
