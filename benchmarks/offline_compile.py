@@ -72,9 +72,13 @@ def sm90_compiler():
 
     JITFunction.run = run
     old_interp = os.environ.pop("TRITON_INTERPRET", None)
+    from psa_kernels import utils
+
+    fast, utils.FAST_LAUNCH = utils.FAST_LAUNCH, False  # nothing is launched here
     try:
         yield compiled
     finally:
+        utils.FAST_LAUNCH = fast
         JITFunction.run = original
         driver._active = None  # the real driver again on next use (none on a machine without a GPU)
         if old_interp is not None:

@@ -76,6 +76,9 @@ def descriptor(t: torch.Tensor, block_shape: list[int]):
 
 
 _compiled: dict = {}  # (kernel, specialisation key) -> compiled kernel, filled by launch_kernel()
+#: Off: every launch takes ``kernel[grid]`` (``benchmarks/offline_compile.py`` compiles without
+#: launching, so it must not be handed a compiled kernel to run).
+FAST_LAUNCH = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,7 +107,7 @@ def launch_kernel(kernel, grid: tuple, *args, **options):
     internals take ``kernel[grid]`` itself. ``grid`` is a tuple of ints.
     """
     caches = getattr(kernel, "device_caches", None)  # absent in the interpreter
-    if caches is None or not _fast_launch_supported():
+    if caches is None or not FAST_LAUNCH or not _fast_launch_supported():
         return kernel[grid](*args, **options)
     from triton import knobs
     from triton.runtime.driver import driver

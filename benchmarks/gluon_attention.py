@@ -1,0 +1,261 @@
+"""EXPERIMENT (not used by the package): causal attention with every pair at level 1, written in
+Gluon with warp specialisation for Hopper, to see whether issue 14's "every pair at level 1 within
+1.10x of SDPA" is in reach of a kernel we write (the Triton PSA kernel is 1.18-1.22x; a plain
+causal flash kernel in Triton 3.6 1.23-1.37x; Triton 3.6's own warp specialisation fails or does
+nothing on these loops, ``docs/kernel_notes.md``).
+
+The form is FlashAttention-3's: per program a tile of 128 query rows of one head, a producer warp
+streaming the K and V tiles of its kv head through a ring of shared-memory stages (TMA, "ready"
+and "empty" mbarriers), two consumer warpgroups of 64 rows each (queries in shared memory, the
+accumulator in registers), optionally in ping-pong on the tensor cores (a "turn" mbarrier each:
+one warpgroup's softmax runs under the other's products). Programs run longest tile first, one
+chunk of kv heads at a time (the PSA kernel's order). Limits: bf16, head dim 128, Lq = Lk a
+multiple of 128, causal.
+
+    python benchmarks/gluon_attention.py --lengths 16384,32768,65536   # on the GPU: check, then time
+    python benchmarks/gluon_attention.py --offline                      # compile for sm_90 without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia import hopper  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: E402
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
+
+_LOG2E = 1.4426950408889634
+ROWS = 64  # query rows per consumer warpgroup
+HALF = gl.constexpr(ROWS)
+
+
+@gluon.jit
+def _program_tile(Hq, GROUP, KV_CHUNK, n_tiles):
+    """This program's (query tile, query head, kv head, batch): chunks of ``KV_CHUNK`` (batch, kv
+    head) pairs one after another, inside a chunk the longest (last) query tiles first, the chunk's
+    heads side by side."""
+    heads = KV_CHUNK * GROUP
+    pid = gl.program_id(0)
+    chunk = pid // (heads * n_tiles)
+    r = pid % (heads * n_tiles)
+    tile = n_tiles - 1 - r // heads
+    bk = chunk * KV_CHUNK + (r % heads) // GROUP
+    Hkv = Hq // GROUP
+    b = bk // Hkv
+    hk = bk % Hkv
+    h = hk * GROUP + r % GROUP
+    return tile, b * Hq + h, bk
+
+
+@gluon.jit
+def _producer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring, q_bar,
+              k_ready, v_ready, empty, turn, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr,
+              PINGPONG: gl.constexpr):
+    tile, bh, bk = _program_tile(Hq, GROUP, KV_CHUNK, n_tiles)
+    q_row = bh * L + tile * 2 * HALF
+    kv_row = bk * L
+    mbarrier.expect(q_bar.index(0), 2 * HALF * HEAD_D * 2)
+    tma.async_copy_global_to_shared(Q_DESC, [q_row, 0], q_bar.index(0), q_smem.index(0))
+    tma.async_copy_global_to_shared(Q_DESC, [q_row + HALF, 0], q_bar.index(0), q_smem.index(1))
+    n_kv = gl.cdiv((tile + 1) * 2 * HALF, BLOCK_N)
+    for j in range(n_kv):
+        s = j % NSTAGE
+        # A fresh mbarrier counts as having completed the phase before phase 0: the first round's
+        # waits (parity 1) pass at once.
+        mbarrier.wait(empty.index(s), ((j // NSTAGE) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(s), BLOCK_N * HEAD_D * 2)
+        tma.async_copy_global_to_shared(K_DESC, [kv_row + j * BLOCK_N, 0], k_ready.index(s), k_ring.index(s))
+        mbarrier.expect(v_ready.index(s), BLOCK_N * HEAD_D * 2)
+        tma.async_copy_global_to_shared(V_DESC, [kv_row + j * BLOCK_N, 0], v_ready.index(s), v_ring.index(s))
+
+
+@gluon.jit
+def _consumer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring, q_bar,
+              k_ready, v_ready, empty, turn, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr,
+              PINGPONG: gl.constexpr, W: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    tile, bh, bk = _program_tile(Hq, GROUP, KV_CHUNK, n_tiles)
+    row0 = tile * 2 * HALF + W * HALF  # this warpgroup's first query row
+    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    # Key tiles this warpgroup's rows see (the other's last tile may lie past them).
+    n_kv = gl.cdiv((tile + 1) * 2 * HALF, BLOCK_N)
+    n_mine = gl.cdiv(row0 + HALF, BLOCK_N)
+    first_masked = row0 // BLOCK_N  # the first tile reaching past the warpgroup's first row
+    m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
+    mbarrier.wait(q_bar.index(0), 0)
+    q = q_smem.index(W)
+    for j in range(n_kv):
+        s = j % NSTAGE
+        phase = (j // NSTAGE) & 1
+        if j < n_mine:
+            if PINGPONG:  # warpgroup 0 goes first (a fresh barrier passes a wait on parity 1)
+                mbarrier.wait(turn.index(W), (j & 1) ^ (1 - W))
+            mbarrier.wait(k_ready.index(s), phase)
+            qk = hopper.warpgroup_mma(q, k_ring.index(s).permute((1, 0)),
+                                      gl.zeros([HALF, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - W), count=1)
+            qk = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[qk])
+            if j >= first_masked:
+                cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                qk = gl.where(cols[None, :] <= rows[:, None], qk, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(qk, 1))
+            m_scaled = m_new * qk_scale
+            alpha = gl.exp2(m_i * qk_scale - m_scaled)
+            p = gl.exp2(qk * qk_scale - m_scaled[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            mbarrier.wait(v_ready.index(s), phase)
+            acc = hopper.warpgroup_mma(p_op, v_ring.index(s), acc, is_async=True)
+            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        else:  # a tile only the other warpgroup's rows see
+            if PINGPONG:
+                mbarrier.wait(turn.index(W), (j & 1) ^ (1 - W))
+                mbarrier.arrive(turn.index(1 - W), count=1)
+            mbarrier.wait(k_ready.index(s), phase)
+            mbarrier.wait(v_ready.index(s), phase)
+        mbarrier.arrive(empty.index(s), count=1)
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / l_o[:, None]
+    r = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+    d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+    gl.store(OUT + (bh * L + r).to(gl.int64)[:, None] * HEAD_D + d[None, :], out.to(gl.bfloat16))
+
+
+@gluon.jit
+def _attention_kernel(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles,
+                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr, PINGPONG: gl.constexpr,
+                      CONSUMER_REGS: gl.constexpr):
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HALF, HEAD_D], Q_DESC.layout)
+    k_ring = gl.allocate_shared_memory(gl.bfloat16, [NSTAGE, BLOCK_N, HEAD_D], K_DESC.layout)
+    v_ring = gl.allocate_shared_memory(gl.bfloat16, [NSTAGE, BLOCK_N, HEAD_D], V_DESC.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    for i in gl.static_range(NSTAGE):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both warpgroups release a stage
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    # (The argument tuples are written out: a tuple built in the kernel would lose the constexprs.)
+    gl.warp_specialize([
+        (_consumer, (Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring,
+                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, PINGPONG, 0)),
+        (_consumer, (Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring,
+                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, PINGPONG, 1)),
+        (_producer, (Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring,
+                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, PINGPONG)),
+    ], [4, 1], [CONSUMER_REGS, 40])
+
+
+def attention(q, k, v, *, block_n=128, nstage=2, pingpong=False, kv_chunk=None, consumer_regs=232, maxnreg=168):
+    """Causal attention, ``q [B, Hq, L, 128]``, ``k, v [B, Hkv, L, 128]`` bf16, ``L % 128 == 0``."""
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    assert D == 128 and L % 128 == 0 and q.dtype == torch.bfloat16 and k.shape[2] == L, "experiment's limits"
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    if kv_chunk is None:
+        from psa_kernels.attention import kv_chunk_for
+
+        kv_chunk = kv_chunk_for(B * Hkv, L * D * k.element_size()) if q.is_cuda else B * Hkv
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_desc = TensorDescriptor.from_tensor(q.view(B * Hq * L, D), [ROWS, D], layout)
+    k_desc = TensorDescriptor.from_tensor(k.view(B * Hkv * L, D), [block_n, D], layout)
+    v_desc = TensorDescriptor.from_tensor(v.view(B * Hkv * L, D), [block_n, D], layout)
+    out = torch.empty_like(q)
+    n_tiles = L // (2 * ROWS)
+    _attention_kernel[(B * Hq * n_tiles,)](
+        q_desc, k_desc, v_desc, out, D**-0.5 * _LOG2E, Hq, Hq // Hkv, kv_chunk, L, n_tiles,
+        BLOCK_N=block_n, HEAD_D=D, NSTAGE=nstage, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs,
+        num_warps=4, maxnreg=maxnreg,
+    )
+    return out
+
+
+VARIANTS = [  # (label, block_n, stages, ping-pong): shared memory 32 KB of queries + stages x 2 x block_n x 256 B
+    ("N128 s2", 128, 2, False),
+    ("N128 s2 ping-pong", 128, 2, True),
+    ("N64 s4", 64, 4, False),
+    ("N64 s4 ping-pong", 64, 4, True),
+    ("N128 s3 ping-pong", 128, 3, True),
+]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="16384,32768,65536")
+    parser.add_argument("--offline", action="store_true", help="compile every variant for sm_90 without a GPU")
+    args = parser.parse_args(argv)
+    if args.offline:
+        from benchmarks.offline_compile import report, sm90_compiler
+
+        q = torch.randn(1, 28, 4096, 128, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16) for _ in range(2))
+        for label, block_n, nstage, pingpong in VARIANTS:
+            with sm90_compiler() as compiled:
+                try:
+                    attention(q, k, v, block_n=block_n, nstage=nstage, pingpong=pingpong)
+                except Exception as err:  # noqa: BLE001
+                    print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
+                for name, kernel in compiled:
+                    if kernel is not None:
+                        report(f"{label.replace(' ', '_')}:{name}", kernel, Path("/tmp/gluon_attn"))
+        return 0
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --offline)")
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    import psa_kernels
+    from psa_kernels import LevelMap
+
+    def bench(f):
+        return do_bench(f, warmup=10, rep=50, return_mode="median")
+
+    for B, Hq, Hkv, L in ((1, 28, 4, 1024), (2, 14, 2, 3072), (1, 7, 1, 4096)):  # correctness first
+        q = torch.randn(B, Hq, L, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+        for label, block_n, nstage, pingpong in VARIANTS:
+            out = attention(q, k, v, block_n=block_n, nstage=nstage, pingpong=pingpong)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            print(f"check B {B} heads {Hq}/{Hkv} L {L} {label}: rel err {err:.1e} nan {bool(out.isnan().any())} "
+                  f"{'OK' if err < 1e-2 else 'MISMATCH'}", flush=True)
+    for L in (int(x) for x in args.lengths.split(",")):
+        q = torch.randn(1, 28, L, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 4, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        layout = LevelMap.from_dense(torch.ones(1, 4, L // 128, L // 128, dtype=torch.int8, device="cuda"),
+                                     block_q=128, block_k=128, q_len=L, k_len=L, causal=True)
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        psa = bench(lambda: psa_kernels.psa_attention(q, k, v, layout, causal=True))
+        flops = 4 * 28 * 128 * L * L / 2
+        print(f"L {L}: SDPA {sdpa:.3f} ms ({flops / sdpa / 1e9:.0f} TFLOP/s), PSA Triton all level 1 {psa:.3f} ms "
+              f"({psa / sdpa:.3f}x)", flush=True)
+        for label, block_n, nstage, pingpong in VARIANTS:
+            t = bench(lambda b=block_n, n=nstage, p=pingpong: attention(q, k, v, block_n=b, nstage=n, pingpong=p))
+            print(f"  gluon {label:20s} {t:.3f} ms ({t / sdpa:.3f}x SDPA, {flops / t / 1e9:.0f} TFLOP/s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
