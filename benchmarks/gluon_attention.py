@@ -58,7 +58,7 @@ def _program_tile(Hq, GROUP, KV_CHUNK, n_tiles):
 @gluon.jit
 def _producer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring, q_bar,
               k_ready, v_ready, empty, turn, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr,
-              PINGPONG: gl.constexpr):
+              MODE: gl.constexpr):
     tile, bh, bk = _program_tile(Hq, GROUP, KV_CHUNK, n_tiles)
     q_row = bh * L + tile * 2 * HALF
     kv_row = bk * L
@@ -78,14 +78,48 @@ def _producer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_t
 
 
 @gluon.jit
+def _masked(qk, j, rows, first_masked, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Tile ``j``'s logits with the causal mask where the tile reaches past the first row."""
+    if j >= first_masked:
+        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        qk = gl.where(cols[None, :] <= rows[:, None], qk, float("-inf"))
+    return qk
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, qk_scale):
+    """Online softmax over one tile (base 2, the scale folded into the exponent): the tile's
+    probabilities, the new row max and sum, and the factor that rescales what came before."""
+    m_new = gl.maximum(m_i, gl.max(qk, 1))
+    m_scaled = m_new * qk_scale
+    alpha = gl.exp2(m_i * qk_scale - m_scaled)
+    p = gl.exp2(qk * qk_scale - m_scaled[:, None])
+    return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+
+@gluon.jit
+def _pass_tiles(k_ready, v_ready, empty, start, stop, NSTAGE: gl.constexpr):
+    """Tiles only the other warpgroup's rows see: release their stages unread."""
+    for j in range(start, stop):
+        s = j % NSTAGE
+        mbarrier.wait(k_ready.index(s), (j // NSTAGE) & 1)
+        mbarrier.wait(v_ready.index(s), (j // NSTAGE) & 1)
+        mbarrier.arrive(empty.index(s), count=1)
+
+
+@gluon.jit
 def _consumer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring, q_bar,
               k_ready, v_ready, empty, turn, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr,
-              PINGPONG: gl.constexpr, W: gl.constexpr):
+              MODE: gl.constexpr, W: gl.constexpr):
+    # MODE 0: each tile's products, then its softmax; 1: the same with the warpgroups in ping-pong
+    # on the tensor cores; 2: tile j+1's QK product and tile j's PV product in flight while tile
+    # j+1's softmax runs (FlashAttention-3's intra-warpgroup overlap).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     tile, bh, bk = _program_tile(Hq, GROUP, KV_CHUNK, n_tiles)
     row0 = tile * 2 * HALF + W * HALF  # this warpgroup's first query row
     rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
@@ -93,54 +127,71 @@ def _consumer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_t
     n_kv = gl.cdiv((tile + 1) * 2 * HALF, BLOCK_N)
     n_mine = gl.cdiv(row0 + HALF, BLOCK_N)
     first_masked = row0 // BLOCK_N  # the first tile reaching past the warpgroup's first row
-    m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
+    zeros = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
     mbarrier.wait(q_bar.index(0), 0)
     q = q_smem.index(W)
-    for j in range(n_kv):
-        s = j % NSTAGE
-        phase = (j // NSTAGE) & 1
-        if j < n_mine:
-            if PINGPONG:  # warpgroup 0 goes first (a fresh barrier passes a wait on parity 1)
+    if MODE == 2:
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = hopper.warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zeros, use_acc=False)
+        qk = _masked(qk, 0, rows, first_masked, BLOCK_N, s_layout)
+        m_i = gl.max(qk, 1)
+        p = gl.exp2(qk * qk_scale - (m_i * qk_scale)[:, None])
+        l_i = gl.sum(p, 1)
+        for j in range(1, n_mine):
+            s = j % NSTAGE
+            prev = (j - 1) % NSTAGE
+            mbarrier.wait(k_ready.index(s), (j // NSTAGE) & 1)
+            qk = hopper.warpgroup_mma(q, k_ring.index(s).permute((1, 0)), zeros, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // NSTAGE) & 1)
+            acc = hopper.warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_ring.index(prev), acc,
+                                       is_async=True)
+            qk = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[qk])
+            qk = _masked(qk, j, rows, first_masked, BLOCK_N, s_layout)
+            p, m_i, l_i, alpha = _softmax_step(qk, m_i, l_i, qk_scale)
+            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            mbarrier.arrive(empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        last = (n_mine - 1) % NSTAGE
+        mbarrier.wait(v_ready.index(last), ((n_mine - 1) // NSTAGE) & 1)
+        acc = hopper.warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_ring.index(last), acc)
+        mbarrier.arrive(empty.index(last), count=1)
+        _pass_tiles(k_ready, v_ready, empty, n_mine, n_kv, NSTAGE)
+    else:
+        m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        for j in range(n_mine):
+            s = j % NSTAGE
+            phase = (j // NSTAGE) & 1
+            if MODE == 1:  # warpgroup 0 goes first (a fresh barrier passes a wait on parity 1)
                 mbarrier.wait(turn.index(W), (j & 1) ^ (1 - W))
             mbarrier.wait(k_ready.index(s), phase)
-            qk = hopper.warpgroup_mma(q, k_ring.index(s).permute((1, 0)),
-                                      gl.zeros([HALF, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            if PINGPONG:
+            qk = hopper.warpgroup_mma(q, k_ring.index(s).permute((1, 0)), zeros, use_acc=False, is_async=True)
+            if MODE == 1:
                 mbarrier.arrive(turn.index(1 - W), count=1)
             qk = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[qk])
-            if j >= first_masked:
-                cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                qk = gl.where(cols[None, :] <= rows[:, None], qk, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_scaled = m_new * qk_scale
-            alpha = gl.exp2(m_i * qk_scale - m_scaled)
-            p = gl.exp2(qk * qk_scale - m_scaled[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            qk = _masked(qk, j, rows, first_masked, BLOCK_N, s_layout)
+            p, m_i, l_i, alpha = _softmax_step(qk, m_i, l_i, qk_scale)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             mbarrier.wait(v_ready.index(s), phase)
-            acc = hopper.warpgroup_mma(p_op, v_ring.index(s), acc, is_async=True)
+            acc = hopper.warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_ring.index(s), acc,
+                                       is_async=True)
             acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-        else:  # a tile only the other warpgroup's rows see
-            if PINGPONG:
+            mbarrier.arrive(empty.index(s), count=1)
+        if MODE == 1:  # keep the turns alternating over the other warpgroup's extra tiles
+            for j in range(n_mine, n_kv):
                 mbarrier.wait(turn.index(W), (j & 1) ^ (1 - W))
                 mbarrier.arrive(turn.index(1 - W), count=1)
-            mbarrier.wait(k_ready.index(s), phase)
-            mbarrier.wait(v_ready.index(s), phase)
-        mbarrier.arrive(empty.index(s), count=1)
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = acc / l_o[:, None]
-    r = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        _pass_tiles(k_ready, v_ready, empty, n_mine, n_kv, NSTAGE)
+    out = acc / gl.convert_layout(l_i, row_o)[:, None]
+    r = row0 + gl.arange(0, HALF, layout=row_o)
     d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
     gl.store(OUT + (bh * L + r).to(gl.int64)[:, None] * HEAD_D + d[None, :], out.to(gl.bfloat16))
 
 
 @gluon.jit
 def _attention_kernel(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles,
-                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr, PINGPONG: gl.constexpr,
+                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr, MODE: gl.constexpr,
                       CONSUMER_REGS: gl.constexpr):
     q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HALF, HEAD_D], Q_DESC.layout)
     k_ring = gl.allocate_shared_memory(gl.bfloat16, [NSTAGE, BLOCK_N, HEAD_D], K_DESC.layout)
@@ -160,15 +211,15 @@ def _attention_kernel(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK
     # (The argument tuples are written out: a tuple built in the kernel would lose the constexprs.)
     gl.warp_specialize([
         (_consumer, (Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring,
-                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, PINGPONG, 0)),
+                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, MODE, 0)),
         (_consumer, (Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring,
-                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, PINGPONG, 1)),
+                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, MODE, 1)),
         (_producer, (Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring,
-                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, PINGPONG)),
+                     q_bar, k_ready, v_ready, empty, turn, BLOCK_N, HEAD_D, NSTAGE, MODE)),
     ], [4, 1], [CONSUMER_REGS, 40])
 
 
-def attention(q, k, v, *, block_n=128, nstage=2, pingpong=False, kv_chunk=None, consumer_regs=232, maxnreg=168):
+def attention(q, k, v, *, block_n=128, nstage=2, mode=0, kv_chunk=None, consumer_regs=232, maxnreg=168):
     """Causal attention, ``q [B, Hq, L, 128]``, ``k, v [B, Hkv, L, 128]`` bf16, ``L % 128 == 0``."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
@@ -186,18 +237,20 @@ def attention(q, k, v, *, block_n=128, nstage=2, pingpong=False, kv_chunk=None, 
     n_tiles = L // (2 * ROWS)
     _attention_kernel[(B * Hq * n_tiles,)](
         q_desc, k_desc, v_desc, out, D**-0.5 * _LOG2E, Hq, Hq // Hkv, kv_chunk, L, n_tiles,
-        BLOCK_N=block_n, HEAD_D=D, NSTAGE=nstage, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs,
+        BLOCK_N=block_n, HEAD_D=D, NSTAGE=nstage, MODE=mode, CONSUMER_REGS=consumer_regs,
         num_warps=4, maxnreg=maxnreg,
     )
     return out
 
 
-VARIANTS = [  # (label, block_n, stages, ping-pong): shared memory 32 KB of queries + stages x 2 x block_n x 256 B
-    ("N128 s2", 128, 2, False),
-    ("N128 s2 ping-pong", 128, 2, True),
-    ("N64 s4", 64, 4, False),
-    ("N64 s4 ping-pong", 64, 4, True),
-    ("N128 s3 ping-pong", 128, 3, True),
+VARIANTS = [  # (label, block_n, stages, mode): shared memory 32 KB of queries + stages x 2 x block_n x 256 B
+    ("N128 s2", 128, 2, 0),
+    ("N128 s2 ping-pong", 128, 2, 1),
+    ("N128 s2 overlap", 128, 2, 2),
+    ("N64 s4 ping-pong", 64, 4, 1),
+    ("N64 s4 overlap", 64, 4, 2),
+    ("N128 s3 ping-pong", 128, 3, 1),
+    ("N128 s3 overlap", 128, 3, 2),
 ]
 
 
@@ -211,10 +264,10 @@ def main(argv=None):
 
         q = torch.randn(1, 28, 4096, 128, dtype=torch.bfloat16)
         k, v = (torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16) for _ in range(2))
-        for label, block_n, nstage, pingpong in VARIANTS:
+        for label, block_n, nstage, mode in VARIANTS:
             with sm90_compiler() as compiled:
                 try:
-                    attention(q, k, v, block_n=block_n, nstage=nstage, pingpong=pingpong)
+                    attention(q, k, v, block_n=block_n, nstage=nstage, mode=mode)
                 except Exception as err:  # noqa: BLE001
                     print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
                 for name, kernel in compiled:
@@ -236,8 +289,8 @@ def main(argv=None):
         q = torch.randn(B, Hq, L, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, Hkv, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
-        for label, block_n, nstage, pingpong in VARIANTS:
-            out = attention(q, k, v, block_n=block_n, nstage=nstage, pingpong=pingpong)
+        for label, block_n, nstage, mode in VARIANTS:
+            out = attention(q, k, v, block_n=block_n, nstage=nstage, mode=mode)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             print(f"check B {B} heads {Hq}/{Hkv} L {L} {label}: rel err {err:.1e} nan {bool(out.isnan().any())} "
                   f"{'OK' if err < 1e-2 else 'MISMATCH'}", flush=True)
@@ -251,8 +304,8 @@ def main(argv=None):
         flops = 4 * 28 * 128 * L * L / 2
         print(f"L {L}: SDPA {sdpa:.3f} ms ({flops / sdpa / 1e9:.0f} TFLOP/s), PSA Triton all level 1 {psa:.3f} ms "
               f"({psa / sdpa:.3f}x)", flush=True)
-        for label, block_n, nstage, pingpong in VARIANTS:
-            t = bench(lambda b=block_n, n=nstage, p=pingpong: attention(q, k, v, block_n=b, nstage=n, pingpong=p))
+        for label, block_n, nstage, mode in VARIANTS:
+            t = bench(lambda b=block_n, n=nstage, m=mode: attention(q, k, v, block_n=b, nstage=n, mode=m))
             print(f"  gluon {label:20s} {t:.3f} ms ({t / sdpa:.3f}x SDPA, {flops / t / 1e9:.0f} TFLOP/s)", flush=True)
     return 0
 
