@@ -258,13 +258,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="16384,32768,65536")
     parser.add_argument("--offline", action="store_true", help="compile every variant for sm_90 without a GPU")
+    parser.add_argument("--variants", default="", help="comma-separated indices into VARIANTS (default: all)")
     args = parser.parse_args(argv)
+    variants = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
     if args.offline:
         from benchmarks.offline_compile import report, sm90_compiler
 
         q = torch.randn(1, 28, 4096, 128, dtype=torch.bfloat16)
         k, v = (torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16) for _ in range(2))
-        for label, block_n, nstage, mode in VARIANTS:
+        for label, block_n, nstage, mode in variants:
             with sm90_compiler() as compiled:
                 try:
                     attention(q, k, v, block_n=block_n, nstage=nstage, mode=mode)
@@ -275,7 +277,8 @@ def main(argv=None):
                         report(f"{label.replace(' ', '_')}:{name}", kernel, Path("/tmp/gluon_attn"))
         return 0
     if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (or --offline)")
+        raise SystemExit("gluon_attention.py runs Gluon kernels for Hopper: run it on a machine with CUDA "
+                         "(or compile them with --offline)")
     import torch.nn.functional as F
     from triton.testing import do_bench
 
@@ -289,7 +292,7 @@ def main(argv=None):
         q = torch.randn(B, Hq, L, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, Hkv, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
-        for label, block_n, nstage, mode in VARIANTS:
+        for label, block_n, nstage, mode in variants:
             out = attention(q, k, v, block_n=block_n, nstage=nstage, mode=mode)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             print(f"check B {B} heads {Hq}/{Hkv} L {L} {label}: rel err {err:.1e} nan {bool(out.isnan().any())} "
@@ -304,7 +307,7 @@ def main(argv=None):
         flops = 4 * 28 * 128 * L * L / 2
         print(f"L {L}: SDPA {sdpa:.3f} ms ({flops / sdpa / 1e9:.0f} TFLOP/s), PSA Triton all level 1 {psa:.3f} ms "
               f"({psa / sdpa:.3f}x)", flush=True)
-        for label, block_n, nstage, mode in VARIANTS:
+        for label, block_n, nstage, mode in variants:
             t = bench(lambda b=block_n, n=nstage, m=mode: attention(q, k, v, block_n=b, nstage=n, mode=m))
             print(f"  gluon {label:20s} {t:.3f} ms ({t / sdpa:.3f}x SDPA, {flops / t / 1e9:.0f} TFLOP/s)", flush=True)
     return 0

@@ -183,10 +183,21 @@ def test_warp_specialised_gluon_variants_fit_an_sm_shared_memory():
         assert nstage * block_c * 128 + reduction + 8 * (2 * nstage + 2) <= limit, label
 
 
-@pytest.mark.parametrize("name", ["tune_assign", "estimate_stride"])
+def test_gluon_attention_variants_fit_an_sm_shared_memory():
+    """benchmarks/gluon_attention.py (Gluon, GPU only) sizes its K/V ring by hand: two 64-row query
+    tiles and every stage's K and V tiles (bf16, head dim 128) plus the barriers must fit 227 KB."""
+    attn = _benchmark_module("gluon_attention")
+    for label, block_n, nstage, mode in attn.VARIANTS:
+        queries = 2 * attn.ROWS * 128 * 2
+        barriers = 8 * (3 * nstage + 3)
+        assert queries + nstage * 2 * block_n * 128 * 2 + barriers <= 227 * 1024, label
+        assert mode in (0, 1, 2), label
+
+
+@pytest.mark.parametrize("name", ["tune_assign", "estimate_stride", "gluon_attention"])
 def test_gpu_only_benchmarks_say_so_without_cuda(name, monkeypatch):
-    """The assignment and stride benchmarks time GPU kernels: without CUDA they stop with a
-    one-line reason before any work, and their --help explains them."""
+    """The assignment, stride and Gluon attention benchmarks time GPU kernels: without CUDA they
+    stop with a one-line reason before any work, and their --help explains them."""
     module = _benchmark_module(name)
     with pytest.raises(SystemExit) as help_exit:
         module.main(["--help"])
