@@ -194,10 +194,10 @@ def test_gluon_attention_variants_fit_an_sm_shared_memory():
         assert mode in (0, 1, 2), label
 
 
-@pytest.mark.parametrize("name", ["tune_assign", "estimate_stride", "gluon_attention"])
+@pytest.mark.parametrize("name", ["tune_assign", "estimate_stride", "gluon_attention", "gluon_psa"])
 def test_gpu_only_benchmarks_say_so_without_cuda(name, monkeypatch):
-    """The assignment, stride and Gluon attention benchmarks time GPU kernels: without CUDA they
-    stop with a one-line reason before any work, and their --help explains them."""
+    """The assignment, stride and Gluon benchmarks time GPU kernels: without CUDA they stop with a
+    one-line reason before any work, and their --help explains them."""
     module = _benchmark_module(name)
     with pytest.raises(SystemExit) as help_exit:
         module.main(["--help"])
