@@ -218,7 +218,7 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
 def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                 Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8,
                 CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
-                CONSUMER_REGS: gl.constexpr):
+                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     D: gl.constexpr = Q_DESC.block_type.shape[1]
     dtype: gl.constexpr = Q_DESC.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], Q_DESC.layout)
@@ -250,11 +250,11 @@ def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, P
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
                      NSTAGE)),
-    ], [4, 1], [CONSUMER_REGS, 40])
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def psa_attention(q, k, v, layout, *, causal=True, scale=None, key_padding_mask=None, nstage=2, kv_chunk=None,
-                  consumer_regs=232, maxnreg=168):
+                  consumer_regs=232, producer_regs=40, maxnreg=168):
     """PSA forward with a :class:`LevelMap` planned for this call (``block_q = block_k = 128``)."""
     from psa_kernels.attention import kv_chunk_for
     from psa_kernels.pyramid import build_device_pyramid
@@ -290,7 +290,7 @@ def psa_attention(q, k, v, layout, *, causal=True, scale=None, key_padding_mask=
         q_desc, *level1, *pooled, layout.indices, layout.counts, layout.plan, pyr.counts, pyr.last, pad, out,
         scale * _LOG2E, Hq, Hm, Hq // Hkv, kv_chunk, Lq, Lk, nq, nk, total, pyr.base[2], pyr.base[4], pyr.base[8],
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, NSTAGE=nstage,
-        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return out
 
@@ -300,7 +300,10 @@ def main(argv=None):
     parser.add_argument("--lengths", default="16384,32768,65536")
     parser.add_argument("--check", action="store_true", help="compare with the Triton kernel on awkward cases first")
     parser.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU")
+    parser.add_argument("--regs", default="232/40,240/24",
+                        help="consumer/producer register splits to time (offline: 128 and 56 bytes of spills)")
     args = parser.parse_args(argv)
+    splits = [tuple(int(x) for x in split.split("/")) for split in args.regs.split(",")]
     from psa_kernels import LevelMap
 
     if args.offline:
@@ -373,9 +376,11 @@ def main(argv=None):
             got = psa_attention(q, k, v, layout)
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             t_triton = bench(lambda layout=layout: psa_kernels.psa_attention(q, k, v, layout, causal=True))
-            t_gluon = bench(lambda layout=layout: psa_attention(q, k, v, layout))
-            print(f"L {L} {name:12s}: SDPA {sdpa:.3f} ms, Triton {t_triton:.3f} ({t_triton / sdpa:.3f}x), Gluon "
-                  f"{t_gluon:.3f} ({t_gluon / sdpa:.3f}x), rel err vs Triton {err:.1e}", flush=True)
+            gluon = {f"{c}/{p}": bench(lambda layout=layout, c=c, p=p: psa_attention(
+                q, k, v, layout, consumer_regs=c, producer_regs=p)) for c, p in splits}
+            times = ", ".join(f"Gluon {regs} {t:.3f} ({t / sdpa:.3f}x)" for regs, t in gluon.items())
+            print(f"L {L} {name:12s}: SDPA {sdpa:.3f} ms, Triton {t_triton:.3f} ({t_triton / sdpa:.3f}x), {times}, "
+                  f"rel err vs Triton {err:.1e}", flush=True)
     return 0
 
 
