@@ -38,10 +38,10 @@ HALF = gl.constexpr(ROWS)
 
 
 @gluon.jit
-def _program_tile(Hq, GROUP, KV_CHUNK, n_tiles):
-    """This program's (query tile, query head, kv head, batch): chunks of ``KV_CHUNK`` (batch, kv
-    head) pairs one after another, inside a chunk the longest (last) query tiles first, the chunk's
-    heads side by side."""
+def _program(Hq, GROUP, KV_CHUNK, n_tiles):
+    """This program's (query tile, batch, query head, batch x kv head): chunks of ``KV_CHUNK``
+    (batch, kv head) pairs one after another, inside a chunk the longest (last) query tiles first,
+    the chunk's heads side by side (the Triton PSA kernel's order)."""
     heads = KV_CHUNK * GROUP
     pid = gl.program_id(0)
     chunk = pid // (heads * n_tiles)
@@ -49,10 +49,38 @@ def _program_tile(Hq, GROUP, KV_CHUNK, n_tiles):
     tile = n_tiles - 1 - r // heads
     bk = chunk * KV_CHUNK + (r % heads) // GROUP
     Hkv = Hq // GROUP
-    b = bk // Hkv
-    hk = bk % Hkv
-    h = hk * GROUP + r % GROUP
+    return tile, bk // Hkv, (bk % Hkv) * GROUP + r % GROUP, bk
+
+
+@gluon.jit
+def _program_tile(Hq, GROUP, KV_CHUNK, n_tiles):
+    """:func:`_program` as (query tile, batch x query head, batch x kv head)."""
+    tile, b, h, bk = _program(Hq, GROUP, KV_CHUNK, n_tiles)
     return tile, b * Hq + h, bk
+
+
+@gluon.jit
+def _kv_ring(Q_DESC, K_DESC, V_DESC, BLOCK_N: gl.constexpr, NSTAGE: gl.constexpr):
+    """Shared memory of the warp-specialised forms: two 64-row query tiles, a ring of ``NSTAGE``
+    K and V stages of ``BLOCK_N`` rows, and their mbarriers, initialised (each stage released by
+    both consumer warpgroups; a "turn" barrier per warpgroup for the ping-pong)."""
+    D: gl.constexpr = Q_DESC.block_type.shape[1]
+    q_smem = gl.allocate_shared_memory(Q_DESC.dtype, [2, HALF, D], Q_DESC.layout)
+    k_ring = gl.allocate_shared_memory(K_DESC.dtype, [NSTAGE, BLOCK_N, D], K_DESC.layout)
+    v_ring = gl.allocate_shared_memory(V_DESC.dtype, [NSTAGE, BLOCK_N, D], V_DESC.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    for i in gl.static_range(NSTAGE):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    return q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn
 
 
 @gluon.jit
@@ -193,21 +221,7 @@ def _consumer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_t
 def _attention_kernel(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles,
                       BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NSTAGE: gl.constexpr, MODE: gl.constexpr,
                       CONSUMER_REGS: gl.constexpr):
-    q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HALF, HEAD_D], Q_DESC.layout)
-    k_ring = gl.allocate_shared_memory(gl.bfloat16, [NSTAGE, BLOCK_N, HEAD_D], K_DESC.layout)
-    v_ring = gl.allocate_shared_memory(gl.bfloat16, [NSTAGE, BLOCK_N, HEAD_D], V_DESC.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar.index(0), count=1)
-    for i in gl.static_range(NSTAGE):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # both warpgroups release a stage
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
+    q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn = _kv_ring(Q_DESC, K_DESC, V_DESC, BLOCK_N, NSTAGE)
     # (The argument tuples are written out: a tuple built in the kernel would lose the constexprs.)
     gl.warp_specialize([
         (_consumer, (Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_tiles, q_smem, k_ring, v_ring,

@@ -34,25 +34,15 @@ from triton.experimental.gluon.language.nvidia import hopper  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
-_LOG2E = 1.4426950408889634
-ROWS = 64  # query rows per consumer warpgroup
-HALF = gl.constexpr(ROWS)
+from benchmarks.gluon_attention import HALF, ROWS, _LOG2E, _kv_ring, _program  # noqa: E402
+
 KEYS = gl.constexpr(128)  # keys (level 1) or pooled keys per stage; also block_q = block_k
 
 
 @gluon.jit
-def _program(Hq, Hm, GROUP, KV_CHUNK, nq):
-    """This program's (query block, batch x head, batch x kv head, layout row head): the Triton
-    kernel's order (chunks of kv heads, longest query blocks first, the chunk's heads side by side)."""
-    heads = KV_CHUNK * GROUP
-    pid = gl.program_id(0)
-    chunk = pid // (heads * nq)
-    r = pid % (heads * nq)
-    qb = nq - 1 - r // heads
-    bk = chunk * KV_CHUNK + (r % heads) // GROUP
-    Hkv = Hq // GROUP
-    b = bk // Hkv
-    h = (bk % Hkv) * GROUP + r % GROUP
+def _block(Hq, Hm, GROUP, KV_CHUNK, nq):
+    """This program's (query block, batch, batch x head, batch x kv head, layout row head)."""
+    qb, b, h, bk = _program(Hq, GROUP, KV_CHUNK, nq)
     return qb, b, b * Hq + h, bk, h // (Hq // Hm)
 
 
@@ -82,7 +72,7 @@ def _producer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
               Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8,
               q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn,
               CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr):
-    qb, b, bh, bk, hm = _program(Hq, Hm, GROUP, KV_CHUNK, nq)
+    qb, b, bh, bk, hm = _block(Hq, Hm, GROUP, KV_CHUNK, nq)
     mbarrier.expect(q_bar.index(0), 2 * HALF * Q_DESC.block_type.shape[1] * 2)
     tma.async_copy_global_to_shared(Q_DESC, [bh * Lq + qb * 2 * HALF, 0], q_bar.index(0), q_smem.index(0))
     tma.async_copy_global_to_shared(Q_DESC, [bh * Lq + qb * 2 * HALF + HALF, 0], q_bar.index(0), q_smem.index(1))
@@ -174,7 +164,7 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
                                                        instr_shape=[16, KEYS, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, D, 16])
-    qb, b, bh, bk, hm = _program(Hq, Hm, GROUP, KV_CHUNK, nq)
+    qb, b, bh, bk, hm = _block(Hq, Hm, GROUP, KV_CHUNK, nq)
     row = (b * Hm + hm) * nq + qb
     idx = IDX + row.to(gl.int64) * nk
     r0 = qb * 2 * HALF + W * HALF
@@ -219,23 +209,7 @@ def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, P
                 Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8,
                 CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    D: gl.constexpr = Q_DESC.block_type.shape[1]
-    dtype: gl.constexpr = Q_DESC.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], Q_DESC.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [NSTAGE, KEYS, D], K1.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [NSTAGE, KEYS, D], V1.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar.index(0), count=1)
-    for i in gl.static_range(NSTAGE):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # both warpgroups release a stage
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
+    q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn = _kv_ring(Q_DESC, K1, V1, KEYS, NSTAGE)
     # (The argument tuples are written out: a tuple built in the kernel would lose the constexprs.)
     gl.warp_specialize([
         (_consumer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
