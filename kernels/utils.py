@@ -120,14 +120,15 @@ def launch_kernel(kernel, grid: tuple, *args, **options):
     device = active.get_current_device()
     binder = caches.get(device)  # created by the first launch on this device
     if binder is None:
-        return _compile_and_launch(kernel, grid, args, options)
+        return _compile_and_launch(kernel, grid, args, options, device)
     bound, specialization, rest = binder[4](*args, **options)
+    key = (kernel, device, tuple(specialization), tuple(rest.items()))
     try:
-        compiled = _compiled.get((kernel, device, tuple(specialization), tuple(rest.items())))
+        compiled = _compiled.get(key)
     except TypeError:  # an argument Triton specialises on something unhashable
         return kernel[grid](*args, **options)
     if compiled is None:
-        return _compile_and_launch(kernel, grid, args, options)
+        return _compile_and_launch(kernel, grid, args, options, device, key)
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                  active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
                  *bound.values())
@@ -139,16 +140,16 @@ def _hooked(hook) -> bool:
     return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
 
 
-def _compile_and_launch(kernel, grid, args, options):
-    """Triton's own launch (compiling if needed); remembers the compiled kernel for :func:`launch_kernel`."""
-    from triton.runtime.driver import driver
-
+def _compile_and_launch(kernel, grid, args, options, device, key=None):
+    """Triton's own launch (compiling if needed); remembers the compiled kernel under ``key`` (the
+    specialisation :func:`launch_kernel` looks up; bound here when the binder did not exist yet)."""
     compiled = kernel[grid](*args, **options)
-    device = driver.active.get_current_device()
-    _, specialization, rest = kernel.device_caches[device][4](*args, **options)
+    if key is None:
+        _, specialization, rest = kernel.device_caches[device][4](*args, **options)
+        key = (kernel, device, tuple(specialization), tuple(rest.items()))
     if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
         try:
-            _compiled[(kernel, device, tuple(specialization), tuple(rest.items()))] = compiled
+            _compiled[key] = compiled
         except TypeError:
             pass
     return compiled
