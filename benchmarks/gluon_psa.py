@@ -276,8 +276,10 @@ def main(argv=None):
     parser.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU")
     parser.add_argument("--regs", default="232/40,240/24",
                         help="consumer/producer register splits to time (offline: 128 and 56 bytes of spills)")
+    parser.add_argument("--stages", default="2", help="ring stages to time (3 fills 224 KB of shared memory)")
     args = parser.parse_args(argv)
     splits = [tuple(int(x) for x in split.split("/")) for split in args.regs.split(",")]
+    stages = [int(x) for x in args.stages.split(",")]
     from psa_kernels import LevelMap
 
     if args.offline:
@@ -288,10 +290,11 @@ def main(argv=None):
         dense = torch.randint(0, 4, (1, 28, 32, 32), dtype=torch.int8)
         layout = LevelMap.from_dense(torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)[dense.long()], block_q=128,
                                      block_k=128, q_len=4096, k_len=4096, causal=True)
-        for label, mask in (("causal", None), ("causal padded", torch.ones(1, 4096, dtype=torch.bool))):
+        for label, mask, nstage in [(f"causal {n} stages", None, n) for n in stages] + [
+                ("causal padded", torch.ones(1, 4096, dtype=torch.bool), stages[0])]:
             with sm90_compiler() as compiled:
                 try:
-                    psa_attention(q, k, v, layout, key_padding_mask=mask)
+                    psa_attention(q, k, v, layout, key_padding_mask=mask, nstage=nstage)
                 except Exception as err:  # noqa: BLE001
                     print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
                 for name, kernel in compiled:
@@ -350,8 +353,8 @@ def main(argv=None):
             got = psa_attention(q, k, v, layout)
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             t_triton = bench(lambda layout=layout: psa_kernels.psa_attention(q, k, v, layout, causal=True))
-            gluon = {f"{c}/{p}": bench(lambda layout=layout, c=c, p=p: psa_attention(
-                q, k, v, layout, consumer_regs=c, producer_regs=p)) for c, p in splits}
+            gluon = {f"{c}/{p} s{n}": bench(lambda layout=layout, c=c, p=p, n=n: psa_attention(
+                q, k, v, layout, consumer_regs=c, producer_regs=p, nstage=n)) for c, p in splits for n in stages}
             times = ", ".join(f"Gluon {regs} {t:.3f} ({t / sdpa:.3f}x)" for regs, t in gluon.items())
             print(f"L {L} {name:12s}: SDPA {sdpa:.3f} ms, Triton {t_triton:.3f} ({t_triton / sdpa:.3f}x), {times}, "
                   f"rel err vs Triton {err:.1e}", flush=True)
