@@ -32,55 +32,7 @@ from triton.experimental.gluon.language.nvidia import hopper  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
-_LOG2E = 1.4426950408889634
-ROWS = 64  # query rows per consumer warpgroup
-HALF = gl.constexpr(ROWS)
-
-
-@gluon.jit
-def _program(Hq, GROUP, KV_CHUNK, n_tiles):
-    """This program's (query tile, batch, query head, batch x kv head): chunks of ``KV_CHUNK``
-    (batch, kv head) pairs one after another, inside a chunk the longest (last) query tiles first,
-    the chunk's heads side by side (the Triton PSA kernel's order)."""
-    heads = KV_CHUNK * GROUP
-    pid = gl.program_id(0)
-    chunk = pid // (heads * n_tiles)
-    r = pid % (heads * n_tiles)
-    tile = n_tiles - 1 - r // heads
-    bk = chunk * KV_CHUNK + (r % heads) // GROUP
-    Hkv = Hq // GROUP
-    return tile, bk // Hkv, (bk % Hkv) * GROUP + r % GROUP, bk
-
-
-@gluon.jit
-def _program_tile(Hq, GROUP, KV_CHUNK, n_tiles):
-    """:func:`_program` as (query tile, batch x query head, batch x kv head)."""
-    tile, b, h, bk = _program(Hq, GROUP, KV_CHUNK, n_tiles)
-    return tile, b * Hq + h, bk
-
-
-@gluon.jit
-def _kv_ring(Q_DESC, K_DESC, V_DESC, BLOCK_N: gl.constexpr, NSTAGE: gl.constexpr):
-    """Shared memory of the warp-specialised forms: two 64-row query tiles, a ring of ``NSTAGE``
-    K and V stages of ``BLOCK_N`` rows, and their mbarriers, initialised (each stage released by
-    both consumer warpgroups; a "turn" barrier per warpgroup for the ping-pong)."""
-    D: gl.constexpr = Q_DESC.block_type.shape[1]
-    q_smem = gl.allocate_shared_memory(Q_DESC.dtype, [2, HALF, D], Q_DESC.layout)
-    k_ring = gl.allocate_shared_memory(K_DESC.dtype, [NSTAGE, BLOCK_N, D], K_DESC.layout)
-    v_ring = gl.allocate_shared_memory(V_DESC.dtype, [NSTAGE, BLOCK_N, D], V_DESC.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar.index(0), count=1)
-    for i in gl.static_range(NSTAGE):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
-    return q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn
+from psa_kernels.attention_hopper import HALF, ROWS, _LOG2E, _kv_ring, _program_tile  # noqa: E402,F401
 
 
 @gluon.jit

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 
 import torch
 
@@ -25,7 +26,7 @@ from . import reference
 from .blocks import block_visibility, density, forced_full_blocks, sparsity
 from .level_map import LevelMap
 from .reference import PyramidLevel, assign_levels, dense_attention
-from .utils import kernels_available, log_once
+from .utils import gluon_importable, kernels_available, log_once
 from .validation import LEVEL_VALUES, POOL_FACTORS, check_attention_inputs, check_key_padding_mask, check_qkv, num_blocks
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "POOL_FACTORS",
     "LevelMap",
     "antidiagonal_importance",
+    "attention_kernel",
     "assign_levels",
     "block_visibility",
     "build_level_map",
@@ -61,6 +63,35 @@ def _use_triton(q: torch.Tensor, block_q: int, block_k: int) -> bool:
         and block_q & (block_q - 1) == 0
         and block_k % 8 == 0
     )
+
+
+#: Environment variable choosing the attention kernel on CUDA: ``auto`` (the Hopper kernel where it
+#: serves, else the Triton kernel) or ``triton`` (always the Triton kernel).
+KERNEL_ENV = "PSA_ATTENTION_KERNEL"
+
+
+def attention_kernel(q: torch.Tensor, block_q: int = 128, block_k: int = 128) -> str:
+    """Which kernel :func:`psa_attention` runs for these inputs where the Triton kernels serve:
+    ``"hopper"`` (:mod:`psa_kernels.attention_hopper`: Hopper GPUs, bf16/fp16, head dim <= 128,
+    128-token blocks) or ``"triton"`` (:mod:`psa_kernels.attention`: everything else). The first
+    call that cannot take the Hopper kernel on a CUDA device logs why, once."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "triton"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is not a kernel choice; use 'auto' or 'triton'")
+    if choice == "triton" or not q.is_cuda:
+        return "triton"
+    if not gluon_importable():
+        log_once(logger, "kernel:gluon", "PSA attention: the Triton kernel serves (this Triton has no Gluon for the "
+                 "Hopper kernel)")
+        return "triton"
+    from .attention_hopper import hopper_reason
+
+    reason = hopper_reason(q, block_q, block_k)
+    if reason is not None:
+        log_once(logger, f"kernel:{reason}", f"PSA attention: the Triton kernel serves ({reason}: the Hopper kernel "
+                 "does not)")
+        return "triton"
+    return "hopper"
 
 
 def psa_attention(
@@ -96,6 +127,15 @@ def psa_attention(
     check_attention_inputs(q, k, v, level_map, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask,
                            check_values=not q.is_cuda)
     kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask)
+    if _use_triton(q, block_q, block_k) and attention_kernel(q, block_q, block_k) == "hopper":
+        from .attention_hopper import psa_attention_hopper
+
+        geometry = dict(q_len=q.shape[2], k_len=k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
+        if isinstance(level_map, LevelMap):
+            level_map = level_map.replanned(**geometry)
+        else:
+            level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k, **geometry)
+        return psa_attention_hopper(q, k, v, level_map, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     if _use_triton(q, block_q, block_k):
         from .attention import psa_attention_triton
 

@@ -20,6 +20,17 @@ def triton_importable() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def gluon_importable() -> bool:
+    """Triton's Gluon (3.5+), in which the Hopper attention kernel is written."""
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: the Triton kernel serves
+        return False
+    return True
+
+
 def interpreting() -> bool:
     """Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): how CI checks kernel logic."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
