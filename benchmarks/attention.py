@@ -311,7 +311,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     report = dict(device=str(device), torch=torch.__version__, rows=rows, command=" ".join(["benchmarks/attention.py",
                   *(argv if argv is not None else sys.argv[1:])]),
-                  gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)
+                  gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
+                  # The kernel the op picks for the text shape (bf16, D=128, 128-token blocks).
+                  attention_kernel=psa_kernels.attention_kernel(torch.empty(1, 1, 1, 128, dtype=dtype,
+                                                                            device=device)))
+    print(f"attention kernel (bf16, D=128): {report['attention_kernel']}")
     start = time.time()
     if args.hook_overhead:
         report["hook_overhead"] = hook_overhead([int(x) for x in args.hook_overhead.split(",")], device=device,

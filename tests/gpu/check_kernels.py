@@ -2,7 +2,8 @@
 
     python tests/gpu/check_kernels.py [--out DIR] [--quick]
 
-1. Kernels vs the fp32 reference (``psa_kernels.reference``) on fresh random inputs: causal
+1. Kernels vs the fp32 reference (``psa_kernels.reference``) on fresh random inputs, each case
+   through the kernel the op picks and, where that is the Hopper kernel, the Triton kernel too: causal
    prefill with the Qwen2.5-VL-7B text shape (28/4 heads, D=128, bf16) up to 32k tokens, with
    level maps from the mask generator on video-like inputs and random ones; chunked prefill
    (Lq < Lk); a left-padded batch; the vision-tower shape (16/16 heads, D=80, bidirectional);
@@ -371,14 +372,22 @@ def main():
     ]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "accuracy": [], "memory": None,
               "timing": [], "tiny_model": None}
-    print(f"\n{'case':34s} {'Lq':>6s} {'Lk':>6s} {'sparsity':>8s} {'rel_err':>9s}  ok")
+    print(f"\n{'case [kernel]':34s} {'Lq':>6s} {'Lk':>6s} {'sparsity':>8s} {'rel_err':>9s}  ok")
     sections = set(args.sections.split(","))
     for i, (name, kw) in enumerate(cases if "accuracy" in sections else []):
-        r = accuracy_case(name, seed=i, **kw)
-        report["accuracy"].append(r)
-        print(f"{name:34s} {r['Lq']:6d} {r['Lk']:6d} {r['sparsity']:8.3f} {r['rel_err']:9.2e}  {r['ok']}",
-              flush=True)
-        torch.cuda.empty_cache()
+        # Each case through the kernel the op picks (the Hopper kernel where it serves) and, where
+        # that is another, through the Triton kernel too.
+        probe = torch.empty(1, 1, 1, kw["D"], dtype=kw.get("dtype", torch.bfloat16), device="cuda")
+        picked = psa_kernels.attention_kernel(probe, kw.get("block_q", 128), kw.get("block_k", 128))
+        for kernel in dict.fromkeys((picked, "triton")):
+            os.environ[psa_kernels.ops.KERNEL_ENV] = "auto" if kernel == picked else "triton"
+            r = accuracy_case(name, seed=i, **kw)
+            r["kernel"] = kernel
+            report["accuracy"].append(r)
+            print(f"{name + ' [' + kernel + ']':34s} {r['Lq']:6d} {r['Lk']:6d} {r['sparsity']:8.3f} "
+                  f"{r['rel_err']:9.2e}  {r['ok']}", flush=True)
+            torch.cuda.empty_cache()
+        os.environ.pop(psa_kernels.ops.KERNEL_ENV)
     dense = dense_map_vs_sdpa() if "accuracy" in sections else {"case": "skipped", "L": 0, "rel_err": 0.0, "ok": True}
     report["dense_vs_sdpa"] = dense
     print(f"{dense['case']:34s} {dense['L']:6d} {dense['L']:6d} {0.0:8.3f} {dense['rel_err']:9.2e}  {dense['ok']}")
