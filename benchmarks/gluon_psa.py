@@ -74,12 +74,18 @@ def main(argv=None):
 
     if args.check:
         levels = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8, device="cuda")
-        cases = [  # (B, Hq, Hkv, Lq, Lk, D, pad of the second sample)
-            (1, 28, 4, 3000, 3000, 128, 0), (2, 28, 4, 2500, 2500, 80, 700), (1, 7, 1, 1000, 5000, 128, 0),
-            (1, 28, 4, 130, 130, 128, 0), (1, 14, 2, 4096, 4096, 64, 0)]
-        for B, Hq, Hkv, Lq, Lk, D, pad in cases:
-            q = torch.randn(B, Hq, Lq, D, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(B, Hkv, Lk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        cases = [  # (B, Hq, Hkv, Lq, Lk, D, pad of the second sample, token-major [B, L, H, D] memory)
+            (1, 28, 4, 3000, 3000, 128, 0, False), (2, 28, 4, 2500, 2500, 80, 700, False),
+            (1, 7, 1, 1000, 5000, 128, 0, False), (1, 28, 4, 130, 130, 128, 0, False),
+            (1, 14, 2, 4096, 4096, 64, 0, False), (2, 28, 4, 2000, 2000, 128, 500, True),
+            (1, 14, 2, 1000, 3000, 128, 0, True)]
+        for B, Hq, Hkv, Lq, Lk, D, pad, tm in cases:
+            def make(H, L):
+                if tm:
+                    return torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                return torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+            q = make(Hq, Lq)
+            k, v = make(Hkv, Lk), make(Hkv, Lk)
             mask = None
             if pad:
                 mask = torch.ones(B, Lk, dtype=torch.bool, device="cuda")
@@ -96,7 +102,8 @@ def main(argv=None):
             torch.cuda.synchronize()
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             same = torch.equal(got, again)
-            print(f"check B {B} heads {Hq}/{Hkv} Lq {Lq} Lk {Lk} D {D} pad {pad}: rel err vs Triton {err:.1e} "
+            print(f"check B {B} heads {Hq}/{Hkv} Lq {Lq} Lk {Lk} D {D} pad {pad} token-major {tm}: "
+                  f"rel err vs Triton {err:.1e} "
                   f"nan {bool(got.isnan().any())} op/second launch bit-equal {same} "
                   f"{'OK' if err < 1e-2 and same else 'MISMATCH'}", flush=True)
     for L in (int(x) for x in args.lengths.split(",")):

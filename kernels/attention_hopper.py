@@ -38,7 +38,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .attention import kv_chunk_for
 from .level_map import LevelMap
 from .pyramid import build_device_pyramid
-from .utils import check_kv_chunk, int8_view, launch_kernel, tma_ready
+from .utils import check_kv_chunk, int8_view, launch_kernel
 
 _LOG2E = 1.4426950408889634
 ROWS = 64  # query rows per consumer warpgroup
@@ -113,8 +113,8 @@ def _row_plan(PLAN, LCNT, row):
 
 
 @gluon.jit
-def _copy_block(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, s, off, row, P: gl.constexpr):
-    """One block of level ``P`` (``128 / P`` rows from ``row`` of the descriptors) into rows
+def _copy_block(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, s, off, row, col, P: gl.constexpr):
+    """One block of level ``P`` (``128 / P`` rows from ``[row, col]`` of the descriptors) into rows
     ``off ..`` of stage ``s``."""
     KPB: gl.constexpr = KEYS // P
     # A stage's rows are not one strided array (with 128-byte swizzling a 128-wide row is stored as
@@ -122,12 +122,12 @@ def _copy_block(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, s, off, row, P
     # slice of the stage: one branch per position.
     for i in gl.static_range(P):
         if off == i * KPB:
-            tma.async_copy_global_to_shared(K_DESC, [row, 0], k_ready.index(s), k_ring.index(s).slice(i * KPB, KPB))
-            tma.async_copy_global_to_shared(V_DESC, [row, 0], v_ready.index(s), v_ring.index(s).slice(i * KPB, KPB))
+            tma.async_copy_global_to_shared(K_DESC, [row, col], k_ready.index(s), k_ring.index(s).slice(i * KPB, KPB))
+            tma.async_copy_global_to_shared(V_DESC, [row, col], v_ready.index(s), v_ring.index(s).slice(i * KPB, KPB))
 
 
 @gluon.jit
-def _fill_run(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, empty, entries, n, row0, step, off,
+def _fill_run(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, empty, entries, n, row0, col, step, off,
               P: gl.constexpr, NSTAGE: gl.constexpr):
     """The producer's copies of ``n`` level-``P`` blocks (list ``entries``), packed after ``off``
     rows of stage ``step``; a stage is waited for and armed when its first block goes in."""
@@ -140,7 +140,7 @@ def _fill_run(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, empty, entries, 
             mbarrier.expect(k_ready.index(s), KEYS * K_DESC.block_type.shape[1] * 2)
             mbarrier.expect(v_ready.index(s), KEYS * V_DESC.block_type.shape[1] * 2)
         blk = gl.load(entries + j).to(gl.int32)
-        _copy_block(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, s, off, row0 + blk * KPB, P)
+        _copy_block(K_DESC, V_DESC, k_ring, v_ring, k_ready, v_ready, s, off, row0 + blk * KPB, col, P)
         off += KPB
         if off == KEYS:
             off = 0
@@ -166,33 +166,46 @@ def _close_stage(K8, V8, k_ring, v_ring, k_ready, v_ready, step, off, row, NSTAG
 def _producer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
               Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
               q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn,
-              CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr):
+              CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
+              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr):
     qb, b, bh, bk, hm = _block(Hq, Hm, GROUP, KV_CHUNK, nq)
     mbarrier.expect(q_bar.index(0), 2 * HALF * Q_DESC.block_type.shape[1] * 2)
-    tma.async_copy_global_to_shared(Q_DESC, [bh * Lq + qb * 2 * HALF, 0], q_bar.index(0), q_smem.index(0))
-    tma.async_copy_global_to_shared(Q_DESC, [bh * Lq + qb * 2 * HALF + HALF, 0], q_bar.index(0), q_smem.index(1))
+    # Token-major tensors ([B, L, H, D] in memory) are read as rows of tokens, a head's columns.
+    if Q_TOKEN_MAJOR:
+        q_row = b * Lq + qb * 2 * HALF
+        q_col = (bh - b * Hq) * HEAD_DIM
+    else:
+        q_row = bh * Lq + qb * 2 * HALF
+        q_col = 0
+    tma.async_copy_global_to_shared(Q_DESC, [q_row, q_col], q_bar.index(0), q_smem.index(0))
+    tma.async_copy_global_to_shared(Q_DESC, [q_row + HALF, q_col], q_bar.index(0), q_smem.index(1))
     row = (b * Hm + hm) * nq + qb
     idx = IDX + row.to(gl.int64) * nk
     w1, w2, w4, w8, n1, n2, n4, n8, o2, o4, o8 = _row_plan(PLAN, LCNT, row)
-    r1 = bk * Lk
+    if KV_TOKEN_MAJOR:
+        r1 = b * Lk
+        c1 = (bk - b * (Hq // GROUP)) * HEAD_DIM
+    else:
+        r1 = bk * Lk
+        c1 = 0
     r2 = bk * total + base2
     r4 = bk * total + base4
     r8 = bk * total + base8
     # The whole blocks of every level packed one after another (a level-P block is 128 / P rows, so
     # coarser blocks never straddle a stage), then, from a fresh stage, the partial ones.
     zero = gl.to_tensor(0)  # loop-carried counters must start as tensors, not constants
-    step, off = _fill_run(K1, V1, k_ring, v_ring, k_ready, v_ready, empty, idx, w1, r1, zero, zero, 1, NSTAGE)
-    step, off = _fill_run(K2, V2, k_ring, v_ring, k_ready, v_ready, empty, idx + o2, w2, r2, step, off, 2, NSTAGE)
-    step, off = _fill_run(K4, V4, k_ring, v_ring, k_ready, v_ready, empty, idx + o4, w4, r4, step, off, 4, NSTAGE)
-    step, off = _fill_run(K8, V8, k_ring, v_ring, k_ready, v_ready, empty, idx + o8, w8, r8, step, off, 8, NSTAGE)
+    step, off = _fill_run(K1, V1, k_ring, v_ring, k_ready, v_ready, empty, idx, w1, r1, c1, zero, zero, 1, NSTAGE)
+    step, off = _fill_run(K2, V2, k_ring, v_ring, k_ready, v_ready, empty, idx + o2, w2, r2, 0, step, off, 2, NSTAGE)
+    step, off = _fill_run(K4, V4, k_ring, v_ring, k_ready, v_ready, empty, idx + o4, w4, r4, 0, step, off, 4, NSTAGE)
+    step, off = _fill_run(K8, V8, k_ring, v_ring, k_ready, v_ready, empty, idx + o8, w8, r8, 0, step, off, 8, NSTAGE)
     step = _close_stage(K8, V8, k_ring, v_ring, k_ready, v_ready, step, off, r8, NSTAGE)
-    step, off = _fill_run(K1, V1, k_ring, v_ring, k_ready, v_ready, empty, idx + w1, n1 - w1, r1, step, zero, 1,
+    step, off = _fill_run(K1, V1, k_ring, v_ring, k_ready, v_ready, empty, idx + w1, n1 - w1, r1, c1, step, zero, 1,
                           NSTAGE)
-    step, off = _fill_run(K2, V2, k_ring, v_ring, k_ready, v_ready, empty, idx + o2 + w2, n2 - w2, r2, step, off, 2,
+    step, off = _fill_run(K2, V2, k_ring, v_ring, k_ready, v_ready, empty, idx + o2 + w2, n2 - w2, r2, 0, step, off, 2,
                           NSTAGE)
-    step, off = _fill_run(K4, V4, k_ring, v_ring, k_ready, v_ready, empty, idx + o4 + w4, n4 - w4, r4, step, off, 4,
+    step, off = _fill_run(K4, V4, k_ring, v_ring, k_ready, v_ready, empty, idx + o4 + w4, n4 - w4, r4, 0, step, off, 4,
                           NSTAGE)
-    step, off = _fill_run(K8, V8, k_ring, v_ring, k_ready, v_ready, empty, idx + o8 + w8, n8 - w8, r8, step, off, 8,
+    step, off = _fill_run(K8, V8, k_ring, v_ring, k_ready, v_ready, empty, idx + o8 + w8, n8 - w8, r8, 0, step, off, 8,
                           NSTAGE)
     _close_stage(K8, V8, k_ring, v_ring, k_ready, v_ready, step, off, r8, NSTAGE)
 
@@ -246,6 +259,7 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
               Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
               q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn,
               CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
+              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr,
               W: gl.constexpr):
     D: gl.constexpr = Q_DESC.block_type.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -331,6 +345,7 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
 def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                 Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                 CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
+                Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr,
                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn = _kv_ring(Q_DESC, K1, V1, KEYS, NSTAGE)
     # (The argument tuples are written out: a tuple built in the kernel would lose the constexprs.)
@@ -338,15 +353,15 @@ def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, P
         (_consumer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
-                     NSTAGE, 0)),
+                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, 0)),
         (_consumer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
-                     NSTAGE, 1)),
+                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, 1)),
         (_producer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
-                     NSTAGE)),
+                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -377,10 +392,24 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _descriptor(t: torch.Tensor, rows: int, layout) -> TensorDescriptor:
-    """Rows of ``t`` (viewed as ``[N, D]``) in boxes of ``rows x 128`` (head dims below 128 read
-    zeros past D: the descriptor's own bounds)."""
-    D = t.shape[-1]
+def _token_major(t: torch.Tensor) -> bool:
+    """``t [B, H, L, 128]`` is a view of a contiguous ``[B, L, H, 128]`` (16-byte aligned)."""
+    B, H, L, D = t.shape
+    return D == 128 and H > 1 and t.stride() == (L * H * D, D, H * D, 1) and t.data_ptr() % 16 == 0
+
+
+def _rows_of_d(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if contiguous with a 16-byte aligned base (the TMA's requirement), else a copy."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _descriptor(t: torch.Tensor, rows: int, layout, token_major: bool = False) -> TensorDescriptor:
+    """``t`` as rows of D (``[B * H * L, D]``; head dims below 128 read zeros past D, the
+    descriptor's own bounds) or, token-major, as ``[B * L, H * 128]``; boxes of ``rows x 128``."""
+    B, H, L, D = t.shape
+    if token_major:
+        return TensorDescriptor(t.transpose(1, 2).reshape(B * L, H * D), shape=[B * L, H * D], strides=[H * D, 1],
+                                block_shape=[rows, 128], layout=layout)
     return TensorDescriptor(t.view(-1, D), shape=[t.numel() // D, D], strides=[D, 1], block_shape=[rows, 128],
                             layout=layout)
 
@@ -410,12 +439,19 @@ def psa_attention_hopper(
         q, scale = -q, -scale
     kv_chunk = kv_chunk_for(B * Hkv, Lk * D * k.element_size()) if kv_chunk is None else \
         check_kv_chunk(kv_chunk, B * Hkv)
-    # Q, K and V as rows of D (the descriptors are two-dimensional); copies only where they are not.
-    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
-    k, v = tma_ready(k), tma_ready(v)
+    # The descriptors are two-dimensional: rows of D ([B, H, L, D] contiguous) or, with D = 128,
+    # rows of tokens holding every head ([B, L, H, D] in memory, as a model's projections leave
+    # them: no copy); anything else is copied to the first form.
+    q_tm = _token_major(q)
+    kv_tm = _token_major(k) and _token_major(v) and k.stride() == v.stride()
+    if not q_tm:
+        q = _rows_of_d(q)
+    if not kv_tm:
+        k, v = _rows_of_d(k), _rows_of_d(v)
     pyr = build_device_pyramid(k, v, key_padding_mask)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    descriptors = [_descriptor(q, ROWS, layout), _descriptor(k, 128, layout), _descriptor(v, 128, layout)]
+    descriptors = [_descriptor(q, ROWS, layout, q_tm), _descriptor(k, 128, layout, kv_tm),
+                   _descriptor(v, 128, layout, kv_tm)]
     for rows in (64, 32, 16):  # levels 2, 4, 8: one block per box
         descriptors += [_descriptor(pyr.keys, rows, layout), _descriptor(pyr.values, rows, layout)]
     out = torch.empty_like(q)
@@ -427,6 +463,7 @@ def psa_attention_hopper(
         out, scale * _LOG2E, Hq, Hm, Hq // Hkv, kv_chunk, Lq, Lk, nq, nk, pyr.keys.shape[2], pyr.base[2], pyr.base[4],
         pyr.base[8], out.stride(0), out.stride(1), out.stride(2),
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, NSTAGE=cfg["nstage"],
+        Q_TOKEN_MAJOR=q_tm, KV_TOKEN_MAJOR=kv_tm,
         CONSUMER_REGS=cfg["consumer_regs"], PRODUCER_REGS=cfg["producer_regs"], num_warps=4,
         # The whole kernel's register cap: the warp groups then re-split the file (setmaxnreg).
         maxnreg=168,

@@ -58,10 +58,14 @@ from psa_kernels import LevelMap
 from psa_kernels.attention_hopper import psa_attention_hopper
 
 shared = {}
-for causal, padded, D, nstage in [(True, False, 128, 2), (True, False, 128, 3), (False, True, 80, 2)]:
+for causal, padded, D, nstage, tm in [(True, False, 128, 2, False), (True, False, 128, 3, False),
+                                      (False, True, 80, 2, False), (True, True, 128, 2, True)]:
     B, Hq, Hkv, L = 2, 28, 4, 1000
-    q = torch.randn(B, Hq, L, D, dtype=torch.bfloat16)
-    k, v = (torch.randn(B, Hkv, L, D, dtype=torch.bfloat16) for _ in range(2))
+    def make(H):
+        if tm:  # token-major memory, as a model's projections leave q, k, v
+            return torch.randn(B, L, H, D, dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(B, H, L, D, dtype=torch.bfloat16)
+    q, k, v = make(Hq), make(Hkv), make(Hkv)
     mask = torch.ones(B, L, dtype=torch.bool) if padded else None
     levels = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)[torch.randint(0, 5, (B, Hkv, 8, 8))]
     layout = LevelMap.from_dense(levels, block_q=128, block_k=128, q_len=L, k_len=L, causal=causal,
@@ -69,7 +73,8 @@ for causal, padded, D, nstage in [(True, False, 128, 2), (True, False, 128, 3), 
     with sm90_compiler() as compiled:
         psa_attention_hopper(q, k, v, layout, causal=causal, key_padding_mask=mask, nstage=nstage)
     kernels = {name: kernel for name, kernel in compiled if kernel is not None}
-    shared[f"causal={causal} padded={padded} D={D} nstage={nstage}"] = kernels["_psa_kernel"].metadata.shared
+    shared[f"causal={causal} padded={padded} D={D} nstage={nstage} token-major={tm}"] = \
+        kernels["_psa_kernel"].metadata.shared
 print(json.dumps(shared))
 """
 
@@ -78,7 +83,8 @@ print(json.dumps(shared))
 def test_hopper_kernel_compiles_for_sm90_within_shared_memory():
     """Compiled for sm_90 without a GPU (Triton's compiler with a fake driver, in a process without
     the interpreter, whose setting changes how kernels are built at import): the kernel builds for
-    causal and bidirectional calls, padding, head dims 128 and 80, and two or three ring stages,
+    causal and bidirectional calls, padding, head dims 128 and 80, two or three ring stages and
+    token-major inputs,
     and its K/V ring, query tiles and barriers fit Hopper's 227 KB a block (a launch past it fails
     on the GPU only)."""
     import json
@@ -90,6 +96,6 @@ def test_hopper_kernel_compiles_for_sm90_within_shared_memory():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     shared = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(shared) == 3, shared
+    assert len(shared) == 4, shared
     for label, size in shared.items():
         assert 128 * 1024 < size <= 227 * 1024, (label, size)
