@@ -34,12 +34,9 @@ def main(argv=None):
     parser.add_argument("--regs", default="232/40,240/24",
                         help="consumer/producer register splits to time (offline: 128 and 56 bytes of spills)")
     parser.add_argument("--stages", default="2", help="ring stages to time (3 fills 224 KB of shared memory)")
-    parser.add_argument("--lead", default="1", help="whole level-1 stages in their own loop (1) or not (0); "
-                        "comma-separated to time both")
     args = parser.parse_args(argv)
     splits = [tuple(int(x) for x in split.split("/")) for split in args.regs.split(",")]
     stages = [int(x) for x in args.stages.split(",")]
-    leads = [bool(int(x)) for x in args.lead.split(",")]
     from psa_kernels import LevelMap
 
     if args.offline:
@@ -125,10 +122,8 @@ def main(argv=None):
             got = psa_attention(q, k, v, layout)
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             t_triton = bench(lambda layout=layout: psa_attention_triton(q, k, v, layout, causal=True))
-            gluon = {f"{c}/{p} s{n}{' lead' if lead else ''}": bench(
-                lambda layout=layout, c=c, p=p, n=n, lead=lead: psa_attention(
-                    q, k, v, layout, consumer_regs=c, producer_regs=p, nstage=n, lead_loop=lead))
-                for c, p in splits for n in stages for lead in leads}
+            gluon = {f"{c}/{p} s{n}": bench(lambda layout=layout, c=c, p=p, n=n: psa_attention(
+                q, k, v, layout, consumer_regs=c, producer_regs=p, nstage=n)) for c, p in splits for n in stages}
             times = ", ".join(f"Gluon {regs} {t:.3f} ({t / sdpa:.3f}x)" for regs, t in gluon.items())
             print(f"L {L} {name:12s}: SDPA {sdpa:.3f} ms, Triton {t_triton:.3f} ({t_triton / sdpa:.3f}x), {times}, "
                   f"rel err vs Triton {err:.1e}", flush=True)

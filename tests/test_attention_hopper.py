@@ -99,3 +99,100 @@ def test_hopper_kernel_compiles_for_sm90_within_shared_memory():
     assert len(shared) == 4, shared
     for label, size in shared.items():
         assert 128 * 1024 < size <= 227 * 1024, (label, size)
+
+
+def _packed_rows(layout, b, hm, qb):
+    """The Hopper kernel's stage plan for one query block, written plainly: per level (1, 2, 4, 8)
+    the whole blocks packed one after another, then from a fresh 128-row stage the partial ones;
+    each block is ``128 / p`` rows of its level. Returns the two sections as lists of
+    ``(level index, block)`` per row of a block, and the per-level counts the kernel reads."""
+    idx = layout.indices[b, hm, qb].long().tolist()
+    counts = layout.counts[b, hm, qb].tolist()
+    plan = layout.plan[b, hm, qb].tolist()
+    read, whole = plan[:4], plan[4:]
+    starts = [0, counts[0], counts[0] + counts[1], counts[0] + counts[1] + counts[2]]
+    sections = []
+    for first, number in (([0] * 4, whole), (whole, [r - w for r, w in zip(read, whole)])):
+        rows = []
+        for lv in range(4):
+            for j in range(number[lv]):
+                block = idx[starts[lv] + first[lv] + j]
+                rows += [(lv, block * (128 >> lv) + r) for r in range(128 >> lv)]
+        sections.append(rows)
+    return sections
+
+
+def _column_decode(x, ends, first, idx):
+    """The kernel's decode of packed row ``x`` of a section from the counts alone (``ends``: where
+    levels 1, 2, 4 end; ``first``: each level's first list entry): level and key of that level."""
+    lv = sum(x >= e for e in ends)
+    start = ([0] + list(ends))[lv]
+    shift = 7 - lv
+    block = idx[first[lv] + ((x - start) >> shift)]
+    return lv, (block << shift) + ((x - start) & ((1 << shift) - 1))
+
+
+@pytest.mark.parametrize("causal, padded, Lq, Lk", [(True, False, 700, 700), (True, True, 600, 600),
+                                                    (True, False, 200, 900), (False, True, 500, 500)])
+def test_packed_stages_decode_back_to_the_level_lists_and_reproduce_the_reference(causal, padded, Lq, Lk):
+    """The Hopper kernel packs blocks of several levels into one 128-row stage and recovers each
+    row's level and key from the per-level counts alone (it has no per-row table). Here that plan
+    and decode, in plain Python on random maps, must (1) give back exactly the level lists, with
+    no block straddling two stages, and (2) attend over the packed rows to the reference's
+    output. A mismatch on the GPU with this passing points at the kernel's data movement."""
+    from psa_kernels import LevelMap, reference
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = None
+    if padded:
+        mask = torch.ones(B, Lk, dtype=torch.bool)
+        mask[1, : Lk // 3] = False
+    nq, nk = -(-Lq // 128), -(-Lk // 128)
+    dense = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)[torch.randint(0, 5, (B, Hq, nq, nk), generator=g)]
+    dense[..., 0] = 1
+    layout = LevelMap.from_dense(dense, block_q=128, block_k=128, q_len=Lq, k_len=Lk, causal=causal,
+                                 key_padding_mask=mask)
+    pyramid = reference.build_pyramid(k, v, mask)
+    levels = [pyramid[p] for p in (1, 2, 4, 8)]
+    want = reference.psa_attention(q, k, v, dense, causal=causal, key_padding_mask=mask)
+    got = torch.zeros_like(want)
+    for b in range(B):
+        for h in range(Hq):
+            for qb in range(nq):
+                sections = _packed_rows(layout, b, h, qb)
+                idx = layout.indices[b, h, qb].long().tolist()
+                counts, plan = layout.counts[b, h, qb].tolist(), layout.plan[b, h, qb].tolist()
+                starts = [0, counts[0], counts[0] + counts[1], counts[0] + counts[1] + counts[2]]
+                keys, vals, bias, last = [], [], [], []
+                for part, rows in enumerate(sections):
+                    number = plan[4:] if part == 0 else [plan[i] - plan[4 + i] for i in range(4)]
+                    ends, total = [], 0
+                    for lv in range(4):
+                        total += number[lv] * (128 >> lv)
+                        ends.append(total)
+                    first = [starts[lv] + (0 if part == 0 else plan[4 + lv]) for lv in range(4)]
+                    for x, (lv, key) in enumerate(rows):
+                        # Runs of coarser levels start at multiples of their block size: no block
+                        # straddles two 128-row stages.
+                        assert ([0] + ends)[lv] % (128 >> lv) == 0
+                        assert _column_decode(x, ends[:3], first, idx) == (lv, key)
+                        level = levels[lv]
+                        cnt = int(level.counts[b, key]) if key < level.counts.shape[1] else 0
+                        if cnt == 0:  # past the end, padding: the kernel masks the column out
+                            continue
+                        keys.append(level.keys[b, h // (Hq // Hkv), key])
+                        vals.append(level.values[b, h // (Hq // Hkv), key])
+                        bias.append(torch.log(torch.tensor(float(cnt), dtype=torch.float64)))
+                        last.append(int(level.last[b, key]))
+                r = torch.arange(qb * 128, min(qb * 128 + 128, Lq))
+                if not keys:
+                    continue
+                logits = q[b, h, r] @ torch.stack(keys).T * D**-0.5 + torch.stack(bias)[None]
+                if causal:
+                    logits = logits.masked_fill(torch.tensor(last)[None] > (r + Lk - Lq)[:, None], float("-inf"))
+                weights = torch.softmax(logits, -1).nan_to_num(0.0)
+                got[b, h, r] = weights @ torch.stack(vals)
+    assert torch.allclose(got, want, atol=1e-10), (got - want).abs().max()

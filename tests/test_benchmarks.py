@@ -194,7 +194,7 @@ def test_gluon_attention_variants_fit_an_sm_shared_memory():
         assert mode in (0, 1, 2), label
 
 
-@pytest.mark.parametrize("name", ["tune_assign", "estimate_stride", "gluon_attention", "gluon_psa"])
+@pytest.mark.parametrize("name", ["tune_assign", "estimate_stride", "gluon_attention", "gluon_psa", "memory_call"])
 def test_gpu_only_benchmarks_say_so_without_cuda(name, monkeypatch):
     """The assignment, stride and Gluon benchmarks time GPU kernels: without CUDA they stop with a
     one-line reason before any work, and their --help explains them."""
