@@ -7,6 +7,8 @@ runs block by block through SDPA (:mod:`psa_kernels.blockwise`) and the other op
 reference (:mod:`psa_kernels.ops` says exactly when).
 
 - :func:`psa_attention` - the attention itself, given a level map ``[B, Hm, nq, nk]``.
+  :func:`attention_kernel` says which kernel a CUDA call takes (the Hopper kernel in Gluon,
+  :mod:`psa_kernels.attention_hopper`, or the Triton kernel, :mod:`psa_kernels.attention`).
 - :func:`build_level_map` - mask generation (importance, level assignment, similarity cap,
   forced blocks) for a preset's parameters.
 - :func:`build_pyramid` - the mean-pooled 2x/4x/8x K/V with valid-token counts.
