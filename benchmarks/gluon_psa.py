@@ -74,16 +74,17 @@ def main(argv=None):
 
     if args.check:
         levels = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8, device="cuda")
-        cases = [  # (B, Hq, Hkv, Lq, Lk, D, pad of the second sample, token-major [B, L, H, D] memory)
-            (1, 28, 4, 3000, 3000, 128, 0, False), (2, 28, 4, 2500, 2500, 80, 700, False),
-            (1, 7, 1, 1000, 5000, 128, 0, False), (1, 28, 4, 130, 130, 128, 0, False),
-            (1, 14, 2, 4096, 4096, 64, 0, False), (2, 28, 4, 2000, 2000, 128, 500, True),
-            (1, 14, 2, 1000, 3000, 128, 0, True)]
-        for B, Hq, Hkv, Lq, Lk, D, pad, tm in cases:
+        bf16, fp16 = torch.bfloat16, torch.float16
+        cases = [  # (B, Hq, Hkv, Lq, Lk, D, pad of the second sample, token-major [B, L, H, D] memory, dtype)
+            (1, 28, 4, 3000, 3000, 128, 0, False, bf16), (2, 28, 4, 2500, 2500, 80, 700, False, bf16),
+            (1, 7, 1, 1000, 5000, 128, 0, False, bf16), (1, 28, 4, 130, 130, 128, 0, False, bf16),
+            (1, 14, 2, 4096, 4096, 64, 0, False, bf16), (2, 28, 4, 2000, 2000, 128, 500, True, bf16),
+            (1, 14, 2, 1000, 3000, 128, 0, True, bf16), (2, 28, 4, 2000, 2000, 128, 500, False, fp16)]
+        for B, Hq, Hkv, Lq, Lk, D, pad, tm, dtype in cases:
             def make(H, L):
                 if tm:
-                    return torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                return torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+                    return torch.randn(B, L, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+                return torch.randn(B, H, L, D, device="cuda", dtype=dtype)
             q = make(Hq, Lq)
             k, v = make(Hkv, Lk), make(Hkv, Lk)
             mask = None
@@ -97,12 +98,14 @@ def main(argv=None):
                                          key_padding_mask=mask)
             want = psa_attention_triton(q, k, v, layout, causal=True, key_padding_mask=mask)
             got = psa_attention(q, k, v, layout, key_padding_mask=mask)
-            # Through the op (its dispatch), a second launch (the compiled launcher, not Triton's path)
-            again = psa_kernels.psa_attention(q, k, v, layout, causal=True, key_padding_mask=mask)
+            # A second launch (the compiled launcher, not Triton's path), through the op where it
+            # picks this kernel (bf16)
+            again = (psa_kernels.psa_attention if dtype == bf16 else psa_attention)(
+                q, k, v, layout, causal=True, key_padding_mask=mask)
             torch.cuda.synchronize()
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             same = torch.equal(got, again)
-            print(f"check B {B} heads {Hq}/{Hkv} Lq {Lq} Lk {Lk} D {D} pad {pad} token-major {tm}: "
+            print(f"check B {B} heads {Hq}/{Hkv} Lq {Lq} Lk {Lk} D {D} pad {pad} token-major {tm} {dtype}: "
                   f"rel err vs Triton {err:.1e} "
                   f"nan {bool(got.isnan().any())} op/second launch bit-equal {same} "
                   f"{'OK' if err < 1e-2 and same else 'MISMATCH'}", flush=True)
