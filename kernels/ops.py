@@ -68,17 +68,19 @@ def _use_triton(q: torch.Tensor, block_q: int, block_k: int) -> bool:
 #: Environment variable choosing the attention kernel on CUDA: ``auto`` (the Hopper kernel where it
 #: serves, else the Triton kernel) or ``triton`` (always the Triton kernel).
 KERNEL_ENV = "PSA_ATTENTION_KERNEL"
+_hopper_failed: list[str] = []  # why the Hopper kernel failed in this process, if it did
 
 
 def attention_kernel(q: torch.Tensor, block_q: int = 128, block_k: int = 128) -> str:
     """Which kernel :func:`psa_attention` runs for these inputs where the Triton kernels serve:
     ``"hopper"`` (:mod:`psa_kernels.attention_hopper`: Hopper GPUs, bf16, head dim <= 128,
-    128-token blocks) or ``"triton"`` (:mod:`psa_kernels.attention`: everything else). The first
-    call that cannot take the Hopper kernel on a CUDA device logs why, once."""
+    128-token blocks) or ``"triton"`` (:mod:`psa_kernels.attention`: everything else, and every
+    call after the Hopper kernel failed to build or launch in this process). The first call that
+    cannot take the Hopper kernel on a CUDA device logs why, once."""
     choice = os.environ.get(KERNEL_ENV, "auto")
     if choice not in ("auto", "triton"):
         raise ValueError(f"{KERNEL_ENV}={choice!r} is not a kernel choice; use 'auto' or 'triton'")
-    if choice == "triton" or not q.is_cuda:
+    if choice == "triton" or not q.is_cuda or _hopper_failed:
         return "triton"
     if not gluon_importable():
         log_once(logger, "kernel:gluon", "PSA attention: the Triton kernel serves (this Triton has no Gluon for the "
@@ -128,6 +130,9 @@ def psa_attention(
                            check_values=not q.is_cuda)
     kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask)
     if _use_triton(q, block_q, block_k) and attention_kernel(q, block_q, block_k) == "hopper":
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
         from .attention_hopper import psa_attention_hopper
 
         geometry = dict(q_len=q.shape[2], k_len=k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
@@ -135,7 +140,15 @@ def psa_attention(
             level_map = level_map.replanned(**geometry)
         else:
             level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k, **geometry)
-        return psa_attention_hopper(q, k, v, level_map, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        try:
+            return psa_attention_hopper(q, k, v, level_map, causal=causal, scale=scale,
+                                        key_padding_mask=key_padding_mask)
+        except (CompilationError, OutOfResources) as err:
+            # Gluon is experimental: another Triton may not build the kernel, or a GPU may lack
+            # its shared memory. The Triton kernel serves from then on.
+            _hopper_failed.append(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}")
+            log_once(logger, "kernel:hopper-failed", f"PSA attention: the Hopper kernel failed to build or launch here "
+                     f"({_hopper_failed[-1]}); the Triton kernel serves", logging.WARNING)
     if _use_triton(q, block_q, block_k):
         from .attention import psa_attention_triton
 

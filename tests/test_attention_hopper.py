@@ -197,3 +197,39 @@ def test_packed_stages_decode_back_to_the_level_lists_and_reproduce_the_referenc
                 weights = torch.softmax(logits, -1).nan_to_num(0.0)
                 got[b, h, r] = weights @ torch.stack(vals)
     assert torch.allclose(got, want, atol=1e-10), (got - want).abs().max()
+
+
+def test_a_hopper_kernel_that_fails_to_build_hands_over_to_the_triton_kernel(monkeypatch, caplog):
+    """Gluon is experimental: where a Triton cannot build the Hopper kernel (or a GPU lacks its
+    shared memory), the call is served by the Triton kernel with a warning, and so is every later
+    call (no second attempt per layer)."""
+    import logging
+
+    from triton.runtime.errors import OutOfResources
+
+    from psa_kernels import LevelMap, attention_hopper, ops, reference
+
+    monkeypatch.setattr(ops, "_hopper_failed", [])
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(attention_hopper, "psa_attention_hopper", broken)
+    monkeypatch.setattr(ops, "attention_kernel", lambda q, *a: "triton" if ops._hopper_failed else "hopper")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    q = torch.randn(1, 4, 200, 32, generator=g)
+    k, v = (torch.randn(1, 2, 200, 32, generator=g) for _ in range(2))
+    if not psa_kernels.kernels_available(q.device):
+        pytest.skip("the Triton kernels do not serve CPU tensors here (no interpreter)")
+    dense = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)[torch.randint(0, 5, (1, 4, 2, 2), generator=g)]
+    dense[..., 0] = 1
+    layout = LevelMap.from_dense(dense, block_q=128, block_k=128, q_len=200, k_len=200, causal=True)
+    with caplog.at_level(logging.WARNING, logger="psa_kernels"):
+        first = psa_kernels.psa_attention(q, k, v, layout, causal=True)
+        second = psa_kernels.psa_attention(q, k, v, layout, causal=True)
+    want = reference.psa_attention(q.double(), k.double(), v.double(), dense, causal=True)
+    assert torch.allclose(first.double(), want, atol=1e-4) and torch.equal(first, second)
+    assert len(calls) == 1, "the Hopper kernel is not tried again after it failed"
+    assert "Hopper kernel failed" in caplog.text and "OutOfResources" in caplog.text
