@@ -32,7 +32,7 @@ from triton.experimental.gluon.language.nvidia import hopper  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
-from psa_kernels.attention_hopper import HALF, ROWS, _LOG2E, _kv_ring, _program_tile  # noqa: E402,F401
+from psa_kernels.attention_hopper import HALF, ROWS, _LOG2E, _kv_ring, _program_tile, wgmma_layout  # noqa: E402,F401
 
 
 @gluon.jit
@@ -94,10 +94,8 @@ def _consumer(Q_DESC, K_DESC, V_DESC, OUT, qk_scale, Hq, GROUP, KV_CHUNK, L, n_t
     # MODE 0: each tile's products, then its softmax; 1: the same with the warpgroups in ping-pong
     # on the tensor cores; 2: tile j+1's QK product and tile j's PV product in flight while tile
     # j+1's softmax runs (FlashAttention-3's intra-warpgroup overlap).
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_N)
+    o_layout: gl.constexpr = wgmma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     tile, bh, bk = _program_tile(Hq, GROUP, KV_CHUNK, n_tiles)
@@ -228,19 +226,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     variants = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
     if args.offline:
-        from benchmarks.offline_compile import report, sm90_compiler
+        from benchmarks.offline_compile import compile_and_report
 
         q = torch.randn(1, 28, 4096, 128, dtype=torch.bfloat16)
         k, v = (torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16) for _ in range(2))
         for label, block_n, nstage, mode in variants:
-            with sm90_compiler() as compiled:
-                try:
-                    attention(q, k, v, block_n=block_n, nstage=nstage, mode=mode)
-                except Exception as err:  # noqa: BLE001
-                    print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
-                for name, kernel in compiled:
-                    if kernel is not None:
-                        report(f"{label.replace(' ', '_')}:{name}", kernel, Path("/tmp/gluon_attn"))
+            compile_and_report(label, lambda block_n=block_n, nstage=nstage, mode=mode: attention(
+                q, k, v, block_n=block_n, nstage=nstage, mode=mode), Path("/tmp/gluon_attn"))
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("gluon_attention.py runs Gluon kernels for Hopper: run it on a machine with CUDA "

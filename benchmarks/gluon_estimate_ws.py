@@ -798,30 +798,21 @@ def main(argv=None):
                         "diag (qreg without its ping-pong or epilogue)")
     args = parser.parse_args(argv)
     if args.offline:
-        from benchmarks.offline_compile import report, sm90_compiler
+        from benchmarks.offline_compile import compile_and_report
 
         q = torch.randn(1, 28, 4096, 128, dtype=torch.bfloat16)
         k = torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16)
         for label, block_c, nstage, nstage_whole, regs, maxnreg in VARIANTS:
-            with sm90_compiler() as compiled:
-                try:
-                    estimate_lse_ws(q, k, block_c=block_c, nstage=nstage, consumer_regs=regs, maxnreg=maxnreg)
-                    importance_ws(q, k, block_c=block_c, nstage=nstage_whole, consumer_regs=regs, maxnreg=maxnreg)
-                except Exception as err:  # noqa: BLE001
-                    print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
-                for name, kernel in compiled:
-                    if kernel is not None and "ws" in name:
-                        report(f"{label}:{name}", kernel, Path("/tmp/gluon_ws"))
+            def both(block_c=block_c, nstage=nstage, nstage_whole=nstage_whole, regs=regs, maxnreg=maxnreg):
+                estimate_lse_ws(q, k, block_c=block_c, nstage=nstage, consumer_regs=regs, maxnreg=maxnreg)
+                importance_ws(q, k, block_c=block_c, nstage=nstage_whole, consumer_regs=regs, maxnreg=maxnreg)
+
+            compile_and_report(label, both, Path("/tmp/gluon_ws"), keep=lambda name: "ws" in name)
         for label, block_c, nstage, whole in [(*v, importance_cols) for v in COL_VARIANTS] + \
                 [(*v, importance_qreg) for v in QREG_VARIANTS]:
-            with sm90_compiler() as compiled:
-                try:
-                    whole(q, k, block_c=block_c, nstage=nstage)
-                except Exception as err:  # noqa: BLE001
-                    print(f"{label}: {type(err).__name__}: {str(err)[:3000]}")
-                for name, kernel in compiled:
-                    if kernel is not None and ("cols" in name or "qreg" in name):
-                        report(f"{label.replace(' ', '_')}:{name}", kernel, Path("/tmp/gluon_ws"))
+            compile_and_report(label, lambda whole=whole, block_c=block_c, nstage=nstage: whole(
+                q, k, block_c=block_c, nstage=nstage), Path("/tmp/gluon_ws"),
+                keep=lambda name: "cols" in name or "qreg" in name)
         return 0
     from triton.testing import do_bench
 

@@ -40,7 +40,7 @@ def main(argv=None):
     from psa_kernels import LevelMap
 
     if args.offline:
-        from benchmarks.offline_compile import report, sm90_compiler
+        from benchmarks.offline_compile import compile_and_report
 
         q = torch.randn(1, 28, 4096, 128, dtype=torch.bfloat16)
         k, v = (torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16) for _ in range(2))
@@ -49,14 +49,9 @@ def main(argv=None):
                                      block_k=128, q_len=4096, k_len=4096, causal=True)
         for label, mask, nstage in [(f"causal {n} stages", None, n) for n in stages] + [
                 ("causal padded", torch.ones(1, 4096, dtype=torch.bool), stages[0])]:
-            with sm90_compiler() as compiled:
-                try:
-                    psa_attention(q, k, v, layout, key_padding_mask=mask, nstage=nstage)
-                except Exception as err:  # noqa: BLE001
-                    print(f"{label}: {type(err).__name__}: {str(err)[-3000:]}")
-                for name, kernel in compiled:
-                    if kernel is not None and name == "_psa_kernel":
-                        report(f"{label.replace(' ', '_')}:{name}", kernel, Path("/tmp/gluon_psa"))
+            compile_and_report(label, lambda mask=mask, nstage=nstage: psa_attention(
+                q, k, v, layout, key_padding_mask=mask, nstage=nstage), Path("/tmp/gluon_psa"),
+                keep=lambda name: name == "_psa_kernel")
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("gluon_psa.py runs Gluon kernels for Hopper: run it on a machine with CUDA "

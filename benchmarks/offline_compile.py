@@ -86,6 +86,21 @@ def sm90_compiler():
         _ = triton
 
 
+def compile_and_report(label: str, call, out: Path | None, keep=lambda name: True) -> None:
+    """Compile for sm_90 what ``call()`` launches (nothing runs) and :func:`report` each compiled
+    kernel whose name ``keep`` accepts, as ``label:name``. A failure prints its error's tail (where
+    the cause is) and the kernels compiled before it are still reported: the experiments' offline
+    mode."""
+    with sm90_compiler() as compiled:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - report what did compile
+            print(f"{label}: {type(err).__name__}: {str(err)[-3000:]}")
+        for name, kernel in compiled:
+            if kernel is not None and keep(name):
+                report(f"{label.replace(' ', '_')}:{name}", kernel, out)
+
+
 def report(name, kernel, out: Path | None):
     """Registers, spills, shared memory, and what the TTGIR made of the loads and dots."""
     import triton

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
@@ -44,6 +45,12 @@ _LOG2E = 1.4426950408889634
 ROWS = 64  # query rows per consumer warpgroup
 HALF = gl.constexpr(ROWS)
 KEYS = gl.constexpr(128)  # rows per ring stage (keys at level 1, pooled keys above); also block_q = block_k
+
+
+@triton.constexpr_function
+def wgmma_layout(n):
+    """Registers of a warpgroup's 64 x ``n`` product (four warps along the rows)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit
@@ -262,10 +269,8 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
               Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr,
               W: gl.constexpr):
     D: gl.constexpr = Q_DESC.block_type.shape[1]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, KEYS, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = wgmma_layout(KEYS)
+    o_layout: gl.constexpr = wgmma_layout(D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     qb, b, bh, bk, hm = _block(Hq, Hm, GROUP, KV_CHUNK, nq)
