@@ -336,11 +336,8 @@ def psa_attention_triton(
         raise TypeError(f"unknown launch option(s) {sorted(unknown)}; see psa_kernels.attention.launch_config")
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    geometry = dict(q_len=Lq, k_len=Lk, causal=causal, key_padding_mask=key_padding_mask)
-    if not isinstance(level_map, LevelMap):
-        level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k, **geometry)
-    else:
-        level_map = level_map.replanned(**geometry)
+    level_map = LevelMap.for_call(level_map, block_q=block_q, block_k=block_k, q_len=Lq, k_len=Lk, causal=causal,
+                                  key_padding_mask=key_padding_mask)
     cfg = {**launch_config(q, block_q), **launch}
     Hm, nq, nk = level_map.indices.shape[1:]
     scale = D**-0.5 if scale is None else float(scale)

@@ -93,6 +93,16 @@ class LevelMap:
         return LevelMap.from_dense(self.to_dense(), block_q=self.block_q, block_k=self.block_k, q_len=q_len,
                                    k_len=k_len, causal=causal, key_padding_mask=key_padding_mask)
 
+    @classmethod
+    def for_call(cls, level_map: "torch.Tensor | LevelMap", *, block_q: int, block_k: int, q_len: int, k_len: int,
+                 causal: bool, key_padding_mask) -> "LevelMap":
+        """A dense map or a layout, as the layout planned for a call with this geometry (the
+        attention kernels' input)."""
+        geometry = dict(q_len=q_len, k_len=k_len, causal=causal, key_padding_mask=key_padding_mask)
+        if isinstance(level_map, LevelMap):
+            return level_map.replanned(**geometry)
+        return cls.from_dense(level_map, block_q=block_q, block_k=block_k, **geometry)
+
     def to_dense(self) -> torch.Tensor:
         """The ``int8`` map ``[B, Hm, nq, nk]`` this layout encodes."""
         if self.dense is not None:

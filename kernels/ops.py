@@ -129,27 +129,25 @@ def psa_attention(
     check_attention_inputs(q, k, v, level_map, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask,
                            check_values=not q.is_cuda)
     kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, key_padding_mask=key_padding_mask)
-    if _use_triton(q, block_q, block_k) and attention_kernel(q, block_q, block_k) == "hopper":
-        from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources
-
-        from .attention_hopper import psa_attention_hopper
-
-        geometry = dict(q_len=q.shape[2], k_len=k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
-        if isinstance(level_map, LevelMap):
-            level_map = level_map.replanned(**geometry)
-        else:
-            level_map = LevelMap.from_dense(level_map, block_q=block_q, block_k=block_k, **geometry)
-        try:
-            return psa_attention_hopper(q, k, v, level_map, causal=causal, scale=scale,
-                                        key_padding_mask=key_padding_mask)
-        except (CompilationError, OutOfResources) as err:
-            # Gluon is experimental: another Triton may not build the kernel, or a GPU may lack
-            # its shared memory. The Triton kernel serves from then on.
-            _hopper_failed.append(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}")
-            log_once(logger, "kernel:hopper-failed", f"PSA attention: the Hopper kernel failed to build or launch here "
-                     f"({_hopper_failed[-1]}); the Triton kernel serves", logging.WARNING)
     if _use_triton(q, block_q, block_k):
+        if attention_kernel(q, block_q, block_k) == "hopper":
+            from triton.compiler.errors import CompilationError
+            from triton.runtime.errors import OutOfResources
+
+            from .attention_hopper import psa_attention_hopper
+
+            # Planned once here: the Triton kernel below takes the planned layout as it is.
+            level_map = LevelMap.for_call(level_map, block_q=block_q, block_k=block_k, q_len=q.shape[2],
+                                          k_len=k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
+            try:
+                return psa_attention_hopper(q, k, v, level_map, causal=causal, scale=scale,
+                                            key_padding_mask=key_padding_mask)
+            except (CompilationError, OutOfResources) as err:
+                # Gluon is experimental: another Triton may not build the kernel, or a GPU may lack
+                # its shared memory. The Triton kernel serves from then on.
+                _hopper_failed.append(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}")
+                log_once(logger, "kernel:hopper-failed", "PSA attention: the Hopper kernel failed to build or "
+                         f"launch here ({_hopper_failed[-1]}); the Triton kernel serves", logging.WARNING)
         from .attention import psa_attention_triton
 
         return psa_attention_triton(q, k, v, level_map, **kw)
