@@ -34,9 +34,12 @@ def main(argv=None):
     parser.add_argument("--regs", default="232/40,240/24",
                         help="consumer/producer register splits to time (offline: 128 and 56 bytes of spills)")
     parser.add_argument("--stages", default="2", help="ring stages to time (3 fills 224 KB of shared memory)")
+    parser.add_argument("--lead", default="1", help="whole level-1 stages in their own loop (1) or not (0); "
+                        "comma-separated to time both")
     args = parser.parse_args(argv)
     splits = [tuple(int(x) for x in split.split("/")) for split in args.regs.split(",")]
     stages = [int(x) for x in args.stages.split(",")]
+    leads = [bool(int(x)) for x in args.lead.split(",")]
     from psa_kernels import LevelMap
 
     if args.offline:
@@ -47,10 +50,11 @@ def main(argv=None):
         dense = torch.randint(0, 4, (1, 28, 32, 32), dtype=torch.int8)
         layout = LevelMap.from_dense(torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)[dense.long()], block_q=128,
                                      block_k=128, q_len=4096, k_len=4096, causal=True)
-        for label, mask, nstage in [(f"causal {n} stages", None, n) for n in stages] + [
-                ("causal padded", torch.ones(1, 4096, dtype=torch.bool), stages[0])]:
-            compile_and_report(label, lambda mask=mask, nstage=nstage: psa_attention(
-                q, k, v, layout, key_padding_mask=mask, nstage=nstage), Path("/tmp/gluon_psa"),
+        for label, mask, nstage, lead in [(f"causal {n} stages lead {int(ld)}", None, n, ld) for n in stages
+                                          for ld in leads] + [
+                ("causal padded", torch.ones(1, 4096, dtype=torch.bool), stages[0], leads[0])]:
+            compile_and_report(label, lambda mask=mask, nstage=nstage, lead=lead: psa_attention(
+                q, k, v, layout, key_padding_mask=mask, nstage=nstage, lead_loop=lead), Path("/tmp/gluon_psa"),
                 keep=lambda name: name == "_psa_kernel")
         return 0
     if not torch.cuda.is_available():
@@ -120,8 +124,10 @@ def main(argv=None):
             got = psa_attention(q, k, v, layout)
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             t_triton = bench(lambda layout=layout: psa_attention_triton(q, k, v, layout, causal=True))
-            gluon = {f"{c}/{p} s{n}": bench(lambda layout=layout, c=c, p=p, n=n: psa_attention(
-                q, k, v, layout, consumer_regs=c, producer_regs=p, nstage=n)) for c, p in splits for n in stages}
+            gluon = {f"{c}/{p} s{n}{' lead' if lead else ''}": bench(
+                lambda layout=layout, c=c, p=p, n=n, lead=lead: psa_attention(
+                    q, k, v, layout, consumer_regs=c, producer_regs=p, nstage=n, lead_loop=lead))
+                for c, p in splits for n in stages for lead in leads}
             times = ", ".join(f"Gluon {regs} {t:.3f} ({t / sdpa:.3f}x)" for regs, t in gluon.items())
             print(f"L {L} {name:12s}: SDPA {sdpa:.3f} ms, Triton {t_triton:.3f} ({t_triton / sdpa:.3f}x), {times}, "
                   f"rel err vs Triton {err:.1e}", flush=True)

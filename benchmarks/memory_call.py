@@ -1,6 +1,6 @@
 """Peak GPU memory of one PSA call, piece by piece and per attention kernel (GPU only).
 
-    python benchmarks/memory_call.py [--length 65536] [--out DIR]
+    python benchmarks/memory_call.py [--length 65536] [--trace] [--out DIR]
 
 Causal 28/4 heads, D=128, bf16, the ``video_mme`` preset, contiguous inputs. For dense SDPA, the
 mask generation alone, the pyramid alone, and then for each attention kernel the op can pick
@@ -9,7 +9,9 @@ attention alone on a prebuilt map (three calls, to see growth between calls) and
 (mask generation + attention, twice). Each row: the peak above what was allocated before the
 call, and what stays allocated after it returns (its output dropped), in MiB. This is the
 breakdown behind ``tests/gpu/check_kernels.py``'s memory section (whole call <= 1.3x the dense
-call's increment at 64k).
+call's increment at 64k). With ``--trace``, the whole call on the picked kernel runs once more
+under the allocator's history and the tensors alive at its peak are listed with the line of the
+package that made them (largest first).
 """
 
 from __future__ import annotations
@@ -38,10 +40,46 @@ def peak(fn) -> tuple[float, float]:
     return (torch.cuda.max_memory_allocated() - base) / MIB, (torch.cuda.memory_allocated() - base) / MIB
 
 
+def live_at_peak(fn, top: int = 12) -> list[dict]:
+    """Run ``fn`` under the CUDA allocator's history; the allocations alive at the peak that
+    ``fn`` made, largest first, each with the innermost frame of this repository that made it."""
+    root = str(Path(__file__).resolve().parent.parent)
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
+    try:
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, best, at_best = {}, 0, 0, {}
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > best:
+            best, at_best = total, dict(live)
+
+    def where(event):
+        frames = [f for f in event.get("frames", []) if f["filename"].startswith(root)]
+        f = frames[0] if frames else (event.get("frames") or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+    rows = sorted(({"mib": e["size"] / MIB, "where": where(e)} for e in at_best.values()), key=lambda r: -r["mib"])
+    print(f"  peak of the traced call: +{best / MIB:.1f} MiB; alive then:")
+    for r in rows[:top]:
+        print(f"    {r['mib']:8.1f} MiB  {r['where']}")
+    return rows[:top]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=65536, help="tokens (queries = keys)")
     parser.add_argument("--out", default=None, help="folder for memory_call.json")
+    parser.add_argument("--trace", action="store_true", help="list what is alive at the whole call's peak")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("memory_call.py measures GPU memory: run it on a machine with CUDA")
@@ -84,6 +122,8 @@ def main(argv=None):
 
             for i in range(2):
                 row(f"whole call [{kernel}] call {i + 1}", whole)
+            if args.trace:
+                rows.append(dict(name=f"whole call [{kernel}] alive at peak", alive=live_at_peak(whole)))
     finally:
         if before is None:
             os.environ.pop(KERNEL_ENV, None)

@@ -174,7 +174,7 @@ def _producer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
               Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
               q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn,
               CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
-              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr):
+              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr, LEAD_LOOP: gl.constexpr):
     qb, b, bh, bk, hm = _block(Hq, Hm, GROUP, KV_CHUNK, nq)
     mbarrier.expect(q_bar.index(0), 2 * HALF * Q_DESC.block_type.shape[1] * 2)
     # Token-major tensors ([B, L, H, D] in memory) are read as rows of tokens, a head's columns.
@@ -262,16 +262,52 @@ def _masked_columns(x0, e1, e2, e4, rows_b, f1, f2, f4, f8, idx, PCNT, PLAST, PA
 
 
 @gluon.jit
+def _stage_scores(q, k_ring, k_ready, turn, zeros, t, NSTAGE: gl.constexpr, W: gl.constexpr):
+    """Stage ``t``'s products ``q @ K^T`` (raw), on the tensor cores in this warpgroup's turn."""
+    s = t % NSTAGE
+    mbarrier.wait(turn.index(W), (t & 1) ^ (1 - W))  # warpgroup 0 goes first
+    mbarrier.wait(k_ready.index(s), (t // NSTAGE) & 1)
+    qk = hopper.warpgroup_mma(q, k_ring.index(s).permute((1, 0)), zeros, use_acc=False, is_async=True)
+    mbarrier.arrive(turn.index(1 - W), count=1)
+    return hopper.warpgroup_mma_wait(num_outstanding=0, deps=[qk])
+
+
+@gluon.jit
+def _whole_logits(qk, m_i, qk_scale, level_bias):
+    """Online-softmax step of a stage of whole blocks of one level: every key visible, a pooled key
+    stands for P tokens (``level_bias`` = log2 P); the row max of the raw products scales to that
+    of the logits (qk_scale > 0): one FMA a logit. Returns the new row max and the weights."""
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale + level_bias)
+    return m_new, gl.exp2(qk * qk_scale - (m_new - level_bias)[:, None])
+
+
+@gluon.jit
+def _stage_values(acc, m_i, l_i, m_new, m_safe, p, v_ring, v_ready, empty, t, NSTAGE: gl.constexpr,
+                  o_layout: gl.constexpr):
+    """Rescale the accumulator and add ``p @ V`` of stage ``t``; release the stage."""
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s = t % NSTAGE
+    alpha = gl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    mbarrier.wait(v_ready.index(s), (t // NSTAGE) & 1)
+    acc = hopper.warpgroup_mma(gl.convert_layout(p.to(v_ring.dtype), p_layout), v_ring.index(s), acc, is_async=True)
+    acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    mbarrier.arrive(empty.index(s), count=1)
+    return acc, m_new, l_i
+
+
+
+@gluon.jit
 def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
               Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
               q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn,
               CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
-              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr,
+              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr, LEAD_LOOP: gl.constexpr,
               W: gl.constexpr):
     D: gl.constexpr = Q_DESC.block_type.shape[1]
     s_layout: gl.constexpr = wgmma_layout(KEYS)
     o_layout: gl.constexpr = wgmma_layout(D)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     qb, b, bh, bk, hm = _block(Hq, Hm, GROUP, KV_CHUNK, nq)
     row = (b * Hm + hm) * nq + qb
@@ -295,24 +331,25 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
     zeros = gl.zeros([HALF, KEYS], gl.float32, s_layout)
     mbarrier.wait(q_bar.index(0), 0)
     q = q_smem.index(W)
-    for t in range(stages_a + gl.cdiv(rows_b, KEYS)):
-        s = t % NSTAGE
-        phase = (t // NSTAGE) & 1
-        mbarrier.wait(turn.index(W), (t & 1) ^ (1 - W))  # warpgroup 0 goes first
-        mbarrier.wait(k_ready.index(s), phase)
-        qk = hopper.warpgroup_mma(q, k_ring.index(s).permute((1, 0)), zeros, use_acc=False, is_async=True)
-        mbarrier.arrive(turn.index(1 - W), count=1)
-        qk = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[qk])
+    if LEAD_LOOP:
+        # The leading stages hold the whole level-1 blocks (a dense map's all but the diagonal):
+        # their own loop, without the per-stage checks and branches of the general one.
+        for t in range(w1):
+            qk = _stage_scores(q, k_ring, k_ready, turn, zeros, t, NSTAGE, W)
+            m_new, p = _whole_logits(qk, m_i, qk_scale, 0.0)
+            acc, m_i, l_i = _stage_values(acc, m_i, l_i, m_new, m_new, p, v_ring, v_ready, empty, t, NSTAGE,
+                                          o_layout)
+        first = w1
+    else:
+        first = 0
+    for t in range(first, stages_a + gl.cdiv(rows_b, KEYS)):
+        qk = _stage_scores(q, k_ring, k_ready, turn, zeros, t, NSTAGE, W)
         x0 = t * KEYS
         lev0 = _packed_level(x0, a1, a2, a4)
         if (x0 + KEYS <= rows_a) & (lev0 == _packed_level(x0 + KEYS - 1, a1, a2, a4)):
-            # Whole blocks of one level: every key visible, a pooled key stands for P tokens
-            # (+log2 P); the row max of the raw products scales to that of the logits
-            # (qk_scale > 0): one FMA a logit.
-            level_bias = lev0.to(gl.float32)
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale + level_bias)
+            # Whole blocks of one level.
+            m_new, p = _whole_logits(qk, m_i, qk_scale, lev0.to(gl.float32))
             m_safe = m_new
-            p = gl.exp2(qk * qk_scale - (m_new - level_bias)[:, None])
         else:
             if t < stages_a:
                 # Whole blocks of two or more levels, or the section's last, partly filled stage.
@@ -328,15 +365,7 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
             m_new = gl.maximum(m_i, gl.max(logits, 1))
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
             p = gl.exp2(logits - m_safe[:, None])
-        alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        mbarrier.wait(v_ready.index(s), phase)
-        acc = hopper.warpgroup_mma(gl.convert_layout(p.to(v_ring.dtype), p_layout), v_ring.index(s), acc,
-                                   is_async=True)
-        acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-        mbarrier.arrive(empty.index(s), count=1)
+        acc, m_i, l_i = _stage_values(acc, m_i, l_i, m_new, m_safe, p, v_ring, v_ready, empty, t, NSTAGE, o_layout)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     out = gl.where(l_o[:, None] > 0, acc / gl.maximum(l_o, 1e-30)[:, None], 0.0)
     r = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
@@ -350,7 +379,7 @@ def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
 def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                 Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                 CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
-                Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr,
+                Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr, LEAD_LOOP: gl.constexpr,
                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn = _kv_ring(Q_DESC, K1, V1, KEYS, NSTAGE)
     # (The argument tuples are written out: a tuple built in the kernel would lose the constexprs.)
@@ -358,22 +387,22 @@ def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, P
         (_consumer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
-                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, 0)),
+                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, LEAD_LOOP, 0)),
         (_consumer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
-                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, 1)),
+                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, LEAD_LOOP, 1)),
         (_producer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
-                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR)),
+                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, LEAD_LOOP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 
 #: Ring stages and registers of the consumer warpgroups / producer warp: the fastest of the forms
 #: timed on an H200 (``benchmarks/gluon_psa.py``, ``docs/kernel_notes.md``).
-LAUNCH = dict(nstage=2, consumer_regs=240, producer_regs=24)
+LAUNCH = dict(nstage=2, consumer_regs=240, producer_regs=24, lead_loop=True)
 
 
 def hopper_reason(q: torch.Tensor, block_q: int, block_k: int) -> str | None:
@@ -409,15 +438,28 @@ def _rows_of_d(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-def _descriptor(t: torch.Tensor, rows: int, layout, token_major: bool = False) -> TensorDescriptor:
+#: Shared-memory layout of every tile (bf16/fp16 rows of 128 elements, 128-byte swizzle).
+_TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+
+def _descriptor(t: torch.Tensor, rows: int, token_major: bool = False, like: TensorDescriptor | None = None):
     """``t`` as rows of D (``[B * H * L, D]``; head dims below 128 read zeros past D, the
-    descriptor's own bounds) or, token-major, as ``[B * L, H * 128]``; boxes of ``rows x 128``."""
+    descriptor's own bounds) or, token-major, as ``[B * L, H * 128]``; boxes of ``rows x 128``.
+    With ``like`` (a descriptor the constructor checked), a copy of it with this base, shape and
+    box, without the constructor's checks (microseconds each, nine per call): the caller
+    guarantees them (16-byte aligned base and rows, unit last stride, the same dtype)."""
     B, H, L, D = t.shape
     if token_major:
-        return TensorDescriptor(t.transpose(1, 2).reshape(B * L, H * D), shape=[B * L, H * D], strides=[H * D, 1],
-                                block_shape=[rows, 128], layout=layout)
-    return TensorDescriptor(t.view(-1, D), shape=[t.numel() // D, D], strides=[D, 1], block_shape=[rows, 128],
-                            layout=layout)
+        base, shape = t.transpose(1, 2).reshape(B * L, H * D), [B * L, H * D]
+    else:
+        base, shape = t.view(-1, D), [t.numel() // D, D]
+    if like is None:
+        return TensorDescriptor(base, shape=shape, strides=[shape[1], 1], block_shape=[rows, 128],
+                                layout=_TILE_LAYOUT)
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(like.__dict__)  # every field this Triton's descriptor has, then ours
+    d.__dict__.update(base=base, shape=shape, strides=[shape[1], 1], block_shape=[rows, 128])
+    return d
 
 
 def psa_attention_hopper(
@@ -455,11 +497,10 @@ def psa_attention_hopper(
     if not kv_tm:
         k, v = _rows_of_d(k), _rows_of_d(v)
     pyr = build_device_pyramid(k, v, key_padding_mask)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    descriptors = [_descriptor(q, ROWS, layout, q_tm), _descriptor(k, 128, layout, kv_tm),
-                   _descriptor(v, 128, layout, kv_tm)]
+    q_desc = _descriptor(q, ROWS, q_tm)
+    descriptors = [q_desc, _descriptor(k, 128, kv_tm, q_desc), _descriptor(v, 128, kv_tm, q_desc)]
     for rows in (64, 32, 16):  # levels 2, 4, 8: one block per box
-        descriptors += [_descriptor(pyr.keys, rows, layout), _descriptor(pyr.values, rows, layout)]
+        descriptors += [_descriptor(pyr.keys, rows, like=q_desc), _descriptor(pyr.values, rows, like=q_desc)]
     out = torch.empty_like(q)
     nq, nk = level_map.indices.shape[2:]
     Hm = level_map.indices.shape[1]
@@ -469,7 +510,7 @@ def psa_attention_hopper(
         out, scale * _LOG2E, Hq, Hm, Hq // Hkv, kv_chunk, Lq, Lk, nq, nk, pyr.keys.shape[2], pyr.base[2], pyr.base[4],
         pyr.base[8], out.stride(0), out.stride(1), out.stride(2),
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HEAD_DIM=D, NSTAGE=cfg["nstage"],
-        Q_TOKEN_MAJOR=q_tm, KV_TOKEN_MAJOR=kv_tm,
+        Q_TOKEN_MAJOR=q_tm, KV_TOKEN_MAJOR=kv_tm, LEAD_LOOP=bool(cfg["lead_loop"]),
         CONSUMER_REGS=cfg["consumer_regs"], PRODUCER_REGS=cfg["producer_regs"], num_warps=4,
         # The whole kernel's register cap: the warp groups then re-split the file (setmaxnreg).
         maxnreg=168,
