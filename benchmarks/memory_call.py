@@ -1,6 +1,6 @@
 """Peak GPU memory of one PSA call, piece by piece and per attention kernel (GPU only).
 
-    python benchmarks/memory_call.py [--length 65536] [--trace] [--out DIR]
+    python benchmarks/memory_call.py [--length 65536] [--video-like] [--trace] [--out DIR]
 
 Causal 28/4 heads, D=128, bf16, the ``video_mme`` preset, contiguous inputs. For dense SDPA, the
 mask generation alone, the pyramid alone, and then for each attention kernel the op can pick
@@ -64,9 +64,11 @@ def live_at_peak(fn, top: int = 12) -> list[dict]:
             best, at_best = total, dict(live)
 
     def where(event):
-        frames = [f for f in event.get("frames", []) if f["filename"].startswith(root)]
-        f = frames[0] if frames else (event.get("frames") or [{"filename": "?", "line": 0, "name": "?"}])[0]
-        return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+        # The package may be imported through a link (psa_kernels -> kernels/): match its name too.
+        frames = [f for f in event.get("frames", [])
+                  if f["filename"].startswith(root) or "psa_kernels" in f["filename"] or "psa_vlm" in f["filename"]]
+        frames = frames or event.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
+        return " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames[:3])
 
     rows = sorted(({"mib": e["size"] / MIB, "where": where(e)} for e in at_best.values()), key=lambda r: -r["mib"])
     print(f"  peak of the traced call: +{best / MIB:.1f} MiB; alive then:")
@@ -80,6 +82,8 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=65536, help="tokens (queries = keys)")
     parser.add_argument("--out", default=None, help="folder for memory_call.json")
     parser.add_argument("--trace", action="store_true", help="list what is alive at the whole call's peak")
+    parser.add_argument("--video-like", action="store_true",
+                        help="q and k as tests/gpu/check_kernels.py's memory check makes them (default: randn)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("memory_call.py measures GPU memory: run it on a machine with CUDA")
@@ -91,8 +95,14 @@ def main(argv=None):
     from psa_vlm.config import load_preset
 
     L, Hq, Hkv, D = args.length, 28, 4, 128
-    q = torch.randn(1, Hq, L, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+    if args.video_like:
+        from tests.gpu.check_kernels import video_like
+
+        q = video_like(1, Hq, L, D, 21, "cuda").to(torch.bfloat16)
+        k = video_like(1, Hkv, L, D, 22, "cuda").to(torch.bfloat16)
+    else:
+        q = torch.randn(1, Hq, L, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     kw = load_preset("video_mme").mask_kwargs()
     rows = []

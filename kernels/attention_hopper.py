@@ -411,9 +411,8 @@ def hopper_reason(q: torch.Tensor, block_q: int, block_k: int) -> str | None:
         return "not a CUDA tensor"
     if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())[0] != 9:
         return "not a Hopper GPU (CUDA capability 9.x)"
-    if q.dtype != torch.bfloat16:
-        # The code is dtype-generic, but only bf16 has been checked on a GPU so far.
-        return f"dtype {q.dtype} (bf16 only until fp16 is checked on a GPU)"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (bf16 or fp16 only)"
     D = q.shape[-1]
     if D > 128 or D % 8:
         return f"head dim {D} (at most 128, a multiple of 8)"
