@@ -429,7 +429,9 @@ def _capability(device_index: int) -> tuple[int, int]:
 def _token_major(t: torch.Tensor) -> bool:
     """``t [B, H, L, 128]`` is a view of a contiguous ``[B, L, H, 128]`` (16-byte aligned)."""
     B, H, L, D = t.shape
-    return D == 128 and H > 1 and t.stride() == (L * H * D, D, H * D, 1) and t.data_ptr() % 16 == 0
+    # A batch of one may carry any batch stride (a permuted tensor's, say): it is never stepped.
+    return (D == 128 and H > 1 and t.stride()[1:] == (D, H * D, 1) and (B == 1 or t.stride(0) == L * H * D)
+            and t.data_ptr() % 16 == 0)
 
 
 def _rows_of_d(t: torch.Tensor) -> torch.Tensor:

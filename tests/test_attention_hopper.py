@@ -51,6 +51,29 @@ def test_hopper_kernel_says_which_limit_a_call_misses(monkeypatch, capability, d
     assert attention_hopper.hopper_reason(torch.empty(1, 4, 300, D, dtype=dtype), *blocks) == "not a CUDA tensor"
 
 
+
+@needs_gluon
+def test_token_major_inputs_are_read_in_place_whatever_a_batch_of_one_strides():
+    """q, k, v in [B, L, H, 128] memory are read through a [B * L, H * 128] descriptor, not copied:
+    also with B = 1 and a batch stride no copy would give (a permuted [L, H, D] tensor), which the
+    memory check's inputs have and which cost three copies (q + k + v, 576 MiB at 64k) before."""
+    from psa_kernels.attention_hopper import _descriptor, _token_major
+
+    H, L, D = 4, 40, 128
+    projected = torch.randn(2, L, H, D, dtype=torch.bfloat16).transpose(1, 2)
+    permuted = torch.randn(L, H, D, dtype=torch.bfloat16).transpose(0, 1).unsqueeze(0)
+    assert permuted.stride(0) != L * H * D
+    for t in (projected, permuted, projected[:1]):
+        assert _token_major(t)
+        desc = _descriptor(t, 64, token_major=True)
+        assert desc.base.data_ptr() == t.data_ptr() and desc.shape == [t.shape[0] * L, H * D]
+        assert torch.equal(desc.base.view(t.shape[0], L, H, D).transpose(1, 2), t)
+    strided_batch = torch.randn(3, L, H, D, dtype=torch.bfloat16).transpose(1, 2)[::2]  # batch stride 2 L H D
+    assert not _token_major(strided_batch)
+    assert not _token_major(torch.randn(1, H, L, D, dtype=torch.bfloat16))  # rows of D: the other descriptor
+    assert not _token_major(torch.randn(1, L, H, 64, dtype=torch.bfloat16).transpose(1, 2))  # D < 128
+
+
 _COMPILE = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
