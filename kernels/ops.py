@@ -73,7 +73,7 @@ _hopper_failed: list[str] = []  # why the Hopper kernel failed in this process, 
 
 def attention_kernel(q: torch.Tensor, block_q: int = 128, block_k: int = 128) -> str:
     """Which kernel :func:`psa_attention` runs for these inputs where the Triton kernels serve:
-    ``"hopper"`` (:mod:`psa_kernels.attention_hopper`: Hopper GPUs, bf16, head dim <= 128,
+    ``"hopper"`` (:mod:`psa_kernels.attention_hopper`: Hopper GPUs, bf16 or fp16, head dim <= 128,
     128-token blocks) or ``"triton"`` (:mod:`psa_kernels.attention`: everything else, and every
     call after the Hopper kernel failed to build or launch in this process). The first call that
     cannot take the Hopper kernel on a CUDA device logs why, once."""
