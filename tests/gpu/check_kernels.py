@@ -408,6 +408,9 @@ def main():
     print(f"\nmemory at {mem['L']} tokens: inputs {mem['inputs_mb']:.0f} MB, dense SDPA call +{mem['dense_increment_mb']:.0f} "
           f"MB, whole PSA call +{mem['psa_increment_mb']:.0f} MB, ratio {mem['ratio']:.3f} (<= 1.3: {mem['ok']})",
           flush=True)
+    if not mem["ok"]:
+        print(f"  what is alive at the peak, with the line that made it: python benchmarks/memory_call.py "
+              f"--length {mem['L']} --video-like --trace", flush=True)
     print(f"\n{'L':>6s} {'map':16s} {'sparsity':>8s} {'psa ms':>8s} {'sdpa ms':>8s} {'ratio':>6s}")
     for L in ([8192] if args.quick else [16384, 32768]) if "timing" in sections else []:
         for r in timing(L, maps_for_timing):
