@@ -174,7 +174,7 @@ def _producer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLA
               Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
               q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn,
               CAUSAL: gl.constexpr, HAS_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGE: gl.constexpr,
-              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr, LEAD_LOOP: gl.constexpr):
+              Q_TOKEN_MAJOR: gl.constexpr, KV_TOKEN_MAJOR: gl.constexpr):
     qb, b, bh, bk, hm = _block(Hq, Hm, GROUP, KV_CHUNK, nq)
     mbarrier.expect(q_bar.index(0), 2 * HALF * Q_DESC.block_type.shape[1] * 2)
     # Token-major tensors ([B, L, H, D] in memory) are read as rows of tokens, a head's columns.
@@ -297,7 +297,6 @@ def _stage_values(acc, m_i, l_i, m_new, m_safe, p, v_ring, v_ready, empty, t, NS
     return acc, m_new, l_i
 
 
-
 @gluon.jit
 def _consumer(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
               Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
@@ -395,7 +394,7 @@ def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, P
         (_producer, (Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, PLAST, PAD, OUT, qk_scale,
                      Hq, Hm, GROUP, KV_CHUNK, Lq, Lk, nq, nk, total, base2, base4, base8, so_b, so_h, so_m,
                      q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, empty, turn, CAUSAL, HAS_PAD, HEAD_DIM,
-                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR, LEAD_LOOP)),
+                     NSTAGE, Q_TOKEN_MAJOR, KV_TOKEN_MAJOR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
