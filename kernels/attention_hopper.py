@@ -453,7 +453,7 @@ def _descriptor(t: torch.Tensor, rows: int, token_major: bool = False, like: Ten
         base, shape = t.transpose(1, 2).reshape(B * L, H * D), [B * L, H * D]
     else:
         base, shape = t.view(-1, D), [t.numel() // D, D]
-    if like is None:
+    if like is None or not hasattr(like, "__dict__"):  # (a descriptor with slots: the constructor)
         return TensorDescriptor(base, shape=shape, strides=[shape[1], 1], block_shape=[rows, 128],
                                 layout=_TILE_LAYOUT)
     d = object.__new__(TensorDescriptor)

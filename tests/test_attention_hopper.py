@@ -74,6 +74,29 @@ def test_token_major_inputs_are_read_in_place_whatever_a_batch_of_one_strides():
     assert not _token_major(torch.randn(1, L, H, 64, dtype=torch.bfloat16).transpose(1, 2))  # D < 128
 
 
+
+@needs_gluon
+def test_descriptors_copied_from_a_checked_one_equal_the_constructors():
+    """After a call's first descriptor, the others copy its fields (the constructor's checks cost
+    microseconds each): every field equals what the constructor builds, on this Triton's fields."""
+    import dataclasses
+
+    from psa_kernels.attention_hopper import _descriptor
+
+    q = torch.randn(1, 4, 300, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16).transpose(1, 2)
+    pooled = torch.randn(1, 2, 170, 80, dtype=torch.bfloat16)
+    first = _descriptor(q, 64)
+    for t, rows, token_major in ((k, 128, True), (pooled, 32, False), (q, 16, False)):
+        built, copied = _descriptor(t, rows, token_major), _descriptor(t, rows, token_major, like=first)
+        for field in dataclasses.fields(built):
+            a, b = getattr(built, field.name), getattr(copied, field.name)
+            if isinstance(a, torch.Tensor):
+                assert a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride(), field.name
+            else:
+                assert a == b, (field.name, a, b)
+
+
 _COMPILE = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
