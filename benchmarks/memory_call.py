@@ -2,7 +2,8 @@
 
     python benchmarks/memory_call.py [--length 65536] [--video-like] [--trace] [--out DIR]
 
-Causal 28/4 heads, D=128, bf16, the ``video_mme`` preset, contiguous inputs. For dense SDPA, the
+Causal 28/4 heads, D=128, bf16, the ``video_mme`` preset, contiguous inputs (with ``--video-like``
+the memory check's own: fields permuted to ``[1, H, L, D]``). For dense SDPA, the
 mask generation alone, the pyramid alone, and then for each attention kernel the op can pick
 (``PSA_ATTENTION_KERNEL`` = ``triton`` and ``auto``, the Hopper kernel on Hopper GPUs): the
 attention alone on a prebuilt map (three calls, to see growth between calls) and the whole call

@@ -398,7 +398,6 @@ def _psa_kernel(Q_DESC, K1, V1, K2, V2, K4, V4, K8, V8, IDX, LCNT, PLAN, PCNT, P
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-
 #: Ring stages and registers of the consumer warpgroups / producer warp: the fastest of the forms
 #: timed on an H200 (``benchmarks/gluon_psa.py``, ``docs/kernel_notes.md``).
 LAUNCH = dict(nstage=2, consumer_regs=240, producer_regs=24, lead_loop=True)

@@ -51,7 +51,6 @@ def test_hopper_kernel_says_which_limit_a_call_misses(monkeypatch, capability, d
     assert attention_hopper.hopper_reason(torch.empty(1, 4, 300, D, dtype=dtype), *blocks) == "not a CUDA tensor"
 
 
-
 @needs_gluon
 def test_token_major_inputs_are_read_in_place_whatever_a_batch_of_one_strides():
     """q, k, v in [B, L, H, 128] memory are read through a [B * L, H * 128] descriptor, not copied:
@@ -72,7 +71,6 @@ def test_token_major_inputs_are_read_in_place_whatever_a_batch_of_one_strides():
     assert not _token_major(strided_batch)
     assert not _token_major(torch.randn(1, H, L, D, dtype=torch.bfloat16))  # rows of D: the other descriptor
     assert not _token_major(torch.randn(1, L, H, 64, dtype=torch.bfloat16).transpose(1, 2))  # D < 128
-
 
 
 @needs_gluon
