@@ -37,9 +37,16 @@ def main(argv=None):
     parser.add_argument("--lead", default="1", help="whole level-1 stages in their own loop (1) or not (0); "
                         "comma-separated to time both")
     args = parser.parse_args(argv)
-    splits = [tuple(int(x) for x in split.split("/")) for split in args.regs.split(",")]
-    stages = [int(x) for x in args.stages.split(",")]
-    leads = [bool(int(x)) for x in args.lead.split(",")]
+    try:
+        splits = [tuple(int(x) for x in split.split("/")) for split in args.regs.split(",")]
+        stages = [int(x) for x in args.stages.split(",")]
+        leads = [int(x) for x in args.lead.split(",")]
+    except ValueError:
+        splits, stages, leads = [], [], []  # (not a number somewhere)
+    if not splits or any(len(split) != 2 for split in splits) or not set(leads) <= {0, 1}:
+        parser.error(f"--regs takes CONSUMER/PRODUCER pairs (240/24,232/40), --stages integers (2,3), --lead 0 "
+                     f"and/or 1; got --regs {args.regs!r} --stages {args.stages!r} --lead {args.lead!r}")
+    leads = [bool(x) for x in leads]
     from psa_kernels import LevelMap
 
     if args.offline:
