@@ -20,10 +20,41 @@ The import name is ``psa_kernels`` (the source lives in the repository's ``kerne
 name ``kernels`` belongs to Hugging Face's kernels package, which transformers probes.
 """
 
-# A checkout's root on sys.path (``python -m ...`` from the repository) makes this folder
-# importable as ``kernels``: the name of Hugging Face's kernels package, which transformers probes
-# with find_spec + import. Under that name the module stays empty, so the probe sees no version
-# and ``transformers.utils.is_kernels_available()`` is unchanged.
-if __name__ != "kernels":
+# A checkout's root on sys.path (``python -m ...`` or ``python -c`` from the repository) makes
+# this folder importable as ``kernels``: the name of Hugging Face's kernels package, which
+# transformers 5.25 installs and imports (``from kernels import CUDAProperties, ...``) as soon as
+# its modeling code loads. Under that name this module hands over to that package when one is
+# installed further down sys.path (an import returns whatever ``sys.modules`` holds once the
+# module's code has run), and stays empty otherwise, so the probe finds no version.
+if __name__ == "kernels":
+    def _hand_over_to_installed_kernels() -> None:
+        import importlib.util
+        import os
+        import sys
+        from importlib.machinery import PathFinder
+
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+        def is_checkout(entry: str) -> bool:
+            try:
+                return os.path.samefile(entry or os.getcwd(), checkout)
+            except OSError:
+                return False
+
+        spec = PathFinder.find_spec("kernels", [e for e in sys.path if isinstance(e, str) and not is_checkout(e)])
+        if spec is None or spec.loader is None:
+            return
+        this = sys.modules["kernels"]
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules["kernels"] = this
+            raise
+
+    _hand_over_to_installed_kernels()
+    del _hand_over_to_installed_kernels
+else:
     from .ops import *  # noqa: F401,F403
     from .ops import __all__  # noqa: F401

@@ -237,6 +237,24 @@ def test_hf_kernels_probe_is_unchanged(tmp_path):
     assert _kernels_probe(REPO, preload=True) == baseline
 
 
+def test_repo_kernels_folder_does_not_shadow_hugging_face_kernels():
+    """From the checkout's root (``python -c``/``python -m`` put it on sys.path) ``import kernels``
+    must give Hugging Face's package where it is installed (transformers 5.25 imports names from
+    it when its modeling code loads), and an empty module where it is not: never this repo's ops."""
+    code = ("import importlib.metadata as md, os\n"
+            "try:\n    md.version('kernels'); installed = True\n"
+            "except md.PackageNotFoundError:\n    installed = False\n"
+            "import transformers.modeling_utils, kernels\n"
+            "mine = os.path.abspath(os.path.join('kernels', '__init__.py'))\n"
+            "print(installed, getattr(kernels, '__file__', None) == mine, hasattr(kernels, 'psa_attention'))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    installed, is_mine, has_ops = res.stdout.split()
+    assert has_ops == "False"
+    assert is_mine == ("False" if installed == "True" else "True")
+
+
 def test_psa_kernels_imports_from_anywhere(tmp_path):
     for cwd in (tmp_path, REPO):
         res = subprocess.run([sys.executable, "-c", "import psa_kernels, psa_vlm; print(psa_kernels.psa_attention)"],
