@@ -13,7 +13,10 @@ For each length and shape (causal 28/4 heads D=128, the Qwen2.5-VL-7B text tower
   the compact layout), the attention, their sum, and the whole call as the ``"psa"`` hook makes
   it (``call``: mask generation from q and k, then the attention, timed as one, so Python and
   launch costs count), and that call captured in a CUDA graph and replayed (``call_graph_ms``: the
-  GPU's own time); relative error vs dense on the same inputs; achieved sparsity; peak memory and
+  GPU's own time; ``call_ms - call_graph_ms`` is what the host adds to a call timed alone), the
+  mask generation alone (estimate + assignment from q and k) replayed the same way
+  (``mask_graph_ms``: its GPU time, without the launch costs that bound it at short lengths);
+  relative error vs dense on the same inputs; achieved sparsity; peak memory and
   the call's own increment;
 - binary block-sparse at the same FLOPs as each PSA run: the top blocks per query row by the
   same importance, through FlexAttention with a ``BlockMask`` (compiled; the tool a user would
@@ -216,6 +219,9 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
             layout = psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, compact=True, **kw)
             return psa_kernels.psa_attention(q, k, v, layout, causal=causal)
 
+        def mask():  # estimate + assignment from q and k, as the call makes them
+            return psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, compact=True, **kw)
+
         layout = assign()
         attend = lambda: psa_kernels.psa_attention(q, k, v, layout, causal=causal)  # noqa: E731
         out = attend()
@@ -223,6 +229,7 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
         sp = layout.sparsity().mean().item()
         variant = dict(name=name, sparsity=sp, estimate_ms=t_est, assign_ms=t_assign, attend_ms=t_attend,
                        total_ms=t_est + t_assign + t_attend, call_ms=t_call, call_graph_ms=graph_ms(call, device),
+                       mask_graph_ms=graph_ms(mask, device),
                        rel_err=rel_err(out, dense), peak_mb=peak_mb(call, device),
                        call_increment_mb=increment_mb(call, device))
         # Binary block-sparse at the same FLOPs, from the same importance.

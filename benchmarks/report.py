@@ -4,7 +4,8 @@
 
 Prints the per-variant table (estimate, assign, attend, the whole call, dense SDPA,
 FlexAttention at the same FLOPs and the same binary map through the PSA kernel, errors), the
-break-even table (whole PSA call / dense per length and variant: where PSA starts to pay) and
+break-even table (whole PSA call / dense per length and variant: where PSA starts to pay), the
+fixed costs (the mask generation's GPU time against dense's, the host's addition to a call) and
 the error summary.
 """
 
@@ -56,6 +57,26 @@ def break_even(report, kind):
     return "\n".join(lines)
 
 
+def fixed_costs(report, kind):
+    """GPU time of the mask generation (estimate + assignment, replayed from a CUDA graph) against
+    dense SDPA's (replayed the same way), and what the host adds to a call timed alone (the whole
+    call's time minus its replay's)."""
+    lines = ["| L | variant | mask generation in a graph ms | dense in a graph ms | mask / dense (GPU time) | "
+             "whole call ms | call in a graph ms | host's addition ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        if r["kind"] != kind:
+            continue
+        dense = r.get("dense_graph_ms", r["dense_ms"])
+        for v in r["variants"]:
+            if "mask_graph_ms" not in v:
+                continue
+            call, graph = v.get("call_ms", NAN), v.get("call_graph_ms", NAN)
+            lines.append(f"| {r['L']} | {v['name']} | {v['mask_graph_ms']:.3f} | {dense:.2f} | "
+                         f"{v['mask_graph_ms'] / dense:.3f} | {call:.3f} | {graph:.3f} | {call - graph:+.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def error_summary(report):
     pairs = [(v["rel_err"], v["flex_rel_err"]) for r in report["rows"] for v in r["variants"] if "flex_rel_err" in v]
     lower = sum(p < f for p, f in pairs)
@@ -72,6 +93,10 @@ def main():
     print()
     print(break_even(report, args.kind))
     print()
+    costs = fixed_costs(report, args.kind)
+    if costs:
+        print(costs)
+        print()
     print(error_summary(report))
 
 

@@ -34,10 +34,24 @@ def test_attention_benchmark_smoke(tmp_path):
     assert [v["name"] for v in variants] == ["fast"] + [f"sparsity {s}" for s in bench.FIXED_SPARSITIES]
     for v in variants:
         assert v["total_ms"] >= v["attend_ms"] > 0 and 0 <= v["sparsity"] < 1
+        assert "mask_graph_ms" in v  # NaN off a GPU: nothing to replay
         assert "flex_error" not in v, v.get("flex_error")
         if v["sparsity"] > 0:  # skipping blocks changes the output, for PSA and for block-sparse alike
             assert v["rel_err"] > 0 and v["flex_rel_err"] > 0
     assert (tmp_path / "attention.png").stat().st_size > 10_000
+
+
+def test_report_fixed_costs_table():
+    """The fixed-cost table divides the mask's replayed GPU time by dense's replayed time and
+    gives the host's addition as the call's time minus its replay's."""
+    report = _benchmark_module("report")
+    rows = [dict(kind="video-like", L=8192, dense_ms=0.80, dense_graph_ms=0.75, variants=[
+        dict(name="sparsity 0.9", mask_graph_ms=0.15, call_ms=0.62, call_graph_ms=0.45),
+        dict(name="old run", call_ms=0.5)])]  # a result file from before the column: left out
+    lines = report.fixed_costs(dict(rows=rows), "video-like").splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "| 8192 | sparsity 0.9 | 0.150 | 0.75 | 0.200 | 0.620 | 0.450 | +0.170 |"
+    assert report.fixed_costs(dict(rows=rows), "random") == ""
 
 
 def test_quantile_thresholds_hit_the_target_density():
