@@ -215,12 +215,11 @@ def run_case(kind, shape_name, L, presets, *, device, dtype, compile_flex, seed=
             return psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, scores=scores, compact=True,
                                                **kw)
 
-        def call():  # what the "psa" hook runs per layer: mask generation from q, k and the attention
-            layout = psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, compact=True, **kw)
-            return psa_kernels.psa_attention(q, k, v, layout, causal=causal)
-
         def mask():  # estimate + assignment from q and k, as the call makes them
             return psa_kernels.build_level_map(q, k, causal=causal, text_mask=text, compact=True, **kw)
+
+        def call():  # what the "psa" hook runs per layer: mask generation from q, k and the attention
+            return psa_kernels.psa_attention(q, k, v, mask(), causal=causal)
 
         layout = assign()
         attend = lambda: psa_kernels.psa_attention(q, k, v, layout, causal=causal)  # noqa: E731
